@@ -1,0 +1,145 @@
+"""The run config: one typed model per stage, composed into a run config, loaded from YAML.
+
+Each stage's config model lives beside the stage (so adding a stage touches its module, the stage list and a
+test); this module composes them with the run settings and any extra top-level sections (such as ``llm``)
+into one pydantic model, validates a YAML file against it, and turns validation errors into one message
+that names every bad key and what was expected. This is the only module that reads YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
+
+from builder.stage import Stage, StageConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the file, every bad key and what was expected."""
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """Relative paths in a config are relative to the config file, not to wherever the command ran."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+def _must_exist(path: Path, info: ValidationInfo) -> Path:
+    path = _resolve(path, info)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    return path
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+"""A path resolved against the config file's folder."""
+ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+"""A path resolved against the config file's folder that must exist when the config is loaded."""
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; default folder runs/<name>")
+    run_dir: ConfigPath | None = Field(None, description="run folder; default runs/<name> beside the config")
+    shard_size: int = Field(1000, ge=1, description="input rows per shard: the unit of resume")
+    engine: Literal["local"] = Field("local", description="how shards are executed")
+    seed: int = Field(0, description="seed for every sampling decision, so reruns are reproducible")
+
+
+def build_config_model(stages: Sequence[Stage], sections: Mapping[str, type[BaseModel]] | None = None):
+    """Compose the run config model from the stage list and extra top-level sections."""
+    stage_fields: dict[str, Any] = {}
+    for stage in stages:
+        try:
+            default = stage.Config()
+            stage_fields[stage.name] = (stage.Config, default)
+        except ValidationError:  # the stage has required keys: the config must give them
+            stage_fields[stage.name] = (stage.Config, ...)
+    stages_model = create_model(
+        "StagesConfig", __config__=ConfigDict(extra="forbid", frozen=True), **stage_fields
+    )
+    section_fields = {name: (model, model()) for name, model in (sections or {}).items()}
+    return create_model(
+        "RunConfig",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        run=(RunSettings, ...),
+        stages=(stages_model, stages_model.model_construct() if not _required(stages_model) else ...),
+        **section_fields,
+    )
+
+
+def _required(model: type[BaseModel]) -> bool:
+    return any(f.is_required() for f in model.model_fields.values())
+
+
+def load_config(path: str | os.PathLike, model: type[BaseModel]) -> BaseModel:
+    """Read and validate a YAML config; raise ConfigError with every problem, before anything runs."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys 'run' and 'stages' at the top level")
+    return validate_config(data, model, base_dir=path.resolve().parent, origin=str(path))
+
+
+def validate_config(data: dict, model: type[BaseModel], *, base_dir: Path, origin: str = "config"):
+    try:
+        return model.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, origin)) from None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], origin: str) -> str:
+    lines = [f"{origin}: {exc.error_count()} problem(s) in the config; nothing was run:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, error["loc"][:-1])
+            hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  - {key}: unknown key{hint}")
+        elif error["type"] == "missing":
+            lines.append(f"  - {key}: required key is missing")
+        else:
+            given = error.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+            lines.append(f"  - {key}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Walk the model along ``loc`` to list the keys that are allowed there."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+        current = next((a for a in getattr(current, "__args__", ()) if hasattr(a, "model_fields")), current)
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def dump_config(config: BaseModel) -> dict:
+    """The config as plain JSON-able data (what fingerprints and the run folder's copy are made of)."""
+    return config.model_dump(mode="json")
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

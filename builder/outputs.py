@@ -1,0 +1,74 @@
+"""Reading a run folder back: a stage's output as a `Dataset`, its failures, and every stage's state.
+
+Used by the runner (side inputs), ``taskgalaxy status``/``export``/``push`` and the ``TaskGalaxy`` builder;
+none of them needs the config that produced the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from builder import runfolder as rf
+
+
+class StageNotReadyError(RuntimeError):
+    """The stage has not finished in this run folder, or it finished under another config."""
+
+
+def stage_state(run_dir: Path, name: str) -> tuple[Path, dict]:
+    folder = rf.find_stage_dir(Path(run_dir), name)
+    state = rf.read_json(folder / rf.STATE_FILE) if folder else None
+    if folder is None or state is None:
+        raise StageNotReadyError(
+            f"stage {name!r} has not run in {run_dir}; run `taskgalaxy run CONFIG --stages {name}` first"
+        )
+    return folder, state
+
+
+def load_stage_output(
+    run_dir: Path, name: str, *, expect_fingerprint: str | None = None, require_done: bool = True
+) -> datasets.Dataset:
+    """Concatenate a stage's finished shards, in shard order, into one memory-mapped `Dataset`."""
+    folder, state = stage_state(run_dir, name)
+    if expect_fingerprint is not None and state.get("fingerprint") != expect_fingerprint:
+        raise StageNotReadyError(
+            f"stage {name!r} in {run_dir} was computed under another config or other inputs; "
+            f"rerun it (add it to --stages) before the stages that read it"
+        )
+    if require_done and not state.get("done"):
+        raise StageNotReadyError(
+            f"stage {name!r} in {run_dir} is not finished ({state.get('shards_done', 0)} of "
+            f"{state.get('shards_total', '?')} shards); rerun `taskgalaxy run` to resume it"
+        )
+    return _concat(
+        [folder / rf.shard_name(i) for i in range(state["shards_total"])],
+        datasets.Features.from_dict(state["features"]),
+    )
+
+
+def load_stage_failures(run_dir: Path, name: str) -> datasets.Dataset:
+    folder, state = stage_state(run_dir, name)
+    from builder.runner import FAILURE_FEATURES
+
+    return _concat(
+        [folder / "failures" / rf.shard_name(i) for i in range(state["shards_total"])], FAILURE_FEATURES
+    )
+
+
+def _concat(paths: list[Path], features: datasets.Features) -> datasets.Dataset:
+    parts = [datasets.Dataset.from_file(str(p)) for p in paths if p.exists()]
+    if not parts:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def run_states(run_dir: Path) -> list[dict]:
+    """The state of every stage folder in the run, in pipeline order."""
+    states = []
+    for folder in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
+        state = rf.read_json(folder / rf.STATE_FILE)
+        if state is not None:
+            states.append({**state, "folder": folder.name})
+    return states

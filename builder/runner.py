@@ -1,0 +1,256 @@
+"""The stage runner: shards, resume, fingerprints, failure tables and the accounting check.
+
+For each stage, in pipeline order: compute its fingerprint from its config and the fingerprints of every
+stage it reads; if the stage folder holds another fingerprint, clear it (the stage and, through their
+fingerprints, every later stage re-run; earlier ones never do); split the input into shards; skip every
+shard whose output file exists; run the rest through the engine; split, check, and commit each shard by
+renaming its output file last. ``state.json`` is rebuilt from the per-shard stats after every shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm import tqdm
+
+from builder import runfolder as rf
+from builder.accounting import FAILURE_SCHEMA, split_shard
+from builder.config import dump_config, dump_yaml
+from builder.engine import LocalEngine, read_arrow_table, write_arrow_table
+from builder.ids import fingerprint
+from builder.outputs import load_stage_output
+from builder.stage import Stage, StageContext
+
+logger = logging.getLogger(__name__)
+
+FAILURE_FEATURES = datasets.Features({name: datasets.Value("string") for name in FAILURE_SCHEMA.names})
+
+
+class StageError(RuntimeError):
+    """A stage could not finish; finished shards are kept and a rerun resumes."""
+
+
+@dataclass
+class Runner:
+    stages: list[Stage]
+    config: Any  # builder.config.RunConfig
+    run_dir: Path
+    dry_run: bool = False
+    services: dict[str, Any] = field(default_factory=dict)
+    engine: Any = field(default_factory=LocalEngine)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self._by_name = {stage.name: stage for stage in self.stages}
+        self._fingerprints = self._compute_fingerprints()
+
+    # -- fingerprints -------------------------------------------------------------------------------
+    def stage_config(self, stage: Stage):
+        return getattr(self.config.stages, stage.name)
+
+    def reads(self, stage: Stage) -> tuple[str, ...]:
+        return tuple(n for n in (stage.upstream, *stage.side_inputs) if n)
+
+    def _compute_fingerprints(self) -> dict[str, str]:
+        prints: dict[str, str] = {}
+        for stage in self.stages:
+            missing = [n for n in self.reads(stage) if n not in prints]
+            if missing:
+                raise ValueError(f"stage {stage.name!r} reads {missing}, which do not come before it")
+            config = self.stage_config(stage)
+            prints[stage.name] = fingerprint(
+                stage.name,
+                {n: prints[n] for n in self.reads(stage)},
+                dump_config(config),
+                stage.fingerprint_parts(config),
+                {"dry_run": self.dry_run},
+            )
+        return prints
+
+    def fingerprint_of(self, name: str) -> str:
+        return self._fingerprints[name]
+
+    def stage_dir(self, name: str) -> Path:
+        index = next(i for i, s in enumerate(self.stages) if s.name == name)
+        return self.run_dir / rf.stage_dir_name(index, name)
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self, only: set[str] | None = None) -> dict[str, dict]:
+        """Run the selected stages (default: all) under the run lock; returns each stage's state."""
+        unknown = (only or set()) - set(self._by_name)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {list(self._by_name)}")
+        datasets.disable_progress_bars()  # one progress bar per stage: ours
+        states = {}
+        with rf.RunLock(self.run_dir):
+            (self.run_dir / "cache").mkdir(parents=True, exist_ok=True)
+            rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config)).encode())
+            for stage in self.stages:
+                if only is None or stage.name in only:
+                    states[stage.name] = self._run_stage(stage)
+        return states
+
+    def load_stage(self, name: str) -> datasets.Dataset:
+        """A finished stage's output, refusing one computed under another fingerprint (stale)."""
+        return load_stage_output(self.run_dir, name, expect_fingerprint=self._fingerprints.get(name))
+
+    def _run_stage(self, stage: Stage) -> dict:
+        config = self.stage_config(stage)
+        folder = self.stage_dir(stage.name)
+        fp = self._fingerprints[stage.name]
+        state = rf.read_json(folder / rf.STATE_FILE)
+        if state is None or state.get("fingerprint") != fp:
+            if state is not None:
+                logger.info("stage %s: config or inputs changed; recomputing it", stage.name)
+            rf.clear_stage_dir(folder)
+        elif rf.remove_temporaries(folder):
+            logger.info("stage %s: removed the half-written files of an interrupted run", stage.name)
+        for name in self.reads(stage):
+            self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
+        ctx = StageContext(
+            run_dir=self.run_dir,
+            stage_dir=folder,
+            cache_dir=self.run_dir / "cache",
+            dry_run=self.dry_run,
+            settings=self.config,
+            load_stage=self.load_stage,
+            services=self.services,
+        )
+        inputs = self._inputs(stage, config, ctx, folder)
+        key = stage.input_key(config)
+        if key not in inputs.column_names:
+            raise StageError(f"stage {stage.name!r}: its input has no key column {key!r} ({inputs.column_names})")
+        features = stage.features(config)
+        shard_count = max(1, math.ceil(len(inputs) / self.config.run.shard_size))
+        base = {
+            "stage": stage.name,
+            "fingerprint": fp,
+            "reads": {n: self._fingerprints[n] for n in self.reads(stage)},
+            "config": dump_config(config),
+            "fingerprint_parts": stage.fingerprint_parts(config),
+            "key": stage.key,
+            "input_key": key,
+            "features": features.to_dict(),
+            "shards_total": shard_count,
+            "rows_in": len(inputs),
+        }
+        state = self._write_state(folder, base, done=False)
+        with tqdm(
+            total=len(inputs),
+            initial=state["totals"]["rows_in"],
+            desc=f"{stage.name:>8}",
+            unit="row",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        ) as bar:
+            for index in range(shard_count):
+                if (folder / rf.shard_name(index)).exists():
+                    continue
+                shard = inputs.shard(shard_count, index, contiguous=True)
+                self._run_shard(stage, config, ctx, shard, index, key, features, fp, bar)
+                state = self._write_state(folder, base, done=False)
+                bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
+        output = load_stage_output(self.run_dir, stage.name, require_done=False)
+        stage.finalize(config, ctx, output)
+        return self._write_state(folder, base, done=True)
+
+    def _inputs(self, stage: Stage, config, ctx: StageContext, folder: Path) -> datasets.Dataset:
+        if stage.upstream:
+            return self.load_stage(stage.upstream)
+        frozen = folder / "input.arrow"
+        if not frozen.exists():  # list once per fingerprint, so shard boundaries never move on resume
+            rows = stage.source_rows(config, ctx)
+            tmp = folder / f"{rf.TMP_PREFIX}input.arrow"
+            write_arrow_table(tmp, rows.data.table, rows.features)
+            tmp.replace(frozen)
+        return datasets.Dataset.from_file(str(frozen))
+
+    def _run_shard(self, stage, config, ctx, shard, index, key, features, fp, bar) -> None:
+        folder = ctx.stage_dir
+        ctx.usage = {}
+        fn = stage.make_batch_fn(config, ctx)
+        started = time.monotonic()
+        tmp_map = folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow"
+        try:
+            raw = self.engine.run_shard(
+                shard,
+                fn,
+                features=features,
+                batch_size=stage.batch_size,
+                fingerprint=f"{fp}-{index:05d}",
+                tmp_path=tmp_map,
+                on_batch=bar.update,
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            raise StageError(
+                f"stage {stage.name!r} stopped on shard {index} ({len(shard)} rows): {type(exc).__name__}: {exc}. "
+                f"Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
+            ) from exc
+        split = split_shard(raw, stage.name, shard[key])
+        # Commit order: failures, stats, then the output shard. The output file's presence means "done".
+        self._commit(folder / "failures" / rf.shard_name(index), split.failures, FAILURE_FEATURES)
+        stats = {
+            "shard": index,
+            "rows_in": split.rows_in,
+            "rows_out": split.rows_out,
+            "inputs_with_output": split.inputs_with_output,
+            "failed": dict(split.failed),
+            "item_failures": dict(split.item_failures),
+            "usage": dict(ctx.usage),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        rf.atomic_write_json(folder / "stats" / f"shard-{index:05d}.json", stats)
+        self._commit(folder / rf.shard_name(index), split.output, features)
+        del raw
+        tmp_map.unlink(missing_ok=True)
+
+    @staticmethod
+    def _commit(path: Path, table, features: datasets.Features) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{rf.TMP_PREFIX}{path.name}")
+        write_arrow_table(tmp, table, features)
+        tmp.replace(path)
+
+    @staticmethod
+    def _write_state(folder: Path, base: dict, *, done: bool) -> dict:
+        shards = {}
+        for index in range(base["shards_total"]):
+            stats = rf.read_json(folder / "stats" / f"shard-{index:05d}.json")
+            if stats is not None and (folder / rf.shard_name(index)).exists():
+                shards[str(index)] = stats
+        state = {**base, "done": done, "shards_done": len(shards), "totals": _totals(shards.values())}
+        state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rf.atomic_write_json(folder / rf.STATE_FILE, state)
+        return state
+
+
+def _totals(shards) -> dict:
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "inputs_with_output": 0, "seconds": 0.0}
+    failed: Counter = Counter()
+    items: Counter = Counter()
+    usage: Counter = Counter()
+    for stats in shards:
+        for name in ("rows_in", "rows_out", "inputs_with_output", "seconds"):
+            totals[name] += stats[name]
+        failed.update(stats["failed"])
+        items.update(stats["item_failures"])
+        usage.update(stats["usage"])
+    totals.update(failed=dict(failed), item_failures=dict(items), usage=dict(usage))
+    return totals
+
+
+def _postfix(totals: dict) -> str:
+    parts = [f"out={totals['rows_out']}", f"failed={sum(totals['failed'].values())}"]
+    if "cost_usd" in totals["usage"]:
+        parts.append(f"${totals['usage']['cost_usd']:.2f}")
+    return " ".join(parts)

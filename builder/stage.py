@@ -1,0 +1,80 @@
+"""A stage: a name, a typed config and a batch function over rows.
+
+The runner (``builder.runner``) knows nothing about what a stage does; a stage knows nothing about shards,
+resume or the run folder. A stage reads its *primary* input (the upstream stage's output, or rows it lists
+itself from its config when it is a source stage) and may read any other finished stage as a side input
+through ``StageContext.load_stage``; every stage it reads is declared in ``reads`` so that its fingerprint
+changes whenever one of them changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import datasets
+
+BatchFn = Callable[[dict[str, list]], dict[str, list]]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageContext:
+    """What a stage may use at run time. Built by the runner; never pickled into Ray workers whole."""
+
+    run_dir: Path
+    stage_dir: Path
+    cache_dir: Path
+    dry_run: bool
+    settings: Any  # the whole validated run config (builder.config.RunConfig)
+    load_stage: Callable[[str], "datasets.Dataset"]
+    usage: dict[str, float] = field(default_factory=dict)  # tokens, requests, cost...: summed into state.json
+    services: dict[str, Any] = field(default_factory=dict)  # e.g. the simulator URL under --dry-run
+
+    def add_usage(self, **counters: float) -> None:
+        for name, value in counters.items():
+            self.usage[name] = self.usage.get(name, 0) + value
+
+
+class Stage:
+    """Subclass per stage. Class attributes describe it; methods build its input and its batch function."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+    key: ClassVar[str]  # the key column of this stage's output rows (e.g. "image_id")
+    upstream: ClassVar[str | None] = None  # primary input; None = a source stage (implements source_rows)
+    side_inputs: ClassVar[tuple[str, ...]] = ()  # other stages it reads; part of its fingerprint
+    batch_size: ClassVar[int | None] = 64  # rows per batch-function call; None = the whole shard at once
+
+    def features(self, config: StageConfig) -> "datasets.Features":
+        """The output rows' schema (without the runner's in-band columns)."""
+        raise NotImplementedError
+
+    def source_rows(self, config: StageConfig, ctx: StageContext) -> "datasets.Dataset":
+        """Source stages only: the input rows, listed from the config (seed lines, image references...)."""
+        raise NotImplementedError(f"stage {self.name!r} has no upstream and must implement source_rows")
+
+    def input_key(self, config: StageConfig) -> str:
+        """The key column of the input rows: the upstream stage's key, or the source rows' key."""
+        raise NotImplementedError
+
+    def make_batch_fn(self, config: StageConfig, ctx: StageContext) -> BatchFn:
+        """The function that turns a batch of input rows into ``BatchOutput.to_columns()``."""
+        raise NotImplementedError
+
+    def fingerprint_parts(self, config: StageConfig) -> dict[str, Any]:
+        """What else decides the output besides the config: prompt versions, code versions, model ids."""
+        return {}
+
+    def finalize(self, config: StageConfig, ctx: StageContext, output: "datasets.Dataset") -> None:
+        """Runs once all shards are done (e.g. write tasktype.txt). Must be idempotent."""

@@ -1,0 +1,63 @@
+"""``taskgalaxy status``: what each stage of a run folder has done, as a table or as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder import runfolder as rf
+from builder.outputs import run_states
+
+TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens")
+
+
+def stage_summaries(run_dir: Path) -> list[dict]:
+    """One plain dict per stage: shards, rows, failures by reason, tokens, cost, fingerprint, done."""
+    summaries = []
+    for state in run_states(run_dir):
+        totals = state["totals"]
+        usage = totals.get("usage", {})
+        summary = {
+            "stage": state["stage"],
+            "folder": state["folder"],
+            "done": bool(state.get("done")),
+            "shards_done": state.get("shards_done", 0),
+            "shards_total": state.get("shards_total", 0),
+            "rows_in": state.get("rows_in", 0),
+            "rows_processed": totals["rows_in"],
+            "rows_out": totals["rows_out"],
+            "failed": sum(totals["failed"].values()),
+            "failures_by_reason": totals["failed"],
+            "item_failures_by_reason": totals["item_failures"],
+            "tokens": int(sum(usage.get(name, 0) for name in TOKEN_COUNTERS)),
+            "requests": int(usage.get("requests", 0)),
+            "cache_hits": int(usage.get("cache_hits", 0)),
+            "cost_usd": round(float(usage.get("cost_usd", 0.0)), 4),
+            "usage": usage,
+            "fingerprint": state["fingerprint"],
+            "seconds": round(totals.get("seconds", 0.0), 2),
+        }
+        extra = rf.read_json(Path(run_dir) / state["folder"] / "stats.json")
+        if extra is not None:
+            summary["stats"] = extra
+        summaries.append(summary)
+    return summaries
+
+
+def format_table(run_dir: Path, summaries: list[dict]) -> str:
+    if not summaries:
+        return f"{run_dir}: no stage has run yet"
+    header = f"{'stage':<10} {'shards':>9} {'in':>8} {'out':>8} {'failed':>7} {'tokens':>10} {'cost $':>9}  done  fingerprint"
+    lines = [f"run folder: {run_dir}", header, "-" * len(header)]
+    for s in summaries:
+        shards = f"{s['shards_done']}/{s['shards_total']}"
+        lines.append(
+            f"{s['stage']:<10} {shards:>9} {s['rows_in']:>8} {s['rows_out']:>8} {s['failed']:>7} "
+            f"{s['tokens']:>10} {s['cost_usd']:>9.2f}  {'yes' if s['done'] else 'no ':<4}  {s['fingerprint'][:12]}"
+        )
+        for label, counts in (("failed", s["failures_by_reason"]), ("items rejected", s["item_failures_by_reason"])):
+            if counts:
+                reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                lines.append(f"{'':<10} {label}: {reasons}")
+    total_cost = sum(s["cost_usd"] for s in summaries)
+    lines.append(f"total cost so far: ${total_cost:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""TaskGalaxy builder: the public face.
+
+- ``TaskGalaxy``: a `datasets` builder over a run folder, one config per stage, so any stage loads as a
+  ``Dataset`` with its ``Features``::
+
+      builder = TaskGalaxy(config_name="match", data_dir="runs/demo")
+      builder.download_and_prepare()
+      ds = builder.as_dataset(split="train")
+
+- ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``; see ``taskgalaxy --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import datasets
+
+from builder.outputs import load_stage_output, stage_state
+
+logger = logging.getLogger("taskgalaxy")
+
+STAGE_NAMES = ("taxonomy", "images", "match", "filter", "qa", "score", "final")
+
+
+class TaskGalaxy(datasets.GeneratorBasedBuilder):
+    """Reads one stage of a run folder (``data_dir``) as a `datasets` dataset with a single ``train`` split.
+
+    The builder's cache hash is the stage's fingerprint, so a recomputed stage is never served stale.
+    """
+
+    # No fixed BUILDER_CONFIGS: the config name is any stage that exists in the run folder (the product's are
+    # STAGE_NAMES); an unknown one is refused by ``stage_state`` with a message saying how to produce it.
+    DEFAULT_CONFIG_NAME = "final"
+
+    def __init__(self, *args, data_dir: str | None = None, **kwargs):
+        if data_dir is None:
+            raise ValueError("TaskGalaxy needs data_dir=<run folder>, e.g. TaskGalaxy('match', data_dir='runs/demo')")
+        name = kwargs.get("config_name") or (args[0] if args else self.DEFAULT_CONFIG_NAME)
+        _, state = stage_state(Path(data_dir), name)
+        kwargs.setdefault("hash", state["fingerprint"])
+        self._state = state
+        super().__init__(*args, data_dir=data_dir, **kwargs)
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description=f"TaskGalaxy stage {self.config.name!r} of run {self.config.data_dir}",
+            features=datasets.Features.from_dict(self._state["features"]),
+        )
+
+    def _split_generators(self, dl_manager):
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={})]
+
+    def _generate_examples(self):
+        output = load_stage_output(Path(self.config.data_dir), self.config.name)
+        for index, row in enumerate(output):
+            yield index, row
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _cmd_run(args: argparse.Namespace) -> int:
+    from builder.session import dry_run_services, open_run
+
+    only = {s.strip() for s in args.stages.split(",") if s.strip()} if args.stages else None
+    with dry_run_services(args.dry_run) as services:
+        runner = open_run(args.config, run_dir=args.run_dir, dry_run=args.dry_run, services=services,
+                          progress=not args.no_progress)
+        logger.info("run folder: %s", runner.run_dir)
+        runner.run(only)
+    from builder.status import format_table, stage_summaries
+
+    print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from builder.status import format_table, stage_summaries
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"error: no run folder at {run_dir}", file=sys.stderr)
+        return 2
+    summaries = stage_summaries(run_dir)
+    print(json.dumps(summaries, indent=2) if args.json else format_table(run_dir, summaries))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskgalaxy", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("run", help="run (or resume) the pipeline described by CONFIG")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--run-dir", help="run folder (default: run.run_dir or runs/<name>; '-dry-run' added for dry runs)")
+    run.add_argument("--stages", help="comma-separated stages to run, e.g. taxonomy,images (default: all)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="offline: every LLM call goes to a local simulator; nothing is paid")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.set_defaults(func=_cmd_run)
+
+    status = verbs.add_parser("status", help="what each stage of a run folder has done")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+    return parser
+
+
+def _stop_on_sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished shards are kept
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from builder.config import ConfigError
+    from builder.runfolder import RunLockedError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return args.func(args)
+    except (ConfigError, RunLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line: one clear message, traceback with -v
+        logger.debug("traceback", exc_info=True)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

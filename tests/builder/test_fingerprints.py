@@ -1,0 +1,77 @@
+"""A changed stage config re-runs that stage and the ones after it, never the ones before."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from builder.outputs import StageNotReadyError, load_stage_output
+from builder.runfolder import find_stage_dir
+from toy_run import make_runner
+
+
+def _config(log, *, count=12, offset=0, suffix="") -> dict:
+    return {
+        "run": {"name": "toy", "shard_size": 5},
+        "stages": {
+            "numbers": {"count": count},
+            "square": {"calls_log": str(log), "offset": offset},
+            "toyfinal": {"suffix": suffix},
+        },
+    }
+
+
+def _fingerprints(run_dir) -> dict:
+    return {
+        name: json.loads((find_stage_dir(run_dir, name) / "state.json").read_text())["fingerprint"]
+        for name in ("numbers", "square", "toyfinal")
+    }
+
+
+def _calls(log) -> int:
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def test_changing_the_last_stage_reruns_only_it(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    make_runner(run, _config(log)).run()
+    before = _fingerprints(run)
+    make_runner(run, _config(log, suffix="!")).run()
+    after = _fingerprints(run)
+    assert _calls(log) == 12, "square was recomputed although only toyfinal changed"
+    assert after["numbers"] == before["numbers"] and after["square"] == before["square"]
+    assert after["toyfinal"] != before["toyfinal"]
+    assert set(load_stage_output(run, "toyfinal")["label"]) == {f"{i}!" for i in range(12)}
+
+
+def test_changing_a_middle_stage_reruns_it_and_everything_after(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    make_runner(run, _config(log)).run()
+    before = _fingerprints(run)
+    make_runner(run, _config(log, offset=1)).run()
+    after = _fingerprints(run)
+    assert _calls(log) == 24
+    assert after["numbers"] == before["numbers"]
+    assert after["square"] != before["square"] and after["toyfinal"] != before["toyfinal"]
+    assert sorted(load_stage_output(run, "square")["square"]) == sorted(i * i + 1 for i in range(12))
+
+
+def test_changing_the_first_stage_reruns_everything(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    make_runner(run, _config(log)).run()
+    before = _fingerprints(run)
+    make_runner(run, _config(log, count=13)).run()
+    after = _fingerprints(run)
+    assert all(after[name] != before[name] for name in before)
+    assert _calls(log) == 12 + 13
+    assert len(load_stage_output(run, "toyfinal")) == 13
+
+
+def test_running_a_later_stage_alone_refuses_a_stale_input(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    make_runner(run, _config(log)).run()
+    with pytest.raises(StageNotReadyError, match="square.*another config"):
+        make_runner(run, _config(log, offset=5)).run({"toyfinal"})
+    make_runner(run, _config(log, offset=5)).run({"square", "toyfinal"})
+    assert sorted(load_stage_output(run, "square")["square"]) == sorted(i * i + 5 for i in range(12))

@@ -1,0 +1,46 @@
+"""A second run on the same folder is refused with a clear message; a killed run never blocks the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.runfolder import RunLock, RunLockedError
+from toy_run import make_runner
+
+TOY_RUN = Path(__file__).parent.parent / "toy_run.py"
+CONFIG = {"run": {"name": "toy", "shard_size": 4}, "stages": {"numbers": {"count": 8}}}
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run):
+        with pytest.raises(RunLockedError, match=rf"run folder {run} is in use by pid {os.getpid()}"):
+            make_runner(run, CONFIG).run()
+    make_runner(run, CONFIG).run()  # free again once the first one is gone
+
+
+def test_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    config = {**CONFIG, "stages": {"numbers": {"count": 8}, "square": {"sleep_s": 0.2, "calls_log": str(log)}}}
+    first = subprocess.Popen([sys.executable, str(TOY_RUN), str(run), json.dumps(config)])
+    try:
+        deadline = time.monotonic() + 60
+        while not log.exists():
+            assert time.monotonic() < deadline and first.poll() is None, "first run never started"
+            time.sleep(0.02)
+        second = subprocess.run([sys.executable, str(TOY_RUN), str(run), json.dumps(config)],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert f"is in use by pid {first.pid}" in second.stderr
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    make_runner(run, {**config, "stages": {"numbers": {"count": 8}, "square": {"calls_log": str(log)}}}).run()

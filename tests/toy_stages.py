@@ -1,0 +1,130 @@
+"""Test-only stages (never part of the product): a source of numbers and a slow, partly failing transform.
+
+``numbers`` lists ``count`` rows; ``square`` squares each, fails every multiple of ``fail_every`` with reason
+``divisible``, emits two rows for multiples of ``double_every``, optionally sleeps per row (so a test can kill
+it mid-stage) and appends one line per processed row to ``calls_log`` (so a test can count recomputation).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import datasets
+from pydantic import Field
+
+from builder.rows import BatchOutput
+from builder.stage import Stage, StageConfig
+
+
+class NumbersConfig(StageConfig):
+    count: int = Field(20, ge=0)
+
+
+class Numbers(Stage):
+    name = "numbers"
+    Config = NumbersConfig
+    key = "num_id"
+
+    def source_rows(self, config, ctx):
+        return datasets.Dataset.from_dict(
+            {"num_id": [f"n{i:05d}" for i in range(config.count)], "value": list(range(config.count))}
+        )
+
+    def input_key(self, config):
+        return "num_id"
+
+    def features(self, config):
+        return datasets.Features({"num_id": datasets.Value("string"), "value": datasets.Value("int64")})
+
+    def make_batch_fn(self, config, ctx):
+        def fn(batch):
+            out = BatchOutput(["num_id", "value"])
+            for key, value in zip(batch["num_id"], batch["value"]):
+                out.add(key, {"num_id": key, "value": value})
+            return out.to_columns()
+
+        return fn
+
+
+class SquareConfig(StageConfig):
+    fail_every: int = 0
+    double_every: int = 0
+    sleep_s: float = 0.0
+    calls_log: str | None = None
+    offset: int = 0
+
+
+class Square(Stage):
+    name = "square"
+    Config = SquareConfig
+    key = "sq_id"
+    upstream = "numbers"
+    batch_size = 2
+
+    def input_key(self, config):
+        return "num_id"
+
+    def features(self, config):
+        return datasets.Features(
+            {"sq_id": datasets.Value("string"), "num_id": datasets.Value("string"), "square": datasets.Value("int64")}
+        )
+
+    def make_batch_fn(self, config, ctx):
+        def fn(batch):
+            out = BatchOutput(["sq_id", "num_id", "square"])
+            for key, value in zip(batch["num_id"], batch["value"]):
+                if config.calls_log:
+                    with open(config.calls_log, "a") as log:
+                        log.write(f"{key}\n")
+                        log.flush()
+                        os.fsync(log.fileno())
+                if config.sleep_s:
+                    time.sleep(config.sleep_s)
+                if config.fail_every and value % config.fail_every == 0:
+                    out.fail(key, "divisible", f"{value} is divisible by {config.fail_every}")
+                    continue
+                copies = 2 if config.double_every and value % config.double_every == 0 else 1
+                for copy in range(copies):
+                    out.add(key, {"sq_id": f"{key}-{copy}", "num_id": key, "square": value * value + config.offset})
+                if copies == 1 and config.double_every:
+                    out.fail(key, "single_copy", "only one copy", item="copy-1")
+            ctx.add_usage(requests=len(batch["num_id"]))
+            return out.to_columns()
+
+        return fn
+
+
+class ToyFinalConfig(StageConfig):
+    suffix: str = ""
+
+
+class ToyFinal(Stage):
+    """Reads ``square`` as its input and ``numbers`` as a side input."""
+
+    name = "toyfinal"
+    Config = ToyFinalConfig
+    key = "sq_id"
+    upstream = "square"
+    side_inputs = ("numbers",)
+
+    def input_key(self, config):
+        return "sq_id"
+
+    def features(self, config):
+        return datasets.Features({"sq_id": datasets.Value("string"), "label": datasets.Value("string")})
+
+    def make_batch_fn(self, config, ctx):
+        numbers = ctx.load_stage("numbers")
+        values = dict(zip(numbers["num_id"], numbers["value"]))
+
+        def fn(batch):
+            out = BatchOutput(["sq_id", "label"])
+            for key, num in zip(batch["sq_id"], batch["num_id"]):
+                out.add(key, {"sq_id": key, "label": f"{values[num]}{config.suffix}"})
+            return out.to_columns()
+
+        return fn
+
+
+TOY_STAGES = [Numbers(), Square(), ToyFinal()]
