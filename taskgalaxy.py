@@ -7,7 +7,7 @@
       builder.download_and_prepare()
       ds = builder.as_dataset(split="train")
 
-- ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``; see ``taskgalaxy --help``).
+- ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``, ``export``, ``push``; ``--help``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_resolver(run_dir: Path):
+    from loaders.images.paths import load_roots, resolve_image_path
+
+    roots = load_roots(run_dir)
+    return lambda path: resolve_image_path(run_dir, path, roots)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from builder.export import export_llava
+
+    run_dir = Path(args.run_dir)
+    result = export_llava(run_dir, Path(args.llava), resolve_image=_image_resolver(run_dir),
+                          image_root=Path(args.image_root) if args.image_root else None, copy_images=args.copy_images)
+    print(f"wrote {result.samples} samples to {result.json_path}; images under {result.image_root}"
+          + (f"; task types in {result.tasktype_path}" if result.tasktype_path else ""))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from builder.publish import build_repo_folder, push_to_hub
+
+    run_dir = Path(args.run_dir)
+    if args.local_dir:
+        configs = build_repo_folder(run_dir, Path(args.local_dir), resolve_image=_image_resolver(run_dir))
+        print(f"wrote {len(configs)} configs to {args.local_dir}: " + ", ".join(c["name"] for c in configs))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="taskgalaxy-push-") as tmp:
+        build_repo_folder(run_dir, Path(tmp) / "repo", resolve_image=_image_resolver(run_dir))
+        url = push_to_hub(Path(tmp) / "repo", args.repo_id, tag=args.tag, private=args.private)
+    print(f"pushed to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskgalaxy", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -108,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
+
+    export = verbs.add_parser("export", help="write the final samples as LLaVA JSON with an image folder")
+    export.add_argument("run_dir")
+    export.add_argument("--llava", required=True, metavar="OUT.json")
+    export.add_argument("--image-root", help="folder the JSON's image paths are relative to (default: images/ beside OUT.json)")
+    export.add_argument("--copy-images", action="store_true", help="copy image files instead of symlinking them")
+    export.set_defaults(func=_cmd_export)
+
+    push = verbs.add_parser("push", help="publish every stage as a config of one Hub dataset repo")
+    push.add_argument("run_dir")
+    where = push.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repo-id", help="Hub dataset repo, e.g. me/taskgalaxy-demo (token: HF_TOKEN or `hf auth login`)")
+    where.add_argument("--local-dir", help="write the identical repo layout to this folder instead (offline)")
+    push.add_argument("--tag", help="tag the pushed commit, e.g. v1")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.set_defaults(func=_cmd_push)
     return parser
 
 

@@ -151,11 +151,13 @@ class Runner:
             disable=not self.progress,
             dynamic_ncols=True,
         ) as bar:
+            fn = None  # built on the first shard that needs work: a finished stage loads no model
             for index in range(shard_count):
                 if (folder / rf.shard_name(index)).exists():
                     continue
+                fn = fn or stage.make_batch_fn(config, ctx)
                 shard = inputs.shard(shard_count, index, contiguous=True)
-                self._run_shard(stage, config, ctx, shard, index, key, features, fp, bar)
+                self._run_shard(stage, fn, ctx, shard, index, key, features, fp, bar)
                 state = self._write_state(folder, base, done=False)
                 bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
         output = load_stage_output(self.run_dir, stage.name, require_done=False)
@@ -173,10 +175,9 @@ class Runner:
             tmp.replace(frozen)
         return datasets.Dataset.from_file(str(frozen))
 
-    def _run_shard(self, stage, config, ctx, shard, index, key, features, fp, bar) -> None:
+    def _run_shard(self, stage, fn, ctx, shard, index, key, features, fp, bar) -> None:
         folder = ctx.stage_dir
-        ctx.usage = {}
-        fn = stage.make_batch_fn(config, ctx)
+        ctx.usage.clear()  # usage is counted per shard; the batch function holds this same ctx
         started = time.monotonic()
         tmp_map = folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow"
         try:

@@ -1,13 +1,17 @@
 """Opening an image the one way every step uses: first frame, EXIF orientation applied, RGB, bounded size.
 
 CLIP matching, the GPT-4o data URLs and the referees all read images through ``open_rgb`` so that they see
-exactly the same pixels the images stage validated.
+exactly the same pixels the images stage validated (``processors.image_validate`` decodes through the same
+``to_rgb`` and the same pixel limit). A row of the images stage holds a *path* relative to an image root;
+turn it into a file with ``loaders.images.paths.resolve_image_path(run_dir, row["path"])`` first.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -15,45 +19,66 @@ from PIL import Image, ImageOps
 # limit itself, so a hostile file is a failure row instead of a 20 GB allocation.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
 
 class ImageTooLargeError(ValueError):
     pass
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any mode (CMYK, 16-bit, palette with alpha, LA, ...) to RGB; alpha is composited on white."""
+    """Convert any mode (CMYK, 16-bit, float, palette with alpha, LA, ...) to RGB; alpha composited on white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
-        extrema = image.getextrema()
-        high = max(1, extrema[1] if isinstance(extrema, tuple) else 255)
-        image = image.point(lambda v: v * (255.0 / high)).convert("L")
+    if image.mode in _WIDE_GREY:
+        image = _wide_grey_to_l(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def open_rgb(path: str | Path, *, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` fully and return an RGB image (first frame, upright), optionally downscaled.
+def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit or float greyscale: stretch the used range to 8 bits instead of clipping everything at 255."""
+    low, high = image.getextrema()
+    if image.mode == "F" or low < 0:
+        span = (high - low) or 1.0
+        return image.convert("F").point(lambda v: (v - low) * (255.0 / span)).convert("L")
+    scale = 255.0 / max(1, high) if high > 255 else 1.0
+    return image.point(lambda v: v * scale).convert("L")
 
-    Raises ``ImageTooLargeError`` above ``max_pixels`` and PIL's own errors for broken files.
+
+def check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image whose header announces more than ``max_pixels`` pixels, before anything is decoded."""
+    if image.width * image.height > max_pixels:
+        raise ImageTooLargeError(f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
+
+
+def open_rgb(
+    path: str | Path | bytes | BinaryIO,
+    *,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode an image fully and return it as RGB (first frame, upright), optionally downscaled.
+
+    ``path`` may also be the image's bytes or an open binary file. Raises ``ImageTooLargeError`` above
+    ``max_pixels`` and PIL's own errors (``UnidentifiedImageError``, ``OSError`` for truncated data).
     """
-    with Image.open(path) as image:
-        if image.width * image.height > max_pixels:
-            raise ImageTooLargeError(f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
-        if max_side and image.format == "JPEG":
-            image.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster for thumbnails
-        image.seek(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray, memoryview)) else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            check_pixels(image, max_pixels)
+            if max_side and image.format == "JPEG":
+                image.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster for thumbnails
+            image.seek(0)
             image.load()
-        upright = ImageOps.exif_transpose(image)
-        rgb = to_rgb(upright)
-        if max_side and max(rgb.size) > max_side:
-            rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        return rgb.copy() if rgb is image else rgb
+            upright = ImageOps.exif_transpose(image)
+            rgb = to_rgb(upright)
+            if max_side and max(rgb.size) > max_side:
+                rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            return rgb.copy() if rgb is image else rgb

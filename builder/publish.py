@@ -1,0 +1,108 @@
+"""``taskgalaxy push``: every stage of a run as one config of a Hub dataset repo, plus LLaVA JSON and a card.
+
+The repo is first laid out in a local folder — ``<stage>/train-0000k-of-0000n.parquet`` per stage, images
+embedded as bytes in ``images`` and ``final``, every stage's failures as the ``failures`` config, the LLaVA
+JSON and ``tasktype.txt`` under ``llava/``, and a README whose YAML ``configs:`` make each folder a config
+(``final`` the default). ``--local-dir`` stops there; ``--repo-id`` uploads that exact folder with
+``upload_folder`` (resumable) and tags the commit, so the Hub copy and the local copy cannot differ.
+``load_dataset(folder, config)`` reads every config back, exactly as from the Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+
+from builder.card import render_card
+from builder.export import export_llava
+from builder.outputs import load_stage_failures, load_stage_output, run_states
+
+logger = logging.getLogger(__name__)
+
+EMBED_IMAGES = {"images": "path", "final": "image"}  # config -> column holding the images-stage path
+MAX_SHARD_BYTES = 500 * 1024 * 1024
+
+
+def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[str], Path]) -> list[dict]:
+    """Write the Hub layout of ``run_dir`` into ``out_dir``; returns what each config holds."""
+    states = [s for s in run_states(run_dir) if s.get("done")]
+    if not states:
+        raise ValueError(f"{run_dir} has no finished stage to publish; run `taskgalaxy run` first")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    configs = []
+    for state in states:
+        name = state["stage"]
+        dataset = load_stage_output(run_dir, name)
+        if name in EMBED_IMAGES:
+            dataset = _with_embedded_images(dataset, EMBED_IMAGES[name], resolve_image)
+        files = _write_parquet(dataset, out_dir / name)
+        configs.append({"name": name, "rows": len(dataset), "files": files, "state": state})
+    failures = datasets.concatenate_datasets([load_stage_failures(run_dir, s["stage"]) for s in states])
+    configs.append({"name": "failures", "rows": len(failures), "files": _write_parquet(failures, out_dir / "failures")})
+    if any(s["stage"] == "final" for s in states):
+        export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
+                     image_root=out_dir / "llava" / "images", copy_images=True)
+        shutil.rmtree(out_dir / "llava" / "images")  # the images travel embedded in the `final` config
+    _copy_plots(run_dir, out_dir / "plots")
+    (out_dir / "README.md").write_text(render_card(run_dir, configs, states), encoding="utf-8")
+    return configs
+
+
+def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image) -> datasets.Dataset:
+    """Add an ``image`` column (``datasets.Image``) whose bytes are read from the files, and keep the path."""
+    target = "image"
+    if column == target:  # the LLaVA path column keeps its meaning under a clearer name
+        dataset = dataset.rename_column(column, "image_path")
+        column = "image_path"
+    files = [str(resolve_image(p)) for p in dataset[column]]
+    dataset = dataset.add_column(target, files).cast_column(target, datasets.Image())
+    from datasets.table import embed_table_storage
+
+    return dataset.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+
+
+def _write_parquet(dataset: datasets.Dataset, folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = max(1, math.ceil(dataset.data.nbytes / MAX_SHARD_BYTES))
+    names = []
+    for index in range(shards):
+        name = f"train-{index:05d}-of-{shards:05d}.parquet"
+        dataset.shard(shards, index, contiguous=True).to_parquet(str(folder / name))
+        names.append(name)
+    return names
+
+
+def _copy_plots(run_dir: Path, target: Path) -> None:
+    for plot in sorted(run_dir.glob("[0-9][0-9]_*/*.png")):
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, target / plot.name)
+
+
+def push_to_hub(folder: Path, repo_id: str, *, tag: str | None = None, private: bool = False) -> str:
+    """Upload the laid-out folder as a dataset repo and tag it; returns the commit URL.
+
+    The token comes from huggingface_hub's usual places (``HF_TOKEN`` or ``hf auth login``); it never
+    reaches the card or a log line.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=str(folder),
+        commit_message=f"TaskGalaxy build{f' {tag}' if tag else ''}",
+        delete_patterns=["*/train-*.parquet"],  # a config with fewer shards than before leaves no stale file
+    )
+    if tag:
+        api.create_tag(repo_id, repo_type="dataset", tag=tag, revision=getattr(commit, "oid", None), exist_ok=False)
+    logger.info("pushed %s to the Hub as %s%s", folder, repo_id, f" (tag {tag})" if tag else "")
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,43 @@
+"""The filter prompt: our own wording of step 3's second half (GPT-4o keeps the candidates that truly fit).
+
+The candidates are numbered so a model may answer with numbers; the reply is a JSON object
+``{"task_types": [...]}`` — with ``json_schema`` the allowed strings are the candidates themselves (an
+``enum``), so a structured-output endpoint cannot invent a label. Bump PROMPT_VERSION on any change here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+PROMPT_VERSION = "filter-v1"
+MARKER = "Candidate task types for this image:"
+
+SYSTEM = (
+    "You curate a visual instruction-tuning dataset. For an image and a list of candidate task types, you "
+    "keep only the task types that can genuinely be carried out on this particular image: the image must "
+    "contain what the task needs (text for reading tasks, a chart for chart tasks, several objects for "
+    "counting, and so on). Reject task types that merely relate to the topic."
+)
+
+
+def build_messages(image_path: str, candidates: Sequence[str]) -> list[dict[str, Any]]:
+    listing = "\n".join(f"{i}. {c}" for i, c in enumerate(candidates, 1))
+    instructions = (
+        f"{MARKER}\n{listing}\n\n"
+        "Reply with JSON only: {\"task_types\": [...]} listing the fitting task types exactly as written "
+        "above (levels joined by ~). Use an empty list if none fits."
+    )
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [{"type": "image_path", "path": image_path}, {"type": "text", "text": instructions}]},
+    ]
+
+
+def json_schema(candidates: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"task_types": {"type": "array", "items": {"type": "string", "enum": list(candidates)}}},
+        "required": ["task_types"],
+        "additionalProperties": False,
+    }

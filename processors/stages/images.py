@@ -1,0 +1,214 @@
+"""The ``images`` stage (step 2): collect images from folders, datasets, URL lists, the paper's named sets and
+the synthetic demo generator; validate, hash and deduplicate them; keep them by reference.
+
+Input rows are references (``loaders.images.listing``: ``ref, source, kind, locator, url``), frozen by the
+runner at the first run. Each batch: fetch bytes (URLs of the batch in one asyncio loop, files and synthetic
+images in a thread pool), validate with a full decode (``processors.image_validate``), then — in input order
+— dedup through the ledger (``loaders.images.dedup``). Every ref leaves as one row or one failure:
+``duplicate`` (same bytes as an earlier ref, named in the detail), ``near_duplicate`` (``drop`` mode only),
+or a fetch/validation reason code.
+
+Storage: files of folder and recipe sources stay in place; bytes that came from elsewhere (URLs, datasets,
+the generator) are written once under the store folder by content id. A row's ``path`` is
+``<root>/<relative path>``; ``loaders.images.paths.resolve_image_path(run_dir, path)`` gives the file.
+
+Example (configs/demo.yaml)::
+
+    images:
+      sources:
+        - {type: synthetic, count: 48, seed: 0}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import datasets
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from builder.config import ConfigPath
+from builder.rows import BatchOutput
+from builder.stage import Stage, StageConfig, StageContext
+from loaders.images.dedup import Ledger
+from loaders.images.fetch import Blob, Fetcher
+from loaders.images.listing import COLUMNS as INPUT_COLUMNS
+from loaders.images.listing import list_sources, source_roots
+from loaders.images.paths import ROOTS_FILE, STORE_ROOT, row_path, store_relpath, write_roots
+from loaders.images.sources import RESERVED_NAMES, DownloadConfig, SourceConfig
+from loaders.images.synthetic import SYNTHETIC_VERSION
+from processors.image_validate import VALIDATE_VERSION, ImageCheck, ImageLimits, check_image
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = "1"
+LEDGER_FILE = "dedup.sqlite"
+OUTPUT_COLUMNS = (
+    "image_id", "path", "width", "height", "format", "mode", "frames", "bytes", "phash", "near_dup_of",
+    "source", "ref", "url",
+)
+
+
+class NearDuplicates(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["off", "report", "drop"] = Field(
+        "report", description="report: keep, set near_dup_of; drop: fail with near_duplicate"
+    )
+    max_distance: int = Field(4, ge=0, le=7, description="dHash bits that may differ (64-bit hash)")
+
+
+class ImagesConfig(StageConfig):
+    sources: tuple[SourceConfig, ...] = Field(min_length=1, description="where images come from, in order")
+    store_dir: ConfigPath | None = Field(None, description="where fetched bytes are stored; default <run>/images")
+    limits: ImageLimits = ImageLimits()
+    download: DownloadConfig = DownloadConfig()
+    near_duplicates: NearDuplicates = NearDuplicates()
+    workers: int = Field(4, ge=1, le=64, description="threads decoding/reading images")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ImagesConfig":
+        names = [s.source_name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, {dupes} repeat; give each source a distinct 'name'")
+        reserved = sorted(RESERVED_NAMES & set(names))
+        if reserved:
+            raise ValueError(f"source name(s) {reserved} are reserved; choose another 'name'")
+        return self
+
+
+def store_dir(config: ImagesConfig, run_dir: Path) -> Path:
+    return Path(config.store_dir) if config.store_dir else Path(run_dir) / "images"
+
+
+class ImagesStage(Stage):
+    name = "images"
+    Config = ImagesConfig
+    key = "image_id"
+    upstream = None
+    batch_size = 256
+
+    def input_key(self, config: ImagesConfig) -> str:
+        return "ref"
+
+    def features(self, config: ImagesConfig) -> datasets.Features:
+        ints = {"width": "int32", "height": "int32", "frames": "int32", "bytes": "int64"}
+        return datasets.Features({c: datasets.Value(ints.get(c, "string")) for c in OUTPUT_COLUMNS})
+
+    def fingerprint_parts(self, config: ImagesConfig) -> dict:
+        return {"stage": STAGE_VERSION, "validate": VALIDATE_VERSION, "synthetic": SYNTHETIC_VERSION}
+
+    def source_rows(self, config: ImagesConfig, ctx: StageContext) -> datasets.Dataset:
+        columns = list_sources(config.sources, ctx.run_dir, config.download)
+        self._write_roots(config, ctx)
+        features = datasets.Features({c: datasets.Value("string") for c in INPUT_COLUMNS})
+        return datasets.Dataset.from_dict(columns, features=features)
+
+    def finalize(self, config: ImagesConfig, ctx: StageContext, output: datasets.Dataset) -> None:
+        self._write_roots(config, ctx)
+
+    def _write_roots(self, config: ImagesConfig, ctx: StageContext) -> None:
+        roots = source_roots(config.sources, ctx.run_dir, store_dir(config, ctx.run_dir))
+        write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, roots)
+
+    def make_batch_fn(self, config: ImagesConfig, ctx: StageContext):
+        store = store_dir(config, ctx.run_dir)
+        roots = source_roots(config.sources, ctx.run_dir, store)
+        fetcher = Fetcher({s.source_name: s for s in config.sources}, roots, config.download, config.limits.max_bytes)
+        worker = _Worker(fetcher, config.limits, roots, store)
+        ledger_path = ctx.stage_dir / LEDGER_FILE
+
+        def batch(columns: dict[str, list]) -> dict[str, list]:
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            out = BatchOutput(OUTPUT_COLUMNS)
+            with Ledger(ledger_path, bands=config.near_duplicates.max_distance + 1) as ledger:
+                resumed = _resumed_downloads(rows, ledger, roots)
+                prefetched = fetcher.prefetch(rows, resumed)
+                ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
+                with ThreadPoolExecutor(max_workers=config.workers) as pool:
+                    results = list(pool.map(lambda row: worker.run(row, prefetched), rows))
+                for row, (verdict, path) in zip(rows, results):
+                    _emit(out, row, verdict, path, ledger, config, ctx)
+            return out.to_columns()
+
+        return batch
+
+
+def _resumed_downloads(rows: list[dict], ledger: Ledger, roots: dict[str, Path]) -> dict[str, Path]:
+    """URL refs whose bytes an interrupted pass already stored: read from disk instead of downloading again."""
+    found = {}
+    for row in rows:
+        if row["kind"] == "url":
+            path = ledger.stored_path(row["ref"])
+            if path and path.startswith(f"{STORE_ROOT}/"):
+                file = roots[STORE_ROOT] / path.split("/", 1)[1]
+                if file.exists():
+                    found[row["ref"]] = file
+    return found
+
+
+class _Worker:
+    """Fetch + validate + store one row; runs in worker threads, touches no shared mutable state."""
+
+    def __init__(self, fetcher: Fetcher, limits: ImageLimits, roots: dict[str, Path], store: Path):
+        self.fetcher, self.limits, self.roots, self.store = fetcher, limits, roots, store
+
+    def run(self, row: dict, prefetched: dict[str, Blob]) -> tuple[ImageCheck, str]:
+        blob = self.fetcher.read(row, prefetched)
+        if blob.reason:
+            return ImageCheck(reason=blob.reason, detail=blob.detail), ""
+        check = check_image(blob.data, self.limits, name=self._label(row))
+        if not check.ok:
+            return check, ""
+        if row["kind"] == "folder":
+            return check, row_path(row["source"], row["locator"])
+        relative = store_relpath(check.image_id, check.ext)
+        _write_once(self.store / relative, blob.data)
+        return check, row_path(STORE_ROOT, relative)
+
+    def _label(self, row: dict) -> str:
+        if row["kind"] == "folder":
+            return str(self.roots[row["source"]] / row["locator"])
+        return row["url"] or row["ref"]
+
+
+def _write_once(dest: Path, data: bytes) -> None:
+    """Content-addressed write: skip if present, else temp file + rename (never a half-written image)."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+def _emit(out: BatchOutput, row: dict, check: ImageCheck, path: str, ledger: Ledger, config: ImagesConfig,
+          ctx: StageContext) -> None:
+    """Turn one verdict into an output row or a failure, consulting the ledger (input order matters)."""
+    ref = row["ref"]
+    if not check.ok:
+        out.fail(ref, check.reason, check.detail)
+        return
+    first = ledger.claim(check.image_id, ref, path)
+    if first != ref:
+        out.fail(ref, "duplicate", f"{ref} has the same bytes as {first} (image_id {check.image_id}); kept the first")
+        return
+    near_of = None
+    if config.near_duplicates.mode != "off":
+        near_of, distance = ledger.near(check.image_id, check.phash, config.near_duplicates.max_distance)
+        if near_of is not None:
+            ctx.add_usage(near_duplicates=1)
+            if config.near_duplicates.mode == "drop":
+                out.fail(ref, "near_duplicate", f"{ref} is {distance} dHash bits from {ledger.first_ref(near_of)}")
+                return
+    out.add(ref, {
+        "image_id": check.image_id, "path": path, "width": check.width, "height": check.height,
+        "format": check.format, "mode": check.mode, "frames": check.frames, "bytes": check.size,
+        "phash": f"{check.phash:016x}", "near_dup_of": near_of, "source": row["source"], "ref": ref,
+        "url": row["url"],
+    })
