@@ -53,6 +53,8 @@ class SquareConfig(StageConfig):
     sleep_s: float = 0.0
     calls_log: str | None = None
     offset: int = 0
+    hold_while: str | None = None  # a path: rows from `hold_from` on wait while it exists (pins a run mid-stage)
+    hold_from: int = 0
 
 
 class Square(Stage):
@@ -81,6 +83,8 @@ class Square(Stage):
                         os.fsync(log.fileno())
                 if config.sleep_s:
                     time.sleep(config.sleep_s)
+                while config.hold_while and value >= config.hold_from and os.path.exists(config.hold_while):
+                    time.sleep(0.01)
                 if config.fail_every and value % config.fail_every == 0:
                     out.fail(key, "divisible", f"{value} is divisible by {config.fail_every}")
                     continue

@@ -28,8 +28,9 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_path):
-    run, log = tmp_path / "run", tmp_path / "calls.log"
-    config = {**CONFIG, "stages": {"numbers": {"count": 8}, "square": {"sleep_s": 0.2, "calls_log": str(log)}}}
+    run, log, hold = tmp_path / "run", tmp_path / "calls.log", tmp_path / "hold"
+    hold.touch()  # the first run stays inside its first shard until this file goes
+    config = {**CONFIG, "stages": {"numbers": {"count": 8}, "square": {"hold_while": str(hold), "calls_log": str(log)}}}
     first = subprocess.Popen([sys.executable, str(TOY_RUN), str(run), json.dumps(config)])
     try:
         deadline = time.monotonic() + 60
@@ -43,4 +44,5 @@ def test_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_pat
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-    make_runner(run, {**config, "stages": {"numbers": {"count": 8}, "square": {"calls_log": str(log)}}}).run()
+    hold.unlink()
+    make_runner(run, config).run()  # the killed holder's lock died with it

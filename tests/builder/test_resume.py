@@ -19,14 +19,11 @@ from toy_run import make_runner
 TOY_RUN = Path(__file__).parent.parent / "toy_run.py"
 
 
-def _config(calls_log: Path, sleep_s: float) -> dict:
-    return {
-        "run": {"name": "toy", "shard_size": 4},
-        "stages": {
-            "numbers": {"count": 24},
-            "square": {"fail_every": 5, "double_every": 3, "sleep_s": sleep_s, "calls_log": str(calls_log)},
-        },
-    }
+def _config(calls_log: Path, hold: Path | None = None) -> dict:
+    square = {"fail_every": 5, "double_every": 3, "calls_log": str(calls_log)}
+    if hold is not None:  # rows from 10 on wait while `hold` exists: the kill lands in shard 2, every time
+        square.update(hold_while=str(hold), hold_from=10)
+    return {"run": {"name": "toy", "shard_size": 4}, "stages": {"numbers": {"count": 24}, "square": square}}
 
 
 def _calls(log: Path) -> list[str]:
@@ -46,12 +43,13 @@ def _rows(run_dir: Path, stage: str) -> list[dict]:
 
 
 def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "calls.log"
-    config = _config(log, sleep_s=0.05)
+    run_dir, log, hold = tmp_path / "run", tmp_path / "calls.log", tmp_path / "hold"
+    hold.touch()
+    config = _config(log, hold)
     proc = subprocess.Popen([sys.executable, str(TOY_RUN), str(run_dir), json.dumps(config)])
     try:
-        # Kill once at least two shards (8 rows) of `square` are finished and the third is under way.
-        _wait_for(lambda: len(_calls(log)) >= 10, 60, "the square stage to get into its third shard")
+        # Rows 0-9 run, row 10 (third shard) logs its call and waits: two shards are finished, one is not.
+        _wait_for(lambda: len(_calls(log)) >= 11, 60, "the square stage to reach row 10")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -59,7 +57,7 @@ def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
 
     square_dir = find_stage_dir(run_dir, "square")
     finished = sorted(square_dir.glob("shard-*.arrow"))
-    assert 2 <= len(finished) < 6, "the kill should land mid-stage"
+    assert [p.name for p in finished] == ["shard-00000.arrow", "shard-00001.arrow"]
     for shard in finished:  # whatever has its final name is whole: it reads, with the rows its stats promise
         stats = json.loads((square_dir / "stats" / shard.name.replace(".arrow", ".json")).read_text())
         assert len(datasets.Dataset.from_file(str(shard))) == stats["rows_out"]
@@ -71,6 +69,7 @@ def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
     }
     calls_before = len(_calls(log))
 
+    hold.unlink()
     make_runner(run_dir, config).run()  # same config: a changed one would (rightly) recompute everything
     recomputed = _calls(log)[calls_before:]
     assert not set(recomputed) & done_keys, "rows of finished shards were computed again"
@@ -78,14 +77,14 @@ def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
     assert not list(square_dir.glob(".tmp-*")), "half-written files of the killed run were left behind"
 
     reference_dir, reference_log = tmp_path / "reference", tmp_path / "reference.log"
-    make_runner(reference_dir, _config(reference_log, sleep_s=0.0)).run()  # other log: other fingerprint, same rows
+    make_runner(reference_dir, _config(reference_log)).run()  # other log: other fingerprint, same rows
     for stage in ("numbers", "square", "toyfinal"):
         assert _rows(run_dir, stage) == _rows(reference_dir, stage)
 
 
 def test_rerun_of_a_finished_run_does_nothing(tmp_path):
     log = tmp_path / "calls.log"
-    make_runner(tmp_path / "run", _config(log, 0.0)).run()
+    make_runner(tmp_path / "run", _config(log)).run()
     first = len(_calls(log))
-    make_runner(tmp_path / "run", _config(log, 0.0)).run()
+    make_runner(tmp_path / "run", _config(log)).run()
     assert first == 24 and len(_calls(log)) == first

@@ -1,0 +1,95 @@
+"""Step 4, ``qa``: one GPT-4o request per image with its kept task types; one row per valid question–answer.
+
+Input rows are the ``filter`` stage's (``image_id``, ``task_types`` as full ``~`` paths); the image files
+come from the ``images`` stage (a side input). The whole shard crosses into the async engine once
+(``batch_size=None``): all requests, one ``run_requests`` call, one repair call for replies that did not
+parse, then validation (``processors.qa``). Rows: ``qa_id, image_id, task_type, question, answer, model,
+prompt_version``; ``qa_id = text_id(image_id, task_type, question)``. Under ``--dry-run`` the ``model``
+column reads ``simulator:<model id>`` so simulated rows can never pass for real ones.
+
+Example::
+
+    qa:
+      endpoint: gpt4o
+      questions_per_type: 1
+      language: en
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.stage import BatchFn, Stage, StageContext
+from processors.qa.config import QAConfig
+from processors.qa.generate import COLUMNS, ImageUnavailable, run_batch
+from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION
+from processors.qa.validate import VALIDATE_VERSION
+
+
+class QAStage(Stage):
+    name = "qa"
+    Config = QAConfig
+    key = "qa_id"
+    upstream = "filter"
+    side_inputs = ("images",)
+    batch_size = None
+
+    def input_key(self, config: QAConfig) -> str:
+        return "image_id"
+
+    def fingerprint_parts(self, config: QAConfig) -> dict:
+        return {"prompt_version": PROMPT_VERSION, "repair_version": REPAIR_VERSION,
+                "validate_version": VALIDATE_VERSION}
+
+    def features(self, config: QAConfig):
+        import datasets
+
+        return datasets.Features({column: datasets.Value("string") for column in COLUMNS})
+
+    def make_batch_fn(self, config: QAConfig, ctx: StageContext) -> BatchFn:
+        from processors.llm.api import run_requests
+
+        model = model_label(config, ctx)
+        image_file = image_locator(ctx)
+
+        def send(requests):
+            return run_requests(requests, endpoint=config.endpoint, ctx=ctx)
+
+        def generate(batch: dict[str, list]) -> dict[str, list]:
+            out = run_batch(batch, config, image_file=image_file, model=model, send=send, add_usage=ctx.add_usage)
+            return out.to_columns()
+
+        return generate
+
+
+def model_label(config: QAConfig, ctx: StageContext) -> str:
+    """The model id the rows name; raises ``ValueError`` naming the key when the endpoint is not configured."""
+    from processors.llm.api import llm_settings
+
+    try:
+        model = llm_settings(ctx).endpoint(config.endpoint).model
+    except KeyError as exc:
+        raise ValueError(f"stages.qa.endpoint: {exc.args[0]}") from None
+    return f"simulator:{model}" if ctx.dry_run else model
+
+
+def image_locator(ctx: StageContext):
+    """``image_id -> Path`` over the images stage's rows, raising ``ImageUnavailable`` with the reason."""
+    from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path
+
+    images = ctx.load_stage("images")
+    path_of = dict(zip(images["image_id"], images["path"]))
+    roots = load_roots(ctx.run_dir)
+
+    def locate(image_id: str) -> Path:
+        if image_id not in path_of:
+            raise ImageUnavailable(f"image {image_id} is not in the images stage output")
+        try:
+            path = resolve_image_path(ctx.run_dir, path_of[image_id], roots)
+        except PathEscapeError as exc:
+            raise ImageUnavailable(str(exc)) from None
+        if not path.is_file():
+            raise ImageUnavailable(f"the file of image {image_id} is gone: {path}")
+        return path
+
+    return locate
