@@ -71,6 +71,7 @@ class Runner:
                 {n: prints[n] for n in self.reads(stage)},
                 dump_config(config),
                 stage.fingerprint_parts(config),
+                stage.settings_parts(config, self.config),
                 {"dry_run": self.dry_run},
             )
         return prints

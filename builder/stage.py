@@ -76,5 +76,10 @@ class Stage:
         """What else decides the output besides the config: prompt versions, code versions, model ids."""
         return {}
 
+    def settings_parts(self, config: StageConfig, settings: Any) -> dict[str, Any]:
+        """What this stage uses from the run's shared sections (e.g. its LLM endpoint's model and sampling):
+        part of its fingerprint, so changing the model re-runs the stages that call it."""
+        return {}
+
     def finalize(self, config: StageConfig, ctx: StageContext, output: "datasets.Dataset") -> None:
         """Runs once all shards are done (e.g. write tasktype.txt). Must be idempotent."""
