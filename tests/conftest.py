@@ -11,7 +11,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))  # so tests import toy_stages
+# Tests import their helper modules (toy_stages, local_http, llm_helpers...) by name; with pytest's
+# importlib import mode the test folders are not on sys.path by themselves.
+for folder in (TESTS_DIR, *sorted(p for p in TESTS_DIR.iterdir() if p.is_dir() and p.name != "__pycache__")):
+    sys.path.insert(0, str(folder))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,181 @@
+"""The synchronous entry point stages call once per shard: ``run_requests``.
+
+It resolves the endpoint (the simulator under ``--dry-run``), answers what it can from the request cache,
+sends the rest online or through the Batch API on a fresh event loop, and adds usage and cost to the stage.
+Identical requests in one call are sent once and their answer is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from builder.ids import fingerprint
+from processors.llm import reply as rp
+from processors.llm.breaker import CircuitBreaker
+from processors.llm.cache import RequestCache
+from processors.llm.engine import OnlineEngine, Tally
+from processors.llm.errors import AttemptError, MissingApiKeyError
+from processors.llm.estimate import cost_usd
+from processors.llm.prepare import Prepared, prepare
+from processors.llm.request import LLMRequest, LLMResult, Usage
+from processors.llm.settings import EndpointSettings, LLMSettings
+from processors.llm.transport import Secret, make_transport
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "llm-requests.sqlite"
+DRY_RUN_CACHE_FILE = "llm-requests-dry-run.sqlite"  # simulator answers must never satisfy a real run
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Connection:
+    """Where requests go. The key is a ``Secret``: it prints as ``***``."""
+
+    base_url: str
+    api_key: Secret
+    key_env: str | None = None
+
+
+def resolve_connection(endpoint: EndpointSettings, *, dry_run: bool, services: dict[str, Any]) -> Connection:
+    if dry_run:
+        if "llm_base_url" not in services:
+            raise RuntimeError("--dry-run needs the simulator: ctx.services['llm_base_url'] is not set")
+        return Connection(services["llm_base_url"], Secret(services.get("llm_api_key", "sim-key")), None)
+    if endpoint.api_key_env is None:
+        return Connection(endpoint.base_url, Secret(None), None)
+    value = os.environ.get(endpoint.api_key_env)
+    if not value:
+        raise MissingApiKeyError(
+            f"the API key for {endpoint.base_url} is read from the environment variable "
+            f"{endpoint.api_key_env}, which is not set; export it (or set api_key_env: null for a server "
+            "without authentication)"
+        )
+    return Connection(endpoint.base_url, Secret(value), endpoint.api_key_env)
+
+
+def llm_settings(ctx: Any) -> LLMSettings:
+    settings = getattr(ctx.settings, "llm", None)
+    return settings if isinstance(settings, LLMSettings) else LLMSettings()
+
+
+def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any) -> list[LLMResult]:
+    """Answer ``requests`` (results in the same order); per-request failures come back as ``ok=False``.
+
+    Raises ``CircuitOpenError`` when the endpoint keeps failing and ``MissingApiKeyError`` when the key's env
+    var is unset. Usage (requests, cache_hits, retries, prompt/completion tokens, cost_usd) goes to ``ctx``.
+    """
+    settings = llm_settings(ctx)
+    ep = settings.endpoint(endpoint)
+    connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
+    cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
+    tally = Tally()
+    try:
+        return run_sync(execute(requests, settings, endpoint, connection, cache_path=cache_path,
+                                state_dir=Path(ctx.stage_dir), tally=tally))
+    finally:
+        ctx.add_usage(**usage_counters(tally, settings, ep))
+
+
+def usage_counters(tally: Tally, settings: LLMSettings, ep: EndpointSettings) -> dict[str, float]:
+    online_prompt = tally.usage.prompt_tokens - tally.batch_usage.prompt_tokens
+    online_completion = tally.usage.completion_tokens - tally.batch_usage.completion_tokens
+    dollars = cost_usd(settings, ep.model, online_prompt, online_completion, batch=False) + cost_usd(
+        settings, ep.model, tally.batch_usage.prompt_tokens, tally.batch_usage.completion_tokens, batch=True)
+    return {
+        "requests": tally.requests,
+        "cache_hits": tally.cache_hits,
+        "retries": tally.retries,
+        "prompt_tokens": tally.usage.prompt_tokens,
+        "completion_tokens": tally.usage.completion_tokens,
+        "cost_usd": dollars,
+    }
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a fresh event loop, in a helper thread when this thread already runs one."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _from_cache(prepared: list[Prepared], cache: RequestCache | None, tally: Tally) -> dict[str, LLMResult]:
+    if cache is None:
+        return {}
+    hits: dict[str, LLMResult] = {}
+    stored = cache.get_many(p.cache_key for p in prepared)
+    for p in prepared:
+        reply = stored.get(p.cache_key)
+        if reply is None:
+            continue
+        try:
+            value = rp.interpret(reply, p.request)
+        except AttemptError as exc:  # parse changed meaning without a new prompt_version: ask again
+            logger.warning("cached reply for %s no longer parses (%s); sending the request again", p.request.key,
+                           exc.detail)
+            continue
+        tally.cache_hits += 1
+        hits[p.cache_key] = LLMResult(key=p.request.key, ok=True, value=value, raw_text=reply["text"],
+                                      from_cache=True, logprobs=reply.get("logprobs"),
+                                      finish_reason=reply.get("finish_reason"))
+    return hits
+
+
+async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: str, connection: Connection, *,
+                  cache_path: Path | None, state_dir: Path, tally: Tally) -> list[LLMResult]:
+    """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools)."""
+    ep = settings.endpoint(endpoint)
+    prepared = [prepare(r, ep) for r in requests]
+    unique = list({p.cache_key: p for p in reversed(prepared)}.values())[::-1]  # first occurrence wins
+    cache = RequestCache(cache_path) if cache_path is not None else None
+    try:
+        results = _from_cache(unique, cache, tally)
+        todo = [p for p in unique if p.cache_key not in results]
+        if todo:
+            call_id = fingerprint("llm-call", sorted(p.cache_key for p in unique))  # stable across a restart
+            results.update(await _send(todo, settings, endpoint, connection, cache, state_dir, tally, call_id))
+    finally:
+        if cache is not None:
+            cache.close()
+    logger.info("llm %s: %d requests, %d from cache, %d sent, %d failed", endpoint, len(requests),
+                tally.cache_hits, tally.requests, tally.failed)
+    return _in_order(prepared, results)
+
+
+async def _send(todo: list[Prepared], settings: LLMSettings, endpoint: str, connection: Connection,
+                cache: RequestCache | None, state_dir: Path, tally: Tally, call_id: str) -> dict[str, LLMResult]:
+    ep = settings.endpoint(endpoint)
+    secret = connection.api_key.reveal()
+    breaker = CircuitBreaker(settings.breaker.consecutive_failures, endpoint=endpoint,
+                             base_url=connection.base_url, model=ep.model, key_env=connection.key_env)
+    transport = make_transport(ep.transport, connection.base_url, connection.api_key, timeout_s=ep.timeout_s,
+                               max_connections=ep.max_concurrency)
+    async with transport:
+        online = OnlineEngine(ep, transport, breaker, cache, tally, secret)
+        if ep.mode == "batch":
+            from processors.llm.batch import BatchRunner  # only batch runs need it
+
+            runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
+            return await runner.run(todo, call_id)
+        return await online.run(todo)
+
+
+def _in_order(prepared: list[Prepared], results: dict[str, LLMResult]) -> list[LLMResult]:
+    out, seen = [], set()
+    for p in prepared:
+        result = results[p.cache_key]
+        if result.key != p.request.key or p.cache_key in seen:  # a duplicate request shares the answer, once billed
+            result = dataclasses.replace(result, key=p.request.key, usage=Usage())
+        seen.add(p.cache_key)
+        out.append(result)
+    return out

@@ -1,0 +1,91 @@
+"""Errors of the LLM engine and the classification of one failed attempt.
+
+Per-request failures never leave ``run_requests`` as exceptions: an ``AttemptError`` drives the retry loop and
+its ``reason`` ends up in ``LLMResult``. Only ``CircuitOpenError`` (the endpoint is down, stop the stage) and
+``MissingApiKeyError`` (nothing can work) are raised to the caller.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+
+from processors.llm import request as rq
+
+
+class CircuitOpenError(RuntimeError):
+    """The endpoint failed so often in a row that continuing would only spin; the stage stops."""
+
+
+class MissingApiKeyError(RuntimeError):
+    """The env var that should hold the API key is not set."""
+
+
+class AttemptError(Exception):
+    """One attempt failed. ``retryable`` decides the retry loop; ``breaker`` whether it counts as the
+    endpoint failing (a bad reply from a healthy server does not); ``retry_after`` is the server's hint."""
+
+    def __init__(self, reason: str, detail: str, *, retryable: bool, breaker: bool,
+                 retry_after: float | None = None, raw_text: str | None = None, what: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+        self.retryable, self.breaker = retryable, breaker
+        self.retry_after, self.raw_text = retry_after, raw_text
+        self.what = what or reason  # short label for the breaker's summary ("HTTP 503", "timeout", ...)
+
+
+def from_status(status: int, body: str, headers: Mapping[str, str]) -> AttemptError:
+    """Classify an HTTP error reply the way the OpenAI SDK does: 408, 409, 429 and 5xx are retried."""
+    detail = f"HTTP {status}: {body[:300]}"
+    if status == 429:
+        if "insufficient_quota" in body:  # out of money, not out of rate: retrying cannot help
+            return AttemptError(rq.RATE_LIMITED, detail, retryable=False, breaker=True, what="HTTP 429 quota")
+        return AttemptError(rq.RATE_LIMITED, detail, retryable=True, breaker=False,
+                            retry_after=parse_retry_after(headers), what="HTTP 429")
+    retryable = status in (408, 409) or status >= 500
+    return AttemptError(rq.API_ERROR, detail, retryable=retryable, breaker=True,
+                        retry_after=parse_retry_after(headers) if retryable else None, what=f"HTTP {status}")
+
+
+def timeout_error(timeout_s: float) -> AttemptError:
+    return AttemptError(rq.TIMEOUT, f"no reply within {timeout_s:g} s", retryable=True, breaker=True,
+                        what="timeout")
+
+
+def connection_error(exc: BaseException) -> AttemptError:
+    return AttemptError(rq.API_ERROR, f"connection error: {type(exc).__name__}: {exc}"[:300], retryable=True,
+                        breaker=True, what="connection error")
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass  # fall through to Retry-After
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass  # not a number: an HTTP date
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with the secret (and any long fragment of it a server echoed back) masked."""
+    if not secret or len(secret) < 4:
+        return text
+    text = text.replace(secret, "***")
+    for size in (12, 8):
+        if len(secret) > size * 2:
+            text = text.replace(secret[:size], "***").replace(secret[-size:], "***")
+    return text

@@ -1,0 +1,105 @@
+"""Pure estimates: tokens of a request before it is sent (for the TPM bucket and ``taskgalaxy estimate``) and
+cost from the price table.
+
+Text tokens are estimated as characters / 4 (+ 4 per message), the usual rule of thumb for English with
+GPT-4o's tokenizer; it errs on the high side for code-like text. No tokenizer download is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from processors.llm import images
+from processors.llm.request import LLMRequest
+from processors.llm.settings import EndpointSettings, LLMSettings
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+
+
+def text_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *, read_images: bool = True) -> int:
+    """Prompt tokens of ``messages``. Images count by their downscaled size at the endpoint's detail; an image
+    whose size is unknown (or ``read_images=False``) counts as a square of ``image_max_side``."""
+    total = 0
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        content = message.get("content")
+        if isinstance(content, str):
+            total += text_tokens(content)
+            continue
+        for part in content or []:
+            if images.is_image_part(part):
+                size = images.image_size(part) if read_images else None
+                size = images.scaled_size(size, endpoint.image_max_side) if size else (endpoint.image_max_side,) * 2
+                total += images.image_tokens(*size, endpoint.image_detail)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += text_tokens(part["text"])
+    return total
+
+
+def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_images: bool = True) -> tuple[int, int]:
+    """(prompt tokens estimated, completion tokens at most) for one request."""
+    prompt = message_tokens(request.messages, endpoint, read_images=read_images)
+    if request.json_schema is not None:
+        prompt += text_tokens(str(request.json_schema))
+    return prompt, request.max_tokens or endpoint.max_tokens
+
+
+def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion_tokens: float, *,
+             batch: bool) -> float:
+    """Dollars for the given tokens; 0 for a model without a price (a self-hosted vLLM, say)."""
+    price = settings.prices.get(model)
+    if price is None:
+        return 0.0
+    dollars = (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
+    return dollars * (price.batch_discount if batch else 1.0)
+
+
+@dataclass
+class Projection:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+def project(
+    settings: LLMSettings,
+    endpoint_name: str,
+    *,
+    requests: int,
+    prompt_text_chars: int,
+    images_per_request: int = 0,
+    completion_tokens: int,
+) -> Projection:
+    """What ``requests`` similar requests will cost, for ``taskgalaxy estimate`` before any row exists.
+
+    ``completion_tokens`` is the expected reply length per request (not max_tokens, which is only a cap).
+    """
+    endpoint = settings.endpoint(endpoint_name)
+    side = endpoint.image_max_side
+    per_prompt = TOKENS_PER_MESSAGE * 2 + math.ceil(prompt_text_chars / CHARS_PER_TOKEN)
+    per_prompt += images_per_request * images.image_tokens(side, side, endpoint.image_detail)
+    prompt_total, completion_total = requests * per_prompt, requests * completion_tokens
+    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, batch=endpoint.mode == "batch")
+    return Projection(requests, prompt_total, completion_total, dollars)
+
+
+def estimate_requests(settings: LLMSettings, endpoint_name: str, requests: list[LLMRequest],
+                      *, completion_tokens: int | None = None) -> Projection:
+    """Tokens and cost of concrete requests; completions counted at ``completion_tokens`` each (default:
+    their max_tokens, an upper bound)."""
+    endpoint = settings.endpoint(endpoint_name)
+    prompt_total = completion_total = 0
+    for request in requests:
+        prompt, completion_max = request_tokens(request, endpoint)
+        prompt_total += prompt
+        completion_total += completion_tokens if completion_tokens is not None else completion_max
+    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, batch=endpoint.mode == "batch")
+    return Projection(len(requests), prompt_total, completion_total, dollars)

@@ -1,0 +1,100 @@
+"""Image content parts: content hashes for cache keys, downscaled data URLs for the wire, token counts.
+
+A request's images are read and encoded only when it is actually sent (never for a cache hit), in a worker
+thread so the event loop keeps serving other requests while PIL decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from builder.ids import bytes_id
+
+IMAGE_PART_TYPES = ("image_path", "image_bytes", "image_url")
+
+
+def is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+
+
+def part_bytes(part: dict[str, Any]) -> bytes:
+    if part["type"] == "image_path":
+        return Path(part["path"]).read_bytes()
+    if part["type"] == "image_bytes":
+        return bytes(part["data"])
+    raise ValueError(f"image part of type {part['type']!r} has no local bytes")
+
+
+def content_ref(part: dict[str, Any]) -> dict[str, Any]:
+    """What stands for an image in the cache key: the hash of its bytes (a remote URL stands for itself)."""
+    if part["type"] == "image_url":
+        url = part["image_url"]["url"]
+        if url.startswith("data:"):
+            return {"image_sha": bytes_id(url.encode("ascii", "replace"))}
+        return {"image_url": url}
+    return {"image_sha": bytes_id(part_bytes(part))}
+
+
+def _encode(data: bytes, max_side: int, fmt: str) -> tuple[str, tuple[int, int]]:
+    from PIL import Image, ImageOps  # lazy: PIL only when an image is actually sent
+
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale, much faster
+        image = ImageOps.exif_transpose(opened)
+        image.thumbnail((max_side, max_side))
+        if fmt == "jpeg":
+            image = image.convert("RGB")
+            mime, save_as, options = "image/jpeg", "JPEG", {"quality": 90}
+        else:
+            if image.mode not in ("RGB", "RGBA", "L", "LA"):
+                image = image.convert("RGBA")
+            mime, save_as, options = "image/png", "PNG", {}
+        out = io.BytesIO()
+        image.save(out, save_as, **options)
+        size = image.size
+    return f"data:{mime};base64,{base64.b64encode(out.getvalue()).decode('ascii')}", size
+
+
+def to_wire_part(part: dict[str, Any], *, max_side: int, detail: str, fmt: str) -> dict[str, Any]:
+    """An ``image_url`` part the API accepts: local images downscaled and inlined as a data URL."""
+    if part["type"] == "image_url":
+        image_url = dict(part["image_url"])
+        image_url.setdefault("detail", detail)
+        return {"type": "image_url", "image_url": image_url}
+    url, _ = _encode(part_bytes(part), max_side, fmt)
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
+def image_size(part: dict[str, Any]) -> tuple[int, int] | None:
+    """Pixel size of a local image from its header (cheap), or None when unknown (remote URL, unreadable)."""
+    if part["type"] == "image_url":
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(part_bytes(part))) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def scaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def image_tokens(width: int, height: int, detail: str) -> int:
+    """GPT-4o's image token count: 85 at ``low``; at ``high``/``auto`` 85 + 170 per 512-px tile after the API
+    fits the image in 2048x2048 and scales its short side to 768."""
+    if detail == "low":
+        return 85
+    scale = min(1.0, 2048 / max(width, height))
+    width, height = width * scale, height * scale
+    scale = min(1.0, 768 / min(width, height))
+    width, height = width * scale, height * scale
+    return 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)

@@ -1,0 +1,123 @@
+"""Admission control: a concurrency window that shrinks on 429s (AIMD) and request/token buckets.
+
+Order matters: a request first takes a concurrency slot, *then* passes the buckets, and is sent right
+after. Taking bucket tokens first and then queueing for a slot would let paced requests pile up behind the
+slots and leave in a burst, which is exactly what a per-second rate limit punishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+
+from processors.llm.settings import EndpointSettings
+
+logger = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """A rate limit of ``rate`` units per second with a burst of at most ``capacity`` units, FIFO.
+
+    Implemented as GCRA (a virtual schedule) rather than a refilling counter: each grant moves a theoretical
+    arrival time forward by ``amount / rate``, so a sleep that wakes a millisecond late does not push every
+    later request back (a strictly paced counter loses ~5% of its rate to timer lateness that way). A request
+    larger than the capacity is charged the capacity, so one huge request cannot block forever.
+    """
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate = rate
+        self.capacity = max(1.0, capacity)
+        self._tat = time.monotonic()  # theoretical arrival time of the next unit
+        self._lock = asyncio.Lock()
+
+    async def take(self, amount: float = 1.0) -> None:
+        amount = min(amount, self.capacity)
+        async with self._lock:
+            now = time.monotonic()
+            new_tat = max(self._tat, now) + amount / self.rate
+            allowed_at = new_tat - self.capacity / self.rate
+            self._tat = new_tat
+            if allowed_at > now:
+                await asyncio.sleep(allowed_at - now)
+
+
+class AdaptiveConcurrency:
+    """A concurrency limit that halves-ish on 429s and grows back by one slot per window of successes.
+
+    At most one decrease per ``cooldown_s``: a burst of 429s from one overload is one signal, not fifty.
+    """
+
+    def __init__(self, maximum: int, minimum: int, decrease: float, cooldown_s: float = 1.0):
+        self.maximum, self.minimum, self.decrease = maximum, min(minimum, maximum), decrease
+        self.limit = float(maximum)
+        self.cooldown_s = cooldown_s
+        self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._last_decrease = -1e9
+
+    async def acquire(self) -> None:
+        if self.in_flight < int(self.limit) and not self._waiters:
+            self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # woken and cancelled at once: pass the slot on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < int(self.limit):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+    def on_success(self) -> None:
+        if self.limit < self.maximum:
+            self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+            self._wake()
+
+    def on_rate_limited(self) -> None:
+        now = time.monotonic()
+        if now - self._last_decrease >= self.cooldown_s:
+            self._last_decrease = now
+            self.limit = max(float(self.minimum), self.limit * self.decrease)
+            logger.info("429 from the endpoint: concurrency lowered to %d", int(self.limit))
+
+
+class Admission:
+    """Everything a request passes before it is sent: a concurrency slot, then the RPM and TPM buckets."""
+
+    def __init__(self, endpoint: EndpointSettings):
+        self.concurrency = AdaptiveConcurrency(endpoint.max_concurrency, endpoint.min_concurrency,
+                                               endpoint.aimd_decrease)
+        self.rpm = self.tpm = None
+        if endpoint.rpm:
+            rate = endpoint.rpm / 60.0 * endpoint.rate_headroom
+            self.rpm = TokenBucket(rate, rate * endpoint.burst_s)
+        if endpoint.tpm:
+            rate = endpoint.tpm / 60.0 * endpoint.rate_headroom
+            self.tpm = TokenBucket(rate, max(rate * endpoint.burst_s, rate))
+
+    @asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[None]:
+        await self.concurrency.acquire()
+        try:
+            if self.tpm is not None:
+                await self.tpm.take(tokens)
+            if self.rpm is not None:
+                await self.rpm.take(1)
+            yield
+        finally:
+            self.concurrency.release()

@@ -1,0 +1,104 @@
+"""Typed settings of the LLM engine: endpoints, prices, cache and circuit breaker (the run config's ``llm:``).
+
+Only the *name* of the environment variable holding an API key is ever part of a config; the key itself is
+read at call time and never stored, logged or hashed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointSettings(_Frozen):
+    """One OpenAI-compatible endpoint (OpenAI, an Azure-compatible gateway, vLLM, SGLang, Ollama...)."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible base URL (ends in /v1)")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="name of the env var holding the key; null for servers without auth"
+    )
+    model: str = Field("gpt-4o-2024-08-06", description="model id sent with every request")
+    mode: Literal["online", "batch"] = Field("online", description="online requests or the Batch API (half price)")
+    transport: Literal["aiohttp", "openai"] = Field(
+        "aiohttp",
+        description="chat completions via a lean aiohttp client (fast) or the openai SDK; files/batches always "
+        "use the SDK",
+    )
+    max_concurrency: int = Field(256, ge=1, description="requests in flight at most (AIMD lowers it on 429s)")
+    min_concurrency: int = Field(4, ge=1, description="AIMD never lowers the concurrency below this")
+    aimd_decrease: float = Field(0.7, gt=0, lt=1, description="concurrency factor applied on a 429")
+    rpm: int | None = Field(None, ge=1, description="requests per minute allowed by the account; null = no bucket")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt estimate + max_tokens); null = none")
+    rate_headroom: float = Field(
+        0.98, gt=0, le=1, description="fraction of rpm/tpm actually used, so clock jitter never crosses the limit"
+    )
+    burst_s: float = Field(
+        0.0, ge=0, description="seconds of rate the buckets may save up; 0 = strict pacing (limits are often "
+        "enforced per second, not per minute)"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
+    max_retries: int = Field(6, ge=0, description="retries after the first attempt (429/5xx/timeouts/bad replies)")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first backoff; doubles per retry, with jitter")
+    backoff_max_s: float = Field(60.0, gt=0, description="longest backoff (and longest Retry-After honoured)")
+    image_max_side: int = Field(1024, ge=16, description="images are downscaled to this longest side")
+    image_detail: Literal["low", "high", "auto"] = Field("low", description="detail sent with every image")
+    image_format: Literal["jpeg", "png"] = Field("jpeg", description="encoding of the data URLs")
+    supports_json_schema: bool = Field(True, description="send response_format=json_schema when a request has one")
+    temperature: float | None = Field(None, ge=0, le=2, description="default temperature; a request may override")
+    max_tokens: int = Field(1024, ge=1, description="default max_tokens; a request may override")
+    seed: int | None = Field(None, description="sent as `seed` when set (best-effort determinism)")
+    # Batch API
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="requests per batch file (API limit)")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="bytes per batch file (API limit 200 MB)")
+    batch_poll_s: float = Field(30.0, gt=0, description="seconds between batch status polls")
+    batch_completion_window: str = Field("24h", description="completion_window sent with each batch")
+    batch_retry_failed_online: bool = Field(
+        True, description="items a batch failed or expired are retried online; otherwise recorded as failures"
+    )
+
+
+class Price(_Frozen):
+    """USD per million tokens. ``batch_discount`` is the fraction of the price paid in Batch API mode."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    batch_discount: float = Field(0.5, gt=0, le=1)
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o-2024-08-06": Price(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4o": Price(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4o-2024-11-20": Price(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
+}
+
+
+class BreakerSettings(_Frozen):
+    """When to stop a stage instead of retrying into a dead endpoint."""
+
+    consecutive_failures: int = Field(
+        25, ge=1, description="failed attempts in a row (5xx, timeouts, connection errors, 4xx) that open it"
+    )
+
+
+class LLMSettings(_Frozen):
+    """The run config's ``llm:`` section."""
+
+    endpoints: dict[str, EndpointSettings] = Field(default_factory=lambda: {"gpt4o": EndpointSettings()})
+    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    cache: bool = Field(True, description="persistent request cache under the run's cache folder")
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+
+    def endpoint(self, name: str) -> EndpointSettings:
+        try:
+            return self.endpoints[name]
+        except KeyError:
+            raise KeyError(
+                f"no LLM endpoint named {name!r} in the config's llm.endpoints; "
+                f"defined: {', '.join(sorted(self.endpoints)) or '(none)'}"
+            ) from None

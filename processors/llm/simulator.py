@@ -1,0 +1,166 @@
+"""An OpenAI-compatible HTTP server (aiohttp) for tests, benchmarks and ``--dry-run``, with faults on demand.
+
+Endpoints: ``POST /v1/chat/completions``; ``POST /v1/files``, ``GET /v1/files/{id}[/content]``;
+``POST /v1/batches``, ``GET /v1/batches/{id}`` (see ``sim_batches``); ``GET /_sim/stats`` and
+``POST /_sim/reset`` for the counters. Start it in-process with ``SimulatorThread`` (``sim_thread``) or from
+the command line with ``taskgalaxy simulate-api`` (``sim_thread.add_arguments`` / ``main_from_args``).
+
+Order of checks per chat request: auth (401) -> RPM window (429 with the time until a slot frees) ->
+latency -> scheduled or random fault -> reply. Headers (and so the API key) are never logged or counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import random
+import time
+
+from aiohttp import web
+
+from builder.ids import fingerprint
+from processors.llm import sim_batches
+from processors.llm.sim_core import SimStats, SimulatorOptions, Window, completion
+from processors.llm import sim_responders
+
+logger = logging.getLogger(__name__)
+
+KEY_HEADER = "X-Request-Key"
+STATE = web.AppKey("sim_state", object)
+
+
+class SimState:
+    def __init__(self, options: SimulatorOptions):
+        self.options = options
+        self.responders = sim_responders.resolve(sim_responders.RESPONDERS)  # read at start: tests may swap it
+        self.rng = random.Random(options.seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats = SimStats()
+        self.accepted = Window()
+        self.arrivals = Window()
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _retry_headers(options: SimulatorOptions, seconds: float) -> dict[str, str]:
+    if options.retry_after_format == "date":
+        return {"Retry-After": email.utils.formatdate(time.time() + seconds, usegmt=True)}
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(int(seconds * 1000))}
+
+
+def _pick_fault(state: SimState, key: str) -> str | None:
+    options = state.options
+    if options.fail_kind and state.stats.per_key[key] <= options.fail_first:
+        return options.fail_kind
+    roll = state.rng.random()
+    for kind, rate in (("429", options.rate_429), ("500", options.rate_5xx), ("timeout", options.rate_timeout),
+                       ("drop", options.rate_drop), ("malformed", options.rate_malformed),
+                       ("length", options.rate_length), ("bad_body", options.rate_bad_body)):
+        if roll < rate:
+            return kind
+        roll -= rate
+    return None
+
+
+def _authorised(request: web.Request, options: SimulatorOptions) -> bool:
+    given = request.headers.get("Authorization", "")
+    if options.api_key is None:
+        return True
+    return given == f"Bearer {options.api_key}"
+
+
+def _rate_window(state: SimState, now: float) -> float | None:
+    """Count the arrival; None if admitted, else seconds until the window has room again."""
+    state.stats.arrivals_peak_1s = max(state.stats.arrivals_peak_1s, state.arrivals.count(now) + 1)
+    state.arrivals.times.append(now)
+    limit = state.options.rpm_limit
+    in_window = state.accepted.count(now)
+    if limit is not None and in_window >= max(1, limit // 60):
+        return max(0.001, state.accepted.times[0] + 1.0 - now)
+    state.accepted.times.append(now)
+    state.stats.accepted_peak_1s = max(state.stats.accepted_peak_1s, in_window + 1)
+    return None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state: SimState = request.app[STATE]
+    options, stats = state.options, state.stats
+    raw = await request.read()
+    now = time.monotonic()
+    stats.received += 1
+    stats.first_at = stats.first_at or time.time()
+    stats.last_at = time.time()
+    if not _authorised(request, options):
+        stats.outcomes["401"] += 1
+        return _error(401, "Incorrect API key provided.", "invalid_request_error")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        stats.outcomes["400"] += 1
+        return _error(400, "'messages' must be a list of message objects", "invalid_request_error")
+    key = request.headers.get(KEY_HEADER) or fingerprint(body)
+    stats.per_key[key] += 1
+    wait = _rate_window(state, now)
+    if wait is not None:
+        stats.outcomes["429_rpm"] += 1
+        return _error(429, "Rate limit reached for requests per minute.", "requests", _retry_headers(options, wait))
+    fault = _pick_fault(state, key)
+    latency = max(0.0, state.rng.gauss(options.latency_ms, options.jitter_ms)) / 1000 if options.latency_ms else 0
+    if latency:
+        await asyncio.sleep(latency)
+    return await _answer(request, state, body, key, fault)
+
+
+async def _answer(request: web.Request, state: SimState, body: dict, key: str, fault: str | None):
+    options, stats = state.options, state.stats
+    stats.outcomes[fault or "ok"] += 1
+    if fault == "429":
+        headers = _retry_headers(options, options.retry_after_s)
+        return _error(429, "Rate limit reached (simulated).", "requests", headers)
+    if fault == "500":
+        status = state.rng.choice((500, 502, 503))
+        return _error(status, "The server had an error (simulated).", "server_error")
+    if fault == "timeout":
+        await asyncio.sleep(options.hang_s)
+    if fault == "drop":
+        if request.transport is not None:
+            request.transport.abort()  # the client sees the connection close with no reply
+        return web.Response(status=500)  # never written: aiohttp drops it quietly on a closed transport
+    if fault == "bad_body":
+        return web.Response(text="<html>502 Bad Gateway</html>", content_type="application/json")
+    if fault not in ("malformed", "length"):
+        stats.ok_per_key[key] += 1
+    return web.json_response(completion(body, state.responders, options.seed, fault))
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    state: SimState = request.app[STATE]
+    return web.json_response({"stats": state.stats.as_dict(), "options": state.options.as_dict()})
+
+
+async def reset_handler(request: web.Request) -> web.Response:
+    request.app[STATE].reset()
+    return web.json_response({"reset": True})
+
+
+def make_app(options: SimulatorOptions) -> web.Application:
+    app = web.Application(client_max_size=512 * 1024 * 1024)
+    app[STATE] = SimState(options)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/_sim/stats", stats_handler)
+    app.router.add_post("/_sim/reset", reset_handler)
+    sim_batches.add_routes(app, STATE)
+    return app

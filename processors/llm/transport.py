@@ -1,0 +1,141 @@
+"""Sending one chat completion: a lean aiohttp client or the openai SDK, both raising ``AttemptError``.
+
+The SDK (``AsyncOpenAI`` on ``DefaultAioHttpClient``) costs ~1 ms of CPU per request in request building and
+response validation; the lean path posts the JSON body and reads the JSON reply, which is what lets one
+process drive thousands of requests per second. Both send the same body, so replies and cache keys agree.
+Each request carries ``X-Request-Key`` (the cache key, not a secret) so a server or proxy can count
+requests per key; the simulator does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+import aiohttp
+
+from processors.llm import errors
+from processors.llm import request as rq
+
+logger = logging.getLogger(__name__)
+
+KEY_HEADER = "X-Request-Key"
+
+
+class Secret:
+    """An API key that does not print: ``repr``/``str`` show ``***``; only ``reveal()`` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def reveal(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # never pickled along into a Ray worker or a file
+        raise TypeError("an API key is not picklable; read it from the environment in the worker")
+
+
+class Transport(Protocol):
+    async def __aenter__(self) -> "Transport": ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
+    async def chat(self, body: dict[str, Any], key: str) -> dict[str, Any]: ...
+
+
+def bad_body(text: str) -> errors.AttemptError:
+    return errors.AttemptError(rq.API_ERROR, f"reply body is not a chat completion: {text[:200]!r}",
+                               retryable=True, breaker=True, what="malformed reply body")
+
+
+class AiohttpTransport:
+    def __init__(self, base_url: str, api_key: Secret, *, timeout_s: float, max_connections: int):
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._key = api_key
+        self._timeout_s = timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "AiohttpTransport":
+        headers = {"Content-Type": "application/json"}
+        if self._key.reveal():
+            headers["Authorization"] = f"Bearer {self._key.reveal()}"
+        connector = aiohttp.TCPConnector(limit=self._max_connections + 8, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def chat(self, body: dict[str, Any], key: str) -> dict[str, Any]:
+        assert self._session is not None, "use the transport as an async context manager"
+        try:
+            async with self._session.post(self._url, data=json.dumps(body), headers={KEY_HEADER: key}) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise errors.from_status(resp.status, raw.decode("utf-8", "replace"), resp.headers)
+        except TimeoutError:
+            raise errors.timeout_error(self._timeout_s) from None
+        except aiohttp.ClientError as exc:
+            raise errors.connection_error(exc) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise bad_body(raw.decode("utf-8", "replace")) from None
+
+
+class OpenAITransport:
+    """The same request through ``openai.AsyncOpenAI`` with its aiohttp transport and its retries off."""
+
+    def __init__(self, base_url: str, api_key: Secret, *, timeout_s: float, max_connections: int):
+        self._base_url, self._key, self._timeout_s = base_url, api_key, timeout_s
+        self._client: Any = None
+
+    async def __aenter__(self) -> "OpenAITransport":
+        self._client = make_sdk_client(self._base_url, self._key, self._timeout_s)
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            await self._client.__aexit__(*exc_info)
+
+    async def chat(self, body: dict[str, Any], key: str) -> dict[str, Any]:
+        import openai
+
+        rest = {k: v for k, v in body.items() if k not in ("model", "messages")}
+        try:
+            completion = await self._client.chat.completions.create(
+                model=body["model"], messages=body["messages"], extra_body=rest, extra_headers={KEY_HEADER: key}
+            )
+        except openai.APIStatusError as exc:
+            raise errors.from_status(exc.status_code, exc.response.text, exc.response.headers) from None
+        except openai.APITimeoutError:
+            raise errors.timeout_error(self._timeout_s) from None
+        except openai.APIConnectionError as exc:
+            raise errors.connection_error(exc) from None
+        except (openai.APIError, ValueError) as exc:  # a 200 whose body is not a chat completion
+            raise bad_body(str(exc)) from None
+        return completion.model_dump()
+
+
+def make_sdk_client(base_url: str, api_key: Secret, timeout_s: float) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(
+        base_url=base_url, api_key=api_key.reveal() or "EMPTY", max_retries=0, timeout=timeout_s,
+        http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
+    )
+
+
+def make_transport(kind: str, base_url: str, api_key: Secret, *, timeout_s: float, max_connections: int) -> Transport:
+    cls = AiohttpTransport if kind == "aiohttp" else OpenAITransport
+    return cls(base_url, api_key, timeout_s=timeout_s, max_connections=max_connections)

@@ -1,0 +1,58 @@
+"""The circuit breaker stops a dead endpoint with a clear message; the API key never leaks anywhere."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from llm_helpers import KEY_ENV, TEST_KEY, json_requests, make_ctx, fast_settings
+
+from processors.llm import CircuitOpenError, MissingApiKeyError, run_requests
+from processors.llm.api import Connection
+from processors.llm.transport import Secret
+
+
+def test_breaker_trips_with_a_clear_message_when_everything_fails(simulator, ctx_for):
+    sim = simulator(rate_5xx=1.0)
+    ctx = ctx_for(sim, breaker=10, max_retries=50)
+    with pytest.raises(CircuitOpenError) as caught:
+        run_requests(json_requests(20), endpoint="sim", ctx=ctx)
+    message = str(caught.value)
+    assert "LLM endpoint 'sim'" in message and sim.base_url in message
+    assert "failed 10 attempts in a row" in message and "HTTP 50" in message
+    assert "rerun" in message and KEY_ENV in message
+    received = sim.stats()["received"]
+    assert received < 60  # stopped, did not spin through 20 x 51 attempts
+
+
+def test_missing_key_env_var_is_named(simulator, tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    sim = simulator()
+    ctx = make_ctx(tmp_path / "run", fast_settings(sim.base_url))
+    with pytest.raises(MissingApiKeyError, match=KEY_ENV):
+        run_requests(json_requests(1), endpoint="sim", ctx=ctx)
+    assert sim.stats()["received"] == 0
+
+
+def _files_containing(folder, needle: bytes) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_api_key_appears_in_no_file_log_message_or_repr(simulator, ctx_for, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    sim = simulator(api_key=TEST_KEY, rate_5xx=0.2, rate_malformed=0.2, seed=3)
+    ctx = ctx_for(sim, max_retries=6)
+    results = run_requests(json_requests(30), endpoint="sim", ctx=ctx)
+    assert sum(r.ok for r in results) >= 25
+    batch_ctx = ctx_for(sim, mode="batch")
+    assert all(r.ok for r in run_requests(json_requests(5, prefix="b"), endpoint="sim", ctx=batch_ctx))
+    # a wrong key: every request gets 401 (and the server echoes nothing of ours), the breaker opens
+    wrong = simulator(api_key="sk-some-other-key")
+    with pytest.raises(CircuitOpenError) as caught:
+        run_requests(json_requests(30, prefix="w"), endpoint="sim", ctx=ctx_for(wrong, breaker=5))
+    assert "HTTP 401" in str(caught.value)
+    texts = [str(caught.value), caplog.text, repr(Secret(TEST_KEY)), repr(Connection("u", Secret(TEST_KEY))),
+             repr(ctx.usage), repr(results)]
+    assert not [t for t in texts if TEST_KEY in t]
+    assert _files_containing(tmp_path, TEST_KEY.encode()) == []
+    assert any(tmp_path.rglob("*.sqlite"))  # the grep did look at the cache
