@@ -62,6 +62,15 @@ class EndpointSettings(_Frozen):
     )
 
 
+    def output_parts(self) -> dict:
+        """The settings that change what the model answers (part of calling stages' fingerprints); speed,
+        limits, retries and online/batch mode do not, so tuning them never re-runs a stage."""
+        return self.model_dump(mode="json", include={
+            "model", "image_max_side", "image_detail", "image_format", "supports_json_schema", "temperature",
+            "max_tokens", "seed",
+        })
+
+
 class Price(_Frozen):
     """USD per million tokens. ``batch_discount`` is the fraction of the price paid in Batch API mode."""
 
@@ -94,6 +103,10 @@ class LLMSettings(_Frozen):
     cache: bool = Field(True, description="persistent request cache under the run's cache folder")
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
+    def endpoint_parts(self, name: str) -> dict:
+        """``output_parts`` of the endpoint called ``name`` (an unknown name is reported by ``endpoint``)."""
+        return self.endpoint(name).output_parts()
+
     def endpoint(self, name: str) -> EndpointSettings:
         try:
             return self.endpoints[name]
@@ -102,3 +115,15 @@ class LLMSettings(_Frozen):
                 f"no LLM endpoint named {name!r} in the config's llm.endpoints; "
                 f"defined: {', '.join(sorted(self.endpoints)) or '(none)'}"
             ) from None
+
+
+def endpoint_parts(run_settings: object, name: str, *, key: str) -> dict:
+    """``output_parts`` of endpoint ``name`` in a run config's ``llm`` section (defaults when it has none).
+
+    An unknown name is a config error naming ``key`` (the config key that named the endpoint)."""
+    llm = getattr(run_settings, "llm", None)
+    llm = llm if isinstance(llm, LLMSettings) else LLMSettings()
+    if name not in llm.endpoints:
+        raise ValueError(f"{key}: no LLM endpoint named {name!r} in llm.endpoints; "
+                         f"defined: {', '.join(sorted(llm.endpoints)) or '(none)'}")
+    return llm.endpoint_parts(name)

@@ -37,6 +37,7 @@ RESPONDERS: list[Responder | str] = [
     # one line per pipeline step, first match wins, e.g. "processors.taxonomy_prompts:SIM_RESPONDER",
     "processors.taxonomy.simulate:SIM_RESPONDER",
     "processors.filter.simulate:SIM_RESPONDER",
+    "processors.referees.simulate:SIM_RESPONDER",
     "processors.qa.simulate:SIM_RESPONDER",
 ]
 

@@ -1,0 +1,79 @@
+"""Named referees: the paper's three (served by vLLM, so they point at the endpoint backend) and a few
+HF-native VLMs the local transformers backend runs directly, plus the offline ``tiny-random-llava``.
+
+A preset fills the settings a user leaves out; anything set explicitly in ``RefereeSettings`` wins.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RefereePreset(BaseModel):
+    """What one referee model needs beyond the common settings.
+
+    ``served_model_name`` is the ``model`` field sent to an endpoint (vLLM's ``--served-model-name``);
+    ``mm_processor_kwargs`` are passed per request to vLLM (InternVL's tile cap ``max_dynamic_patch``);
+    ``system_prompt`` is prepended as a system turn for models whose chat template expects one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    backend: Literal["local", "endpoint"]
+    model_id: str
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+    mm_processor_kwargs: dict[str, int | bool] = Field(default_factory=dict)
+    system_prompt: str | None = None
+    max_side: int | None = None
+    notes: str = ""
+
+
+PRESETS: dict[str, RefereePreset] = {
+    p.name: p
+    for p in (
+        # The paper's referees. vLLM serves them (docs/referees.md has the commands); max_tokens=1 + logprobs.
+        RefereePreset(
+            name="glm-4v-9b", backend="endpoint", model_id="THUDM/glm-4v-9b", served_model_name="glm-4v-9b",
+            trust_remote_code=True, max_side=1120,
+            notes="vLLM needs hf_overrides={'architectures': ['GLM4VForCausalLM']}; one image per prompt; "
+            "the image is resized to 1120x1120 whatever its size, so downscale before sending.",
+        ),
+        RefereePreset(
+            name="internvl-chat-v1.5", backend="endpoint", model_id="OpenGVLab/InternVL-Chat-V1-5",
+            served_model_name="internvl-chat-v1.5", trust_remote_code=True,
+            mm_processor_kwargs={"max_dynamic_patch": 6}, max_side=1344,
+            notes="InternVL2 model class in vLLM; 448px tiles dominate the cost, capped by max_dynamic_patch.",
+        ),
+        RefereePreset(
+            name="internvl2-26b", backend="endpoint", model_id="OpenGVLab/InternVL2-26B",
+            served_model_name="internvl2-26b", trust_remote_code=True,
+            mm_processor_kwargs={"max_dynamic_patch": 6}, max_side=1344,
+            notes="Same tiling as InternVL-Chat-V1.5; needs 2 GPUs of 80 GB or tensor parallelism in bf16.",
+        ),
+        # HF-native VLMs with chat templates for the local backend.
+        RefereePreset(name="llava-1.5-7b", backend="local", model_id="llava-hf/llava-1.5-7b-hf", max_side=672),
+        RefereePreset(
+            name="qwen2-vl-2b", backend="local", model_id="Qwen/Qwen2-VL-2B-Instruct", max_side=768,
+            notes="Dynamic resolution: max_side bounds the visual tokens; runs the plain (no prefix reuse) path.",
+        ),
+        RefereePreset(
+            name="smolvlm-instruct", backend="local", model_id="HuggingFaceTB/SmolVLM-Instruct", max_side=768,
+        ),
+        RefereePreset(
+            name="tiny-random-llava", backend="local", model_id="tiny-random-llava",
+            notes="Random weights built from configs in memory (processors.referees.tiny): tests and the demo.",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> RefereePreset:
+    """The preset called ``name``; ``KeyError`` names the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown referee preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,139 @@
+"""Stage ``score`` (step 5, referees): every configured referee votes 0/1 on each (image, task type, question).
+
+Each referee scores the whole batch (grouped by image inside the backend); votes are joined back to the QA
+rows by ``qa_id`` through a dict (a hash join: O(n), unlike the original's nested loop over a non-unique
+key). A vote a referee could not give follows ``missing_vote``:
+
+- ``fail``: the QA leaves as a failure ``vote_missing`` naming the referee and its error (the default:
+  nothing is decided on partial evidence);
+- ``zero``: the missing vote counts as 0;
+- ``abstain``: it counts as nothing (the total is the sum of the votes that were cast).
+
+Under ``zero``/``abstain`` the referee's name is listed in the row's ``missing`` column: explicit, never silent.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from builder.rows import BatchOutput
+from builder.stage import Stage, StageConfig
+from processors.referees.protocol import RefereeItem
+from processors.referees.settings import RefereeSettings
+
+QA_COLUMNS = ("qa_id", "image_id", "task_type", "question", "answer")
+PAPER_REFEREES = [
+    RefereeSettings(name="glm4v_9b", preset="glm-4v-9b"),
+    RefereeSettings(name="internvl_chat_v15", preset="internvl-chat-v1.5"),
+    RefereeSettings(name="internvl2_26b", preset="internvl2-26b"),
+]
+
+
+class ScoreConfig(StageConfig):
+    referees: list[RefereeSettings] = Field(default_factory=lambda: list(PAPER_REFEREES), min_length=1)
+    missing_vote: Literal["fail", "zero", "abstain"] = "fail"
+
+    @field_validator("referees")
+    @classmethod
+    def _unique_names(cls, referees: list[RefereeSettings]) -> list[RefereeSettings]:
+        names = [r.name for r in referees]
+        if len(set(names)) != len(names):
+            raise ValueError(f"referee names must be unique, got {names}")
+        return referees
+
+
+class ScoreStage(Stage):
+    name = "score"
+    Config = ScoreConfig
+    key = "qa_id"
+    upstream = "qa"
+    side_inputs = ("images",)
+    batch_size = 256
+
+    def input_key(self, config: ScoreConfig) -> str:
+        return "qa_id"
+
+    def fingerprint_parts(self, config: ScoreConfig) -> dict:
+        return {"referees": [r.fingerprint_parts() for r in config.referees]}
+
+    def settings_parts(self, config: ScoreConfig, settings) -> dict:
+        from processors.llm.settings import endpoint_parts
+        from processors.referees.endpoint import endpoint_names
+
+        return {
+            r.name: [endpoint_parts(settings, n, key=f"stages.score.referees[{r.name}].endpoint")
+                     for n in endpoint_names(r)]
+            for r in config.referees if r.resolved_preset().backend == "endpoint"
+        }
+
+    def features(self, config: ScoreConfig):
+        import datasets
+
+        names = [r.name for r in config.referees]
+        return datasets.Features(
+            {
+                **{column: datasets.Value("string") for column in QA_COLUMNS},
+                "votes": {name: datasets.Value("int8") for name in names},
+                "p_yes": {name: datasets.Value("float32") for name in names},
+                "total": datasets.Value("int32"),
+                "missing": datasets.List(datasets.Value("string")),
+            }
+        )
+
+    def make_batch_fn(self, config: ScoreConfig, ctx):
+        from loaders.images.paths import load_roots, resolve_image_path
+        from processors.referees.factory import build_referee
+        from processors.referees.endpoint import endpoint_factory
+
+        images = ctx.load_stage("images")
+        path_of = dict(zip(images["image_id"], images["path"]))
+        roots = load_roots(ctx.run_dir)
+        referees = [build_referee(s, endpoint_factory=endpoint_factory(ctx)) for s in config.referees]
+        columns = list(self.features(config))
+
+        def score(batch: dict[str, list]) -> dict[str, list]:
+            items = [
+                RefereeItem(
+                    qa_id=qa_id,
+                    image_path=str(resolve_image_path(ctx.run_dir, path_of[batch["image_id"][i]], roots)),
+                    task_type=batch["task_type"][i],
+                    question=batch["question"][i],
+                    answer=batch["answer"][i],
+                )
+                for i, qa_id in enumerate(batch["qa_id"])
+            ]
+            ballots = {}
+            for settings, referee in zip(config.referees, referees):
+                shown = items if settings.see_answer else [_without_answer(item) for item in items]
+                ballots[settings.name] = {vote.qa_id: vote for vote in referee.score(shown)}
+            return _join(batch, ballots, config.missing_vote, columns)
+
+        return score
+
+
+def _without_answer(item: RefereeItem) -> RefereeItem:
+    return RefereeItem(item.qa_id, item.image_path, item.task_type, item.question, None)
+
+
+def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns: list[str]) -> dict[str, list]:
+    out = BatchOutput(columns)
+    for i, qa_id in enumerate(batch["qa_id"]):
+        votes, p_yes, missing, errors = {}, {}, [], []
+        for name, by_qa in ballots.items():
+            vote = by_qa.get(qa_id)
+            if vote is None or not vote.ok:
+                missing.append(name)
+                errors.append(f"{name}: {vote.error if vote else 'no vote returned'}"
+                              f"{f' ({vote.detail})' if vote and vote.detail else ''}")
+                votes[name], p_yes[name] = (0 if policy == "zero" else None), None
+            else:
+                votes[name], p_yes[name] = vote.vote, vote.p_yes
+        if missing and policy == "fail":
+            out.fail(qa_id, "vote_missing", "; ".join(errors))
+            continue
+        row = {column: batch[column][i] for column in QA_COLUMNS}
+        total = sum(v for v in votes.values() if v is not None)
+        out.add(qa_id, {**row, "votes": votes, "p_yes": p_yes, "total": total, "missing": missing})
+    return out.to_columns()

@@ -1,0 +1,59 @@
+"""Referee votes joined by qa_id under each missing-vote policy, and the final selection by threshold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from builder.rows import FAILURE_REASON
+from processors.referees.endpoint import digit_probabilities
+from processors.referees.protocol import Vote
+from processors.stages.score import _join
+
+COLUMNS = ["qa_id", "image_id", "task_type", "question", "answer", "votes", "p_yes", "total", "missing"]
+BATCH = {
+    "qa_id": ["q1", "q2", "q3"],
+    "image_id": ["i1", "i1", "i2"],
+    "task_type": ["A~B", "A~C", "D~E"],
+    "question": ["Q1?", "Q2?", "Q3?"],
+    "answer": ["a1", "a2", "a3"],
+}
+
+
+def _ballots(missing_q3: bool) -> dict:
+    first = {q: Vote(q, 1, 0.9) for q in ("q1", "q2", "q3")}
+    second = {"q1": Vote("q1", 0, 0.2), "q2": Vote("q2", 1, 0.7)}
+    second["q3"] = Vote("q3", None, None, error="api_error", detail="HTTP 500") if missing_q3 else Vote("q3", 1, 0.6)
+    return {"first": first, "second": dict(reversed(list(second.items())))}  # order must not matter: a hash join
+
+
+def _rows(columns: dict) -> dict:
+    return {
+        key: {c: columns[c][i] for c in COLUMNS} | {"reason": columns[FAILURE_REASON][i]}
+        for i, key in enumerate(columns["__source_key"])
+    }
+
+
+def test_votes_join_by_qa_id_not_by_position():
+    rows = _rows(_join(BATCH, _ballots(False), "fail", COLUMNS))
+    assert rows["q1"]["votes"] == {"first": 1, "second": 0} and rows["q1"]["total"] == 1
+    assert rows["q2"]["p_yes"] == {"first": 0.9, "second": 0.7} and rows["q2"]["total"] == 2
+    assert rows["q3"]["total"] == 2 and rows["q3"]["missing"] == []
+
+
+@pytest.mark.parametrize("policy, total, reason", [("fail", None, "vote_missing"), ("zero", 1, None), ("abstain", 1, None)])
+def test_missing_vote_policies_are_explicit(policy, total, reason):
+    q3 = _rows(_join(BATCH, _ballots(True), policy, COLUMNS))["q3"]
+    assert q3["reason"] == reason
+    if reason is None:
+        assert q3["total"] == total and q3["missing"] == ["second"]
+        assert q3["votes"]["second"] == (0 if policy == "zero" else None)
+
+
+def test_p_yes_from_logprobs_sums_every_spelling_of_each_digit():
+    top = [{"token": " 1", "logprob": math.log(0.5)}, {"token": "1", "logprob": math.log(0.1)},
+           {"token": "0", "logprob": math.log(0.2)}, {"token": "maybe", "logprob": math.log(0.2)}]
+    p0, p1 = digit_probabilities([{"token": " 1", "logprob": math.log(0.5), "top_logprobs": top}])
+    assert p0 == pytest.approx(0.2) and p1 == pytest.approx(0.6)
+    assert digit_probabilities([{"token": "x", "logprob": 0.0, "top_logprobs": [{"token": "x", "logprob": 0.0}]}]) is None
