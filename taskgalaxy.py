@@ -7,7 +7,8 @@
       builder.download_and_prepare()
       ds = builder.as_dataset(split="train")
 
-- ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``, ``export``, ``push``; ``--help``).
+- ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``, ``estimate``, ``export``, ``push``,
+  ``simulate-api``; see ``taskgalaxy --help``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from builder.outputs import StageNotReadyError
+    from builder.session import default_run_dir, load_run_config
+    from processors.estimate import Assumptions, estimate, format_estimate
+
+    config = load_run_config(args.config)
+    images = args.images
+    if images is None:
+        try:
+            images = len(load_stage_output(default_run_dir(config, dry_run=False), "images"))
+        except StageNotReadyError:
+            print("error: say how many images to expect with --images N (or run the images stage first: "
+                  f"taskgalaxy run {args.config} --stages images)", file=sys.stderr)
+            return 2
+    assumptions = Assumptions(images=images, kept_per_image=args.kept_per_image, filter_pass=args.filter_pass)
+    print(format_estimate(estimate(config, assumptions), assumptions))
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from processors.llm.sim_thread import main_from_args
+
+    return main_from_args(args)
+
+
 def _image_resolver(run_dir: Path):
     from loaders.images.paths import load_roots, resolve_image_path
 
@@ -144,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
 
+    estimate = verbs.add_parser("estimate", help="project requests, tokens and $ of CONFIG before spending")
+    estimate.add_argument("config")
+    estimate.add_argument("--images", type=int, help="images to expect (default: the finished images stage's count)")
+    estimate.add_argument("--kept-per-image", type=float, default=2.5, help="task types the filter keeps per image")
+    estimate.add_argument("--filter-pass", type=float, default=0.85, help="share of images keeping >= 1 task type")
+    estimate.set_defaults(func=_cmd_estimate)
+
+    simulate = verbs.add_parser("simulate-api", help="serve the OpenAI-compatible simulator (tests, benchmarks)")
+    from processors.llm.sim_thread import add_arguments
+
+    add_arguments(simulate)
+    simulate.set_defaults(func=_cmd_simulate)
+
     export = verbs.add_parser("export", help="write the final samples as LLaVA JSON with an image folder")
     export.add_argument("run_dir")
     export.add_argument("--llava", required=True, metavar="OUT.json")
@@ -171,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     from builder.runfolder import RunLockedError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our packages log at INFO; libraries (open_clip logs on the root logger) only at WARNING unless -v.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("taskgalaxy", "builder", "loaders", "processors"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return args.func(args)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from builder import runfolder as rf
 from builder.accounting import FAILURE_SCHEMA, split_shard
-from builder.config import dump_config, dump_yaml
+from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, read_arrow_table, write_arrow_table
 from builder.ids import fingerprint
 from builder.outputs import load_stage_output
@@ -66,12 +66,16 @@ class Runner:
             if missing:
                 raise ValueError(f"stage {stage.name!r} reads {missing}, which do not come before it")
             config = self.stage_config(stage)
+            try:
+                shared = stage.settings_parts(config, self.config)
+            except (KeyError, ValueError) as exc:  # e.g. a stage naming an endpoint the config lacks
+                raise ConfigError(f"config error: {exc.args[0] if exc.args else exc}") from None
             prints[stage.name] = fingerprint(
                 stage.name,
                 {n: prints[n] for n in self.reads(stage)},
                 dump_config(config),
                 stage.fingerprint_parts(config),
-                stage.settings_parts(config, self.config),
+                shared,
                 {"dry_run": self.dry_run},
             )
         return prints

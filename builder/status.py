@@ -25,6 +25,7 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "rows_in": state.get("rows_in", 0),
             "rows_processed": totals["rows_in"],
             "rows_out": totals["rows_out"],
+            "inputs_with_output": totals["inputs_with_output"],
             "failed": sum(totals["failed"].values()),
             "failures_by_reason": totals["failed"],
             "item_failures_by_reason": totals["item_failures"],

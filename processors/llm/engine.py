@@ -21,7 +21,7 @@ from processors.llm.cache import RequestCache
 from processors.llm.errors import AttemptError, redact
 from processors.llm.limits import Admission
 from processors.llm.prepare import Prepared
-from processors.llm.request import RATE_LIMITED, LLMResult, Usage
+from processors.llm.request import RATE_LIMITED, TRUNCATED, UNPARSABLE, LLMResult, Usage
 from processors.llm.settings import EndpointSettings
 from processors.llm.transport import Transport
 
@@ -62,10 +62,15 @@ class OnlineEngine:
         )
 
     def backoff(self, failed_attempts: int, exc: BaseException | None) -> float:
-        """Retry-After when the server gave one (capped), else exponential backoff with equal jitter."""
+        """Retry-After when the server gave one (capped), else exponential backoff with equal jitter.
+
+        A bad reply from a healthy server (unparsable, cut by max_tokens) is asked again at once: waiting
+        helps an overloaded server, not a model that wrote broken JSON."""
         cap = self.endpoint.backoff_max_s
         if isinstance(exc, AttemptError) and exc.retry_after is not None:
             return min(cap, exc.retry_after) * random.uniform(1.0, 1.1)
+        if isinstance(exc, AttemptError) and exc.reason in (UNPARSABLE, TRUNCATED):
+            return 0.0
         base = min(cap, self.endpoint.backoff_initial_s * 2 ** (failed_attempts - 1))
         return base / 2 + random.uniform(0, base / 2)
 

@@ -37,6 +37,11 @@ class QAStage(Stage):
     def input_key(self, config: QAConfig) -> str:
         return "image_id"
 
+    def settings_parts(self, config, settings) -> dict:
+        from processors.llm.settings import endpoint_parts
+
+        return {"endpoint": endpoint_parts(settings, config.endpoint, key=f"stages.{self.name}.endpoint")}
+
     def fingerprint_parts(self, config: QAConfig) -> dict:
         return {"prompt_version": PROMPT_VERSION, "repair_version": REPAIR_VERSION,
                 "validate_version": VALIDATE_VERSION}

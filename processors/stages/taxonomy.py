@@ -107,6 +107,11 @@ class TaxonomyStage(Stage):
              "origin": string, "round": int32}
         )
 
+    def settings_parts(self, config, settings) -> dict:
+        from processors.llm.settings import endpoint_parts
+
+        return {"endpoint": endpoint_parts(settings, config.endpoint, key=f"stages.{self.name}.endpoint")}
+
     def fingerprint_parts(self, config: TaxonomyConfig) -> dict:
         from processors.taxonomy.dedup import MODEL_ID
         from processors.taxonomy.parse import PARSER_VERSION

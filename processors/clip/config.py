@@ -1,0 +1,29 @@
+"""The match stage's config: which CLIP, where it runs, how images and task types are batched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from builder.stage import StageConfig
+
+
+class ClipMatchConfig(StageConfig):
+    """Keys of ``stages.match``. ``None`` for batch_size/num_workers means: pick for the device."""
+
+    model: str = Field("ViT-L-14-quickgelu", min_length=1,
+                       description="open_clip architecture; tg-tiny-clip is a tiny random one for tests/demo")
+    pretrained: str | None = Field("openai", description="open_clip weight tag or checkpoint file; null = random")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda if visible")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on a GPU, fp32 on the CPU")
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass; default 256 GPU, 32 CPU")
+    num_workers: int | None = Field(None, ge=0, description="decode+preprocess processes; 0 = main process")
+    top_k: int = Field(10, ge=1, description="candidates kept per image (paper: 10; released code: 5)")
+    text_batch_size: int = Field(256, ge=1, description="task texts per forward pass when embedding them")
+    score_chunk: int = Field(65536, ge=1, description="task types per similarity matmul (bounds its memory)")
+    task_types: Literal["leaves", "all"] = Field(
+        "leaves", description="match against leaf paths only (the paper's tasktype.txt) or every node")
+    decode_max_side: int | None = Field(
+        None, ge=64, description="decode JPEGs at reduced scale down to this longest side (faster, not exact)")

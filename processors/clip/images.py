@@ -1,0 +1,169 @@
+"""Images in, CLIP-ready tensors out: a DataLoader whose worker processes decode and preprocess.
+
+Every image is opened with ``processors.imageio.open_rgb`` (the one way all steps read pixels). A file that
+cannot be read does not fail its batch: the worker returns an ``ImageError`` in its place and the collate
+function carries it beside the stacked tensors, so the caller fails that row only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from processors.imageio import ImageTooLargeError, open_rgb
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Centre-cropping the original to this aspect ratio before "resize short side + centre crop" leaves the
+# result unchanged (the crop keeps far more than the final square and its resampling margin) but bounds the
+# intermediate image: a 1x20000 strip would otherwise be resized to 224x4,480,000 pixels.
+MAX_ASPECT = 3.0
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """Why one image has no tensor: a failure reason code and a short detail."""
+
+    reason: str  # image_missing | image_too_large | image_corrupt
+    detail: str
+
+
+@dataclass
+class ImageBatch:
+    """What the collate function returns: tensors for the good images, errors for the others.
+
+    ``indices[i]`` is the position (in the list given to ``make_loader``) of ``pixels[i]``; ``errors`` maps
+    positions of unreadable images to why.
+    """
+
+    indices: list[int]
+    pixels: "torch.Tensor | None"
+    errors: dict[int, ImageError] = field(default_factory=dict)
+
+    def pin_memory(self) -> "ImageBatch":
+        """Called by the DataLoader's pin-memory thread (GPU only) so host-to-device copies can overlap."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def crop_extreme_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Centre crop so that long side <= ``max_aspect`` x short side; other images are returned as they are."""
+    width, height = image.size
+    short = min(width, height)
+    limit = max(1, int(short * max_aspect))
+    if max(width, height) <= limit:
+        return image
+    if width > height:
+        left = (width - limit) // 2
+        return image.crop((left, 0, left + limit, height))
+    top = (height - limit) // 2
+    return image.crop((0, top, width, top + limit))
+
+
+def classify_error(exc: BaseException) -> ImageError:
+    """Map an exception from opening/decoding an image to a failure reason code."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError("image_missing", f"no such file: {exc.filename}")
+    if isinstance(exc, (ImageTooLargeError, Image.DecompressionBombError)):
+        return ImageError("image_too_large", str(exc))
+    return ImageError("image_corrupt", f"{type(exc).__name__}: {exc}")
+
+
+# What decoding a hostile or broken file can raise in PIL (SyntaxError: some broken PNG/GIF headers).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class SplitPreprocess:
+    """open_clip's eval transform cut in two: geometry (resize, crop) on PIL in the workers, and the
+    to-float + normalise tail done on the device. Workers then ship uint8 tensors, 4x fewer bytes through
+    shared memory and pinned copies than float32, and the arithmetic is the same as ``ToTensor`` +
+    ``Normalize`` (x / 255, then (x - mean) / std, in float32)."""
+
+    geometry: Callable  # PIL image -> PIL image
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_uint8(self, image: Image.Image) -> "torch.Tensor":
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.asarray(self.geometry(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """uint8 [n, 3, H, W] (on any device) -> the float32 tensor the full transform would have made."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def split_preprocess(preprocess: Callable) -> SplitPreprocess | None:
+    """Split a ``Compose([...geometry, ToTensor, Normalize])``; None when the transform is shaped otherwise."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", ()))
+    if len(steps) < 3 or not isinstance(steps[-1], T.Normalize) or not isinstance(steps[-2], T.ToTensor):
+        return None
+    normalize = steps[-1]
+    return SplitPreprocess(T.Compose(steps[:-2]), tuple(normalize.mean), tuple(normalize.std))
+
+
+class ImageFiles:
+    """A map-style dataset over image paths: item i -> (i, CHW tensor or ImageError).
+
+    With a ``SplitPreprocess`` the tensors are uint8 (normalise them with its ``normalize``), with a plain
+    transform whatever it returns.
+
+    ``guard_aspect`` applies ``crop_extreme_aspect`` first; only correct for preprocessors that resize the
+    short side and centre-crop a square (open_clip's default "shortest" mode).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], preprocess: "Callable | SplitPreprocess", *,
+                 max_side: int | None = None, guard_aspect: bool = True):
+        self.paths = [str(p) for p in paths]
+        self.preprocess = preprocess.to_uint8 if isinstance(preprocess, SplitPreprocess) else preprocess
+        self.max_side = max_side
+        self.guard_aspect = guard_aspect
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        try:
+            image = open_rgb(self.paths[index], max_side=self.max_side)
+            if self.guard_aspect:
+                image = crop_extreme_aspect(image)
+            return index, self.preprocess(image)
+        except DECODE_ERRORS as exc:
+            return index, classify_error(exc)
+
+
+def collate(items: list[tuple[int, Any]]) -> ImageBatch:
+    """Stack the tensors of the readable images; keep the errors of the others by position."""
+    import torch
+
+    good = [(i, x) for i, x in items if not isinstance(x, ImageError)]
+    errors = {i: x for i, x in items if isinstance(x, ImageError)}
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return ImageBatch([i for i, _ in good], pixels, errors)
+
+
+def make_loader(dataset: ImageFiles, *, batch_size: int, num_workers: int, pin_memory: bool = False,
+                prefetch_factor: int = 4) -> "torch.utils.data.DataLoader":
+    """Ordered batches of ``dataset``; with ``num_workers`` > 0 decode+preprocess run in worker processes."""
+    from torch.utils.data import DataLoader
+
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=pin_memory, **extra)

@@ -1,0 +1,103 @@
+"""Step 3a, ``match``: every image gets its top-k task types by CLIP cosine similarity (no threshold).
+
+Input rows are the ``images`` stage's; the task types come from the ``taxonomy`` stage (a side input, so a
+changed taxonomy re-runs this stage). The whole shard goes to one batch-function call (``batch_size=None``)
+so one DataLoader streams it. An unreadable image fails its row only (``image_missing``, ``image_corrupt``,
+``image_too_large``); every other row gets ``candidates`` sorted by score, best first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder.ids import canonical_json
+from builder.rows import BatchOutput
+from builder.stage import BatchFn, Stage, StageContext
+from processors.clip.config import ClipMatchConfig
+
+if TYPE_CHECKING:
+    import datasets
+
+    from processors.clip.matcher import ClipMatcher
+
+logger = logging.getLogger(__name__)
+
+# Bump when the way candidates are computed changes (the text template has its own version).
+MATCH_VERSION = "1"
+COLUMNS = ("image_id", "candidates")
+
+_MATCHERS: dict[str, "ClipMatcher"] = {}
+_LOCK = threading.Lock()
+
+
+def get_matcher(config: ClipMatchConfig, cache_dir: Path) -> "ClipMatcher":
+    """One matcher per (config, cache folder) per process: the model and text bank survive across shards."""
+    from processors.clip.matcher import ClipMatcher
+
+    key = canonical_json([config.model_dump(mode="json"), str(cache_dir)])
+    with _LOCK:
+        if key not in _MATCHERS:
+            _MATCHERS.clear()  # a new config replaces the old one: never hold two large models
+            _MATCHERS[key] = ClipMatcher(config, cache_dir)
+        return _MATCHERS[key]
+
+
+class Match(Stage):
+    name = "match"
+    Config = ClipMatchConfig
+    key = "image_id"
+    upstream = "images"
+    side_inputs = ("taxonomy",)
+    batch_size = None
+
+    def input_key(self, config: ClipMatchConfig) -> str:
+        return "image_id"
+
+    def features(self, config: ClipMatchConfig) -> "datasets.Features":
+        import datasets
+
+        candidate = {
+            "task_type": datasets.Value("string"),
+            "task_id": datasets.Value("string"),
+            "score": datasets.Value("float32"),
+        }
+        return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
+
+    def fingerprint_parts(self, config: ClipMatchConfig) -> dict:
+        from processors.clip.text import TEXT_TEMPLATE_VERSION
+
+        return {"match_version": MATCH_VERSION, "text_template": TEXT_TEMPLATE_VERSION}
+
+    def make_batch_fn(self, config: ClipMatchConfig, ctx: StageContext) -> BatchFn:
+        from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path
+
+        matcher = get_matcher(config, ctx.cache_dir)
+        roots = load_roots(ctx.run_dir)
+
+        def fn(batch: dict[str, list]) -> dict[str, list]:
+            taxonomy = ctx.load_stage("taxonomy")
+            matcher.set_tasks(*matcher.select_tasks(taxonomy["task_id"], taxonomy["path"]))
+            ids = batch["image_id"]
+            out = BatchOutput(COLUMNS)
+            paths, positions = [], []
+            for index, row_path in enumerate(batch["path"]):
+                try:
+                    paths.append(resolve_image_path(ctx.run_dir, row_path, roots))
+                    positions.append(index)
+                except PathEscapeError as exc:
+                    out.fail(ids[index], "path_escape", str(exc))
+            encoded = 0
+            for position, result in matcher.match(paths):
+                index = positions[position]
+                if isinstance(result, list):
+                    out.add(ids[index], {"image_id": ids[index], "candidates": result})
+                    encoded += 1
+                else:
+                    out.fail(ids[index], result.reason, result.detail)
+            ctx.add_usage(clip_images=encoded)
+            return out.to_columns()
+
+        return fn

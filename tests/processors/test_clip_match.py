@@ -1,0 +1,170 @@
+"""CLIP matching against brute-force references: top-k, true cosine, the DataLoader path, bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from processors.clip.config import ClipMatchConfig
+from processors.clip.images import ImageError, crop_extreme_aspect, split_preprocess
+from processors.clip.matcher import ClipMatcher
+from processors.clip.text import normalize_rows, task_text
+from processors.clip.topk import topk_cosine
+from processors.imageio import open_rgb
+
+TASKS = [f"Area {a}~Skill {a}.{b}~Leaf {a}.{b}.{c}" for a in range(3) for b in range(4) for c in range(5)]
+TASK_IDS = [f"t{i:03d}" for i in range(len(TASKS))]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def tiny(**overrides) -> ClipMatchConfig:
+    values = dict(model="tg-tiny-clip", pretrained=None, device="cpu", batch_size=3, num_workers=0, top_k=5)
+    return ClipMatchConfig(**{**values, **overrides})
+
+
+def draw_images(folder, count: int, size=(64, 48)) -> list:
+    """Distinct pictures: coloured background, a rectangle and an ellipse placed by a seeded generator."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+        draw.rectangle([x, y, x + size[0] // 3, y + size[1] // 3], fill=fill)
+        draw.ellipse([size[0] // 2, 5, size[0] - 2, size[1] - 5], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        path = folder / f"img{i:02d}.{'png' if i % 2 else 'jpg'}"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def reference_topk(matcher: ClipMatcher, image_paths, task_paths, k):
+    """Brute force in numpy from the raw (unnormalised) model outputs, each vector normalised on its own."""
+    import torch
+
+    clip = matcher.clip
+    with torch.inference_mode():
+        pixels = torch.stack([clip.preprocess(open_rgb(p)) for p in image_paths])
+        images = clip.model.encode_image(pixels).numpy().astype(np.float64)
+        texts = clip.model.encode_text(clip.tokenizer([task_text(p) for p in task_paths])).numpy().astype(np.float64)
+    cosine = np.array([[a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for b in texts] for a in images])
+    order = np.argsort(-cosine, axis=1, kind="stable")[:, :k]
+    return cosine, order
+
+
+def run_match(matcher, paths) -> dict:
+    return dict(matcher.match(paths))
+
+
+def test_topk_equals_numpy_reference_and_scores_are_cosines(tmp_path):
+    paths = draw_images(tmp_path, 7)
+    matcher = ClipMatcher(tiny(top_k=5), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    results = run_match(matcher, paths)
+    cosine, order = reference_topk(matcher, paths, TASKS, 5)
+    assert sorted(results) == list(range(7))
+    for i in range(7):
+        got = results[i]
+        assert [c["task_id"] for c in got] == [TASK_IDS[j] for j in order[i]]
+        assert [c["task_type"] for c in got] == [TASKS[j] for j in order[i]]
+        np.testing.assert_allclose([c["score"] for c in got], cosine[i, order[i]], atol=1e-5)
+        assert all(a["score"] >= b["score"] for a, b in zip(got, got[1:]))
+
+
+def test_scores_do_not_depend_on_other_task_types(tmp_path):
+    """Regression for the released code's axis bug: per-dimension normalisation across the task list made a
+    task's score change when other task types were added or rescaled."""
+    paths = draw_images(tmp_path, 4)
+    matcher = ClipMatcher(tiny(top_k=len(TASKS)), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS[:20], TASKS[:20])
+    small = {i: {c["task_id"]: c["score"] for c in cands} for i, cands in run_match(matcher, paths).items()}
+    matcher.set_tasks(TASK_IDS, TASKS)
+    full = {i: {c["task_id"]: c["score"] for c in cands} for i, cands in run_match(matcher, paths).items()}
+    for i in small:
+        for task_id, score in small[i].items():
+            assert full[i][task_id] == pytest.approx(score, abs=1e-6)
+
+
+def test_scaling_one_vector_leaves_every_score_unchanged():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    texts, images = torch.randn(50, 16, generator=generator), torch.randn(6, 16, generator=generator)
+    scaled = texts.clone()
+    scaled[7] *= 13.0
+    base_scores, base_index = topk_cosine(normalize_rows(images), normalize_rows(texts), k=50)
+    new_scores, new_index = topk_cosine(normalize_rows(images), normalize_rows(scaled), k=50)
+    assert torch.equal(base_index, new_index)
+    torch.testing.assert_close(base_scores, new_scores)
+    expected = torch.nn.functional.cosine_similarity(images[:, None, :], texts[None, :, :], dim=-1)
+    torch.testing.assert_close(base_scores, expected.gather(1, base_index), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_topk_equals_one_shot(chunk):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    texts = normalize_rows(torch.randn(300, 8, generator=generator))
+    images = normalize_rows(torch.randn(5, 8, generator=generator))
+    scores, index = topk_cosine(images, texts, k=10, chunk_size=chunk)
+    expected = (images @ texts.T).topk(10, dim=1)
+    assert torch.equal(index, expected.indices)
+    torch.testing.assert_close(scores, expected.values)
+    assert topk_cosine(images, texts[:3], k=10)[0].shape == (5, 3)  # k larger than the bank: all of it
+
+
+def test_dataloader_with_workers_and_bad_images_fail_only_their_rows(tmp_path):
+    paths = draw_images(tmp_path, 8)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:40])  # truncated JPEG header
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a picture")
+    paths = paths[:3] + [broken] + paths[3:6] + [tmp_path / "missing.jpg", not_image] + paths[6:]
+    serial = ClipMatcher(tiny(num_workers=0), tmp_path / "cache")
+    serial.set_tasks(TASK_IDS, TASKS)
+    parallel = ClipMatcher(tiny(num_workers=2), tmp_path / "cache")
+    parallel.set_tasks(TASK_IDS, TASKS)
+    expected, got = run_match(serial, paths), run_match(parallel, paths)
+    assert sorted(got) == list(range(len(paths)))
+    bad = {i: r for i, r in got.items() if isinstance(r, ImageError)}
+    assert {i: r.reason for i, r in bad.items()} == {3: "image_corrupt", 7: "image_missing", 8: "image_corrupt"}
+    for i, result in got.items():
+        if i not in bad:
+            assert [c["task_id"] for c in result] == [c["task_id"] for c in expected[i]]
+            np.testing.assert_allclose([c["score"] for c in result], [c["score"] for c in expected[i]], atol=1e-6)
+
+
+def test_aspect_guard_keeps_pixels_and_bounds_strips(tmp_path):
+    from processors.clip.models import load_clip
+
+    preprocess = load_clip("tg-tiny-clip", None, "cpu", "fp32").preprocess
+    rng = np.random.default_rng(3)
+    tall = Image.fromarray(rng.integers(0, 255, (500, 100, 3), dtype=np.uint8))
+    cropped = crop_extreme_aspect(tall)
+    assert cropped.size == (100, 300)
+    np.testing.assert_allclose(preprocess(cropped).numpy(), preprocess(tall).numpy(), atol=1e-5)
+    strip = Image.new("RGB", (20000, 1), (10, 200, 30))
+    assert crop_extreme_aspect(strip).size == (3, 1)
+    assert tuple(preprocess(crop_extreme_aspect(strip)).shape) == (3, 32, 32)
+
+
+def test_uint8_worker_tensors_normalise_to_the_full_transform(tmp_path):
+    import torch
+
+    from processors.clip.models import load_clip
+
+    preprocess = load_clip("tg-tiny-clip", None, "cpu", "fp32").preprocess
+    split = split_preprocess(preprocess)
+    image = open_rgb(draw_images(tmp_path, 1, size=(90, 50))[0])
+    small = split.to_uint8(image)
+    assert small.dtype == torch.uint8 and tuple(small.shape) == (3, 32, 32)
+    torch.testing.assert_close(split.normalize(small[None])[0], preprocess(image), atol=0, rtol=0)
+    assert split_preprocess(lambda image: image) is None
