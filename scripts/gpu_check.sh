@@ -39,7 +39,16 @@ section_clip() {
   return "$status"
 }
 
-SECTIONS=(clip)
+section_referee() {
+  # Issue 8: a realistic-size random-weight Llava in bf16; the original protocol (one generate per sample,
+  # image re-encoded each time) against ours (batched, one prefix per image). Goal: speedup >= 10.
+  timeout 300 "$PY" scripts/gpu_referee_check.py 2>&1 | tee "$RESULTS/referee.log"
+  local status=${PIPESTATUS[0]}
+  tail -n 1 "$RESULTS/referee.log" > "$RESULTS/referee.txt"
+  return "$status"
+}
+
+SECTIONS=(clip referee)
 
 main() {
   local started failed=() name names=("$@")

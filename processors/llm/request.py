@@ -86,3 +86,10 @@ class LLMResult:
     logprobs: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     attempts: int = 0
+
+    def failure(self, *, shown_chars: int = 300) -> tuple[str, str]:
+        """(reason, detail) for a failure row: the engine's detail plus the start of the last reply, if any."""
+        detail = self.detail or ""
+        if self.raw_text:
+            detail = f"{detail}; last reply: {self.raw_text[:shown_chars]!r}"
+        return self.reason or API_ERROR, detail

@@ -126,10 +126,7 @@ def record(out: BatchOutput, job: Job, result: LLMResult, config: QAConfig, mode
     """Rows and failures of one image from its engine result."""
     image_id = job.image_id
     if not result.ok:
-        detail = result.detail or ""
-        if result.raw_text:
-            detail = f"{detail}; last reply: {result.raw_text[:RAW_TEXT_SHOWN]!r}"
-        out.fail(image_id, result.reason or "api_error", detail)
+        out.fail(image_id, *result.failure(shown_chars=RAW_TEXT_SHOWN))
         return
     accepted, rejected = validate_items(result.value, job.task_types, config)
     version = (job.answered_by or job.request).prompt_version

@@ -89,10 +89,7 @@ class FilterStage(Stage):
 def _record(out: BatchOutput, result, candidates: list[str]) -> None:
     image_id = result.key
     if not result.ok:
-        detail = result.detail or ""
-        if result.raw_text:
-            detail = f"{detail}; reply: {result.raw_text[:300]!r}"
-        out.fail(image_id, result.reason or "api_error", detail)
+        out.fail(image_id, *result.failure())
         return
     kept, rejected = match_labels(result.value, CandidateIndex(candidates))
     for label in rejected:
