@@ -25,5 +25,6 @@ class ClipMatchConfig(StageConfig):
     score_chunk: int = Field(65536, ge=1, description="task types per similarity matmul (bounds its memory)")
     task_types: Literal["leaves", "all"] = Field(
         "leaves", description="match against leaf paths only (the paper's tasktype.txt) or every node")
-    decode_max_side: int | None = Field(
-        None, ge=64, description="decode JPEGs at reduced scale down to this longest side (faster, not exact)")
+    fast_decode: bool = Field(
+        True, description="decode JPEGs at the smallest DCT scale that still covers the model's input size "
+        "(2-3x less decode and resize work; pixels differ slightly from a full-size decode)")

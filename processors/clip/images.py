@@ -130,10 +130,10 @@ class ImageFiles:
     """
 
     def __init__(self, paths: Sequence[str | Path], preprocess: "Callable | SplitPreprocess", *,
-                 max_side: int | None = None, guard_aspect: bool = True):
+                 min_side: int | None = None, guard_aspect: bool = True):
         self.paths = [str(p) for p in paths]
         self.preprocess = preprocess.to_uint8 if isinstance(preprocess, SplitPreprocess) else preprocess
-        self.max_side = max_side
+        self.min_side = min_side
         self.guard_aspect = guard_aspect
 
     def __len__(self) -> int:
@@ -141,7 +141,7 @@ class ImageFiles:
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         try:
-            image = open_rgb(self.paths[index], max_side=self.max_side)
+            image = open_rgb(self.paths[index], min_side=self.min_side)
             if self.guard_aspect:
                 image = crop_extreme_aspect(image)
             return index, self.preprocess(image)

@@ -102,7 +102,8 @@ class ClipMatcher:
         batch_size = c.batch_size or default_batch_size(clip.device)
         workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
         workers = min(workers, math.ceil(len(image_paths) / batch_size))
-        dataset = ImageFiles(image_paths, self._split or clip.preprocess, max_side=c.decode_max_side,
+        dataset = ImageFiles(image_paths, self._split or clip.preprocess,
+                             min_side=clip.input_side if c.fast_decode else None,
                              guard_aspect=clip.resize_mode == "shortest")
         loader = make_loader(dataset, batch_size=batch_size, num_workers=workers,
                              pin_memory=clip.device.type == "cuda")

@@ -53,6 +53,7 @@ class LoadedClip:
     device: "torch.device"
     precision: str  # "fp32" | "bf16" | "fp16"
     resize_mode: str  # open_clip preprocess resize mode ("shortest" = resize short side, then centre crop)
+    input_side: int  # the square the model takes (224 for ViT-L/14): decoding never needs more
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16/fp16 autocast on the model's device; a no-op context for fp32."""
@@ -151,7 +152,9 @@ def _build(name: str, pretrained: str | None, device: str, precision: str) -> Lo
             ) from exc
         raise
     model.eval()
-    resize_mode = open_clip.get_model_preprocess_cfg(model).get("resize_mode") or "shortest"
+    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
+    size = preprocess_cfg.get("size", 224)
     return LoadedClip(
         name=name,
         pretrained=pretrained,
@@ -161,4 +164,5 @@ def _build(name: str, pretrained: str | None, device: str, precision: str) -> Lo
         device=torch.device(device),
         precision=precision,
         resize_mode=resize_mode,
+        input_side=max(size) if isinstance(size, (tuple, list)) else int(size),
     )
