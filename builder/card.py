@@ -6,7 +6,6 @@ from pathlib import Path
 
 import yaml
 
-from builder import runfolder as rf
 
 STAGE_TEXT = {
     "taxonomy": "the task-type tree (one row per task type; leaves are the task types)",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
 
-from builder.stage import Stage, StageConfig
+from builder.stage import Stage
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from builder import runfolder as rf
 from builder.accounting import FAILURE_SCHEMA, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
-from builder.engine import LocalEngine, read_arrow_table, write_arrow_table
+from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
 from builder.outputs import load_stage_output
 from builder.stage import Stage, StageContext

@@ -132,3 +132,57 @@ class ToyFinal(Stage):
 
 
 TOY_STAGES = [Numbers(), Square(), ToyFinal()]
+
+
+def copy_rows(columns, key):
+    """A batch function that passes rows through unchanged (for test stages standing in for real ones)."""
+
+    def fn(batch):
+        out = BatchOutput(list(columns))
+        for i, row_key in enumerate(batch[key]):
+            out.add(row_key, {c: batch[c][i] for c in columns})
+        return out.to_columns()
+
+    return fn
+
+
+class ToyImagesConfig(StageConfig):
+    folder: str = ""
+
+
+class ToyImages(Stage):
+    """Stands in for the images stage: every file of ``folder`` as a row shaped like the real stage's,
+    with the path ``toy/<file>`` under an image root ``toy`` written to ``image_roots.json``."""
+
+    name = "images"
+    Config = ToyImagesConfig
+    key = "image_id"
+    COLUMNS = ("image_id", "path", "width", "height", "format", "source", "url")
+
+    def input_key(self, config):
+        return "image_id"
+
+    def source_rows(self, config, ctx):
+        from pathlib import Path
+
+        from builder.ids import bytes_id
+
+        rows = [{"image_id": bytes_id(f.read_bytes()), "path": f"toy/{f.name}", "width": 0, "height": 0,
+                 "format": f.suffix[1:], "source": "toy", "url": ""} for f in sorted(Path(config.folder).iterdir())]
+        return datasets.Dataset.from_list(rows, features=self.features(config))
+
+    def features(self, config):
+        v = datasets.Value
+        return datasets.Features({"image_id": v("string"), "path": v("string"), "width": v("int32"),
+                                  "height": v("int32"), "format": v("string"), "source": v("string"),
+                                  "url": v("string")})
+
+    def make_batch_fn(self, config, ctx):
+        return copy_rows(self.COLUMNS, "image_id")
+
+    def finalize(self, config, ctx, output):
+        from pathlib import Path
+
+        from loaders.images.paths import ROOTS_FILE, write_roots
+
+        write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, {"toy": Path(config.folder)})

@@ -16,6 +16,8 @@ FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 EMPTY = re.compile(r"^\s*(none|null|\[\s*\]|no (task types? )?(fit|match|apply)\w*|none of (them|the above))\W*$", re.I)
 CURLY = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'"})
 BRACKETS = re.compile(r"\[(.*)\]", re.S)
+LIST_MARK = re.compile(r"^(?:[-*•]|\d+[.)])\s*")
+LIST_ENTRY = re.compile(r"^(?:[-*•]|\d+[.)])\s*\S|^[^~\n]+(?:\s*[~∼〜～]\s*[^~\n]+)+$")
 
 
 def parse_labels(text: str) -> list[str]:
@@ -29,9 +31,11 @@ def parse_labels(text: str) -> list[str]:
     if match:
         inner = match.group(1).strip()
         return [] if not inner else _split_items(inner)
-    lines = [line.strip(" -*•\t") for line in body.splitlines() if line.strip(" -*•\t")]
-    if 1 <= len(lines) <= 50 and all(len(line) <= 200 for line in lines):
-        return [re.sub(r"^\d+[.)]\s*", "", line) for line in lines]
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    # One label per line only when every line looks like a list entry (a bullet, a number or a path with
+    # `~`): a sentence of prose ("I cannot help with that.") is not a label, it is a reply to ask again.
+    if 1 <= len(lines) <= 50 and all(len(line) <= 200 and LIST_ENTRY.match(line) for line in lines):
+        return [LIST_MARK.sub("", line) for line in lines]
     raise ValueError(f"not a list of task types: {body[:120]!r}")
 
 

@@ -36,7 +36,8 @@ def test_reply_forms(reply, kept, rejected):
     assert match_labels(parse_labels(reply), INDEX) == (kept, rejected)
 
 
-@pytest.mark.parametrize("reply", ['{"answer": 3}', '{"task_types": "Counting"}', "x" * 300])
+@pytest.mark.parametrize("reply", ['{"answer": 3}', '{"task_types": "Counting"}', "x" * 300,
+                                   "I cannot help with that.", "Sure! Here you go:\nCounting and art"])
 def test_unusable_replies_raise_so_the_engine_retries(reply):
     with pytest.raises(ValueError):
         parse_labels(reply)

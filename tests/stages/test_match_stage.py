@@ -6,16 +6,15 @@ from pathlib import Path
 
 import datasets
 import pytest
+from toy_stages import ToyImages, copy_rows
 
-from loaders.images.paths import ROOTS_FILE, write_roots
 from PIL import Image, ImageDraw
 from pydantic import Field
 
 import processors.clip.text as text_module
 from builder.config import build_config_model, validate_config
-from builder.ids import bytes_id, text_id
+from builder.ids import text_id
 from builder.outputs import load_stage_failures, load_stage_output
-from builder.rows import BatchOutput
 from builder.runner import Runner
 from builder.stage import Stage, StageConfig
 from processors.stages.match import Match
@@ -49,50 +48,7 @@ class ToyTaxonomy(Stage):
                                   "round": v("int32")})
 
     def make_batch_fn(self, config, ctx):
-        return _copy_rows(self.COLUMNS, "task_id")
-
-
-class ToyImagesConfig(StageConfig):
-    folder: str = ""
-
-
-class ToyImages(Stage):
-    """Rows shaped like the real images stage's: every file of a folder, as ``toy/<file>`` under root ``toy``."""
-
-    name, Config, key = "images", ToyImagesConfig, "image_id"
-    COLUMNS = ("image_id", "path", "width", "height", "format", "source", "url")
-
-    def input_key(self, config):
-        return "image_id"
-
-    def source_rows(self, config, ctx):
-        rows = []
-        for file in sorted(Path(config.folder).iterdir()):
-            rows.append({"image_id": bytes_id(file.read_bytes()), "path": f"toy/{file.name}", "width": 0, "height": 0,
-                         "format": file.suffix[1:], "source": "toy", "url": ""})
-        return datasets.Dataset.from_list(rows, features=self.features(config))
-
-    def features(self, config):
-        v = datasets.Value
-        return datasets.Features({"image_id": v("string"), "path": v("string"), "width": v("int32"),
-                                  "height": v("int32"), "format": v("string"), "source": v("string"),
-                                  "url": v("string")})
-
-    def make_batch_fn(self, config, ctx):
-        return _copy_rows(self.COLUMNS, "image_id")
-
-    def finalize(self, config, ctx, output):
-        write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, {"toy": Path(config.folder)})
-
-
-def _copy_rows(columns, key):
-    def fn(batch):
-        out = BatchOutput(columns)
-        for i, row_key in enumerate(batch[key]):
-            out.add(row_key, {c: batch[c][i] for c in columns})
-        return out.to_columns()
-
-    return fn
+        return copy_rows(self.COLUMNS, "task_id")
 
 
 STAGES = [ToyTaxonomy(), ToyImages(), Match()]

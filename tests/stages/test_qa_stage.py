@@ -15,10 +15,8 @@ import processors.llm.api as llm_api
 from builder.config import ConfigError, build_config_model, validate_config
 from builder.ids import bytes_id, text_id
 from builder.outputs import load_stage_failures, load_stage_output
-from builder.rows import BatchOutput
 from builder.runner import Runner, StageError
 from builder.stage import Stage, StageConfig
-from loaders.images.paths import ROOTS_FILE, write_roots
 from processors.llm import sim_responders
 from processors.llm.settings import LLMSettings
 from processors.llm.sim_core import SimulatorOptions
@@ -27,6 +25,7 @@ from processors.llm.sim_thread import SimulatorThread
 from processors.qa import simulate
 from processors.qa.prompt import REPAIR_MARKER
 from processors.stages.qa import QAStage
+from toy_stages import ToyImages, copy_rows
 
 TYPE_SETS = [
     ["OCR~Scene text~Street sign reading", "Counting~Animals", "Spatial reasoning~Relative position",
@@ -35,33 +34,6 @@ TYPE_SETS = [
     ["Objects~Vehicles~Car colour", "OCR~Menus~Prices", "Scenes~Indoor~Room type"],
 ]
 UNKNOWN_IMAGE = "f" * 32
-
-
-class ToyImagesConfig(StageConfig):
-    folder: str = ""
-
-
-class ToyImages(Stage):
-    """Rows shaped like the images stage's (the columns qa reads), plus its image_roots.json."""
-
-    name, Config, key = "images", ToyImagesConfig, "image_id"
-
-    def input_key(self, config):
-        return "image_id"
-
-    def source_rows(self, config, ctx):
-        rows = [{"image_id": bytes_id(f.read_bytes()), "path": f"toy/{f.name}"}
-                for f in sorted(Path(config.folder).iterdir())]
-        return datasets.Dataset.from_list(rows, features=self.features(config))
-
-    def features(self, config):
-        return datasets.Features({"image_id": datasets.Value("string"), "path": datasets.Value("string")})
-
-    def make_batch_fn(self, config, ctx):
-        return _copy(("image_id", "path"))
-
-    def finalize(self, config, ctx, output):
-        write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, {"toy": Path(config.folder)})
 
 
 class ToyFilterConfig(StageConfig):
@@ -91,17 +63,7 @@ class ToyFilter(Stage):
                                   "task_types": datasets.List(datasets.Value("string"))})
 
     def make_batch_fn(self, config, ctx):
-        return _copy(("image_id", "task_types"))
-
-
-def _copy(columns):
-    def fn(batch):
-        out = BatchOutput(columns)
-        for i, key in enumerate(batch["image_id"]):
-            out.add(key, {c: batch[c][i] for c in columns})
-        return out.to_columns()
-
-    return fn
+        return copy_rows(("image_id", "task_types"), "image_id")
 
 
 STAGES = [ToyImages(), ToyFilter(), QAStage()]

@@ -1,0 +1,104 @@
+"""The filter stage through the runner against the simulator: kept labels, invented ones, None, bad replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from builder.config import build_config_model, validate_config
+from builder.outputs import load_stage_failures, load_stage_output
+from builder.runner import Runner
+from builder.stage import Stage, StageConfig
+from processors.filter.prompt import MARKER
+from processors.llm import sim_responders
+from processors.llm.settings import LLMSettings
+from processors.llm.sim_responders import Responder, message_text
+from processors.llm.sim_thread import SimulatorThread
+from processors.stages.filter import FilterStage
+from toy_stages import ToyImages, copy_rows
+
+CANDIDATES = ["OCR~Scene text~Street signs", "Counting~Animals", "Charts, tables~Reading values", "Art~Style"]
+# What the scripted model answers, by image colour index: kept subsets, an invented label, none, garbage.
+REPLIES = [
+    json.dumps({"task_types": ["Counting~Animals", "Art~Style"]}),
+    "[OCR~Scene text~Street signs, Charts, tables~Reading values]",
+    json.dumps({"task_types": ["Counting~Animals", "Cooking~Recipes"]}),
+    "None",
+    "I cannot help with that.",
+]
+
+
+class ToyMatch(Stage):
+    """Stands in for the match stage: every image gets the same four candidates."""
+
+    name, Config, key, upstream, batch_size = "match", StageConfig, "image_id", "images", 64
+
+    def input_key(self, config):
+        return "image_id"
+
+    def features(self, config):
+        candidate = {"task_type": datasets.Value("string"), "task_id": datasets.Value("string"),
+                     "score": datasets.Value("float32")}
+        return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
+
+    def make_batch_fn(self, config, ctx):
+        def fn(batch):
+            rows = {"image_id": batch["image_id"],
+                    "candidates": [[{"task_type": c, "task_id": c, "score": 0.5} for c in CANDIDATES]] * len(batch["image_id"])}
+            return copy_rows(("image_id", "candidates"), "image_id")(rows)
+
+        return fn
+
+
+
+@pytest.fixture
+def pictures(tmp_path) -> Path:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(len(REPLIES)):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(folder / f"pic{i}.png")
+    return folder
+
+
+def test_filter_keeps_real_candidates_and_accounts_for_the_rest(tmp_path, pictures, monkeypatch):
+    # Each image gets the next scripted reply the first time it is seen, and the same one when asked again.
+    order = iter(range(len(REPLIES)))
+    replies_by_image: dict[str, str] = {}
+
+    def respond(messages, rng):
+        image = json.dumps(messages[1]["content"][0], sort_keys=True)  # the image part identifies the image
+        if image not in replies_by_image:
+            replies_by_image[image] = REPLIES[next(order)]
+        return replies_by_image[image]
+
+    monkeypatch.setattr(sim_responders, "RESPONDERS",
+                        [Responder("scripted-filter", lambda m: MARKER in message_text(m), respond)])
+    stages = [ToyImages(), ToyMatch(), FilterStage()]
+    config = validate_config({
+        "run": {"name": "f", "shard_size": 10},
+        "llm": {"endpoints": {"gpt4o": {"max_retries": 1, "backoff_initial_s": 0.01}}},
+        "stages": {"images": {"folder": str(pictures)}, "filter": {"use_json_schema": False}},
+    }, build_config_model(stages, {"llm": LLMSettings}), base_dir=tmp_path)
+    with SimulatorThread() as sim:
+        state = Runner(stages, config, tmp_path / "run", dry_run=True, progress=False,
+                       services={"llm_base_url": sim.base_url, "llm_api_key": "sk-test"}).run()["filter"]
+        received = sim.stats()["received"]
+    kept = load_stage_output(tmp_path / "run", "filter")
+    failures = load_stage_failures(tmp_path / "run", "filter")
+    by_image = {row["image_id"]: row["task_types"] for row in kept}
+    assert sorted(map(tuple, by_image.values())) == sorted([
+        ("Counting~Animals", "Art~Style"),
+        ("OCR~Scene text~Street signs", "Charts, tables~Reading values"),  # comma inside an unquoted label
+        ("Counting~Animals",),
+    ])
+    reasons = {(r["reason"], r["item"]) for r in failures}
+    assert ("label_not_in_candidates", "Cooking~Recipes") in reasons
+    assert ("no_match", None) in reasons and ("unparsable", None) in reasons
+    unparsable = [r for r in failures if r["reason"] == "unparsable"][0]
+    assert "I cannot help with that." in unparsable["detail"]  # the raw reply is kept for inspection
+    assert state["totals"]["failed"] == {"no_match": 1, "unparsable": 1}
+    assert received == len(REPLIES) + 1  # one retry for the unparsable reply, nothing else paid twice
