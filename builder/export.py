@@ -45,17 +45,24 @@ def export_llava(
     resolve_image: Callable[[str], Path],
     image_root: Path | None = None,
     copy_images: bool = False,
+    place_images: bool = True,
 ) -> ExportResult:
+    """``place_images=False`` writes the JSON only (the Hub copy, whose images travel inside Parquet)."""
     records = llava_records(run_dir)
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the final stage of {run_dir} holds duplicate ids; rerun the final stage")
     image_root = image_root or out_json.parent / "images"
     for image in sorted({r["image"] for r in records}):
-        _place_image(resolve_image(image), image_root / image, copy=copy_images)
+        source = resolve_image(image)
+        if place_images:
+            _place_image(source, image_root / image, copy=copy_images)
+        elif not source.is_file():
+            raise FileNotFoundError(f"image {source} (needed by the export) is missing; was the image root moved?")
     rf.atomic_write_bytes(out_json, json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"))
     tasktype = _copy_tasktype(run_dir, out_json.parent / "tasktype.txt")
-    logger.info("exported %d samples to %s (images under %s)", len(records), out_json, image_root)
+    logger.info("exported %d samples to %s%s", len(records), out_json,
+                f" (images under {image_root})" if place_images else "")
     return ExportResult(len(records), out_json, image_root, tasktype)
 
 

@@ -33,6 +33,7 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     states = [s for s in run_states(run_dir) if s.get("done")]
     if not states:
         raise ValueError(f"{run_dir} has no finished stage to publish; run `taskgalaxy run` first")
+    datasets.disable_progress_bars()  # to_parquet's bars, one per config, would drown the summary
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -47,9 +48,9 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     failures = datasets.concatenate_datasets([load_stage_failures(run_dir, s["stage"]) for s in states])
     configs.append({"name": "failures", "rows": len(failures), "files": _write_parquet(failures, out_dir / "failures")})
     if any(s["stage"] == "final" for s in states):
+        # the images travel embedded in the `final` config; the JSON's paths are the images stage's
         export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
-                     image_root=out_dir / "llava" / "images", copy_images=True)
-        shutil.rmtree(out_dir / "llava" / "images")  # the images travel embedded in the `final` config
+                     place_images=False)
     _copy_plots(run_dir, out_dir / "plots")
     (out_dir / "README.md").write_text(render_card(run_dir, configs, states), encoding="utf-8")
     return configs
