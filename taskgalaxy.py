@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `taskgalaxy status RUN | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

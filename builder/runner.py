@@ -73,7 +73,7 @@ class Runner:
             prints[stage.name] = fingerprint(
                 stage.name,
                 {n: prints[n] for n in self.reads(stage)},
-                dump_config(config),
+                stage.fingerprint_config(config),
                 stage.fingerprint_parts(config),
                 shared,
                 {"dry_run": self.dry_run},

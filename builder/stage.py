@@ -72,6 +72,11 @@ class Stage:
         """The function that turns a batch of input rows into ``BatchOutput.to_columns()``."""
         raise NotImplementedError
 
+    def fingerprint_config(self, config: StageConfig) -> dict[str, Any]:
+        """The part of the config that decides the output (default: all of it). Stages drop pure speed knobs
+        (batch sizes, worker counts) here, so tuning them never re-runs a finished stage."""
+        return config.model_dump(mode="json")
+
     def fingerprint_parts(self, config: StageConfig) -> dict[str, Any]:
         """What else decides the output besides the config: prompt versions, code versions, model ids."""
         return {}

@@ -66,6 +66,10 @@ class Match(Stage):
         }
         return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
 
+    def fingerprint_config(self, config: ClipMatchConfig) -> dict:
+        # Speed knobs only: the same images and task types give the same candidates whatever their values.
+        return config.model_dump(mode="json", exclude={"batch_size", "num_workers", "text_batch_size", "score_chunk"})
+
     def fingerprint_parts(self, config: ClipMatchConfig) -> dict:
         from processors.clip.text import TEXT_TEMPLATE_VERSION
 

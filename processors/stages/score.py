@@ -55,8 +55,9 @@ class ScoreStage(Stage):
     def input_key(self, config: ScoreConfig) -> str:
         return "qa_id"
 
-    def fingerprint_parts(self, config: ScoreConfig) -> dict:
-        return {"referees": [r.fingerprint_parts() for r in config.referees]}
+    def fingerprint_config(self, config: ScoreConfig) -> dict:
+        # Each referee by what changes its votes (RefereeSettings.fingerprint_parts: not batch size or device).
+        return {"referees": [r.fingerprint_parts() for r in config.referees], "missing_vote": config.missing_vote}
 
     def settings_parts(self, config: ScoreConfig, settings) -> dict:
         from processors.llm.settings import endpoint_parts

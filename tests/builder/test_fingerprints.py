@@ -75,3 +75,19 @@ def test_running_a_later_stage_alone_refuses_a_stale_input(tmp_path):
         make_runner(run, _config(log, offset=5)).run({"toyfinal"})
     make_runner(run, _config(log, offset=5)).run({"square", "toyfinal"})
     assert sorted(load_stage_output(run, "square")["square"]) == sorted(i * i + 5 for i in range(12))
+
+
+def test_speed_knobs_do_not_change_a_stage_fingerprint():
+    from processors.clip.config import ClipMatchConfig
+    from processors.stages.match import Match
+    from processors.stages.score import ScoreConfig, ScoreStage
+
+    match = Match()
+    assert match.fingerprint_config(ClipMatchConfig(batch_size=8, num_workers=0)) == \
+        match.fingerprint_config(ClipMatchConfig(batch_size=256, num_workers=8))
+    assert match.fingerprint_config(ClipMatchConfig(top_k=5)) != match.fingerprint_config(ClipMatchConfig(top_k=10))
+    score = ScoreStage()
+    fast = ScoreConfig(referees=[{"name": "a", "preset": "tiny-random-llava", "batch_size": 64}])
+    slow = ScoreConfig(referees=[{"name": "a", "preset": "tiny-random-llava", "batch_size": 2}])
+    seeing = ScoreConfig(referees=[{"name": "a", "preset": "tiny-random-llava", "see_answer": True}])
+    assert score.fingerprint_config(fast) == score.fingerprint_config(slow) != score.fingerprint_config(seeing)
