@@ -39,14 +39,14 @@ class TaskGalaxy(datasets.GeneratorBasedBuilder):
     # STAGE_NAMES); an unknown one is refused by ``stage_state`` with a message saying how to produce it.
     DEFAULT_CONFIG_NAME = "final"
 
-    def __init__(self, *args, data_dir: str | None = None, **kwargs):
+    def __init__(self, config_name: str | None = None, *, data_dir: str | None = None, **kwargs):
         if data_dir is None:
             raise ValueError("TaskGalaxy needs data_dir=<run folder>, e.g. TaskGalaxy('match', data_dir='runs/demo')")
-        name = kwargs.get("config_name") or (args[0] if args else self.DEFAULT_CONFIG_NAME)
+        name = config_name or self.DEFAULT_CONFIG_NAME
         _, state = stage_state(Path(data_dir), name)
         kwargs.setdefault("hash", state["fingerprint"])
         self._state = state
-        super().__init__(*args, data_dir=data_dir, **kwargs)
+        super().__init__(config_name=name, data_dir=data_dir, **kwargs)
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
@@ -208,6 +208,7 @@ def _stop_on_sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finishe
 def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
     from builder.runfolder import RunLockedError
+    from processors.llm.errors import MissingApiKeyError
 
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (open_clip logs on the root logger) only at WARNING unless -v.
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return args.func(args)
-    except (ConfigError, RunLockedError) as exc:
+    except (ConfigError, RunLockedError, MissingApiKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `taskgalaxy status RUN | head`: the reader left; not an error of ours

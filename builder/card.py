@@ -29,7 +29,8 @@ def _front_matter(configs: list[dict]) -> str:
         if config["name"] == "final":
             entry["default"] = True
         entries.append(entry)
-    meta = {"configs": entries, "tags": ["taskgalaxy", "multimodal", "instruction-tuning"],
+    infos = [{"config_name": c["name"], **c["info"]} for c in configs if "info" in c]
+    meta = {"configs": entries, "dataset_info": infos, "tags": ["taskgalaxy", "multimodal", "instruction-tuning"],
             "task_categories": ["visual-question-answering"]}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 

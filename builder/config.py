@@ -49,7 +49,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; default folder runs/<name>")
-    run_dir: ConfigPath | None = Field(None, description="run folder; default runs/<name> beside the config")
+    run_dir: ConfigPath | None = Field(None, description="run folder (relative to the config file); default runs/<name> in the current folder")
     shard_size: int = Field(1000, ge=1, description="input rows per shard: the unit of resume")
     engine: Literal["local"] = Field("local", description="how shards are executed")
     seed: int = Field(0, description="seed for every sampling decision, so reruns are reproducible")

@@ -7,6 +7,7 @@ dataset wherever the source images live. ``tasktype.txt`` (the taxonomy's leaves
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -67,11 +68,19 @@ def export_llava(
 
 
 def _place_image(source: Path, target: Path, *, copy: bool) -> None:
+    """Link or copy ``source`` to ``target``; never deletes a file that is not our own link or copy of it."""
     if not source.is_file():
         raise FileNotFoundError(f"image {source} (needed by the export) is missing; was the image root moved?")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
+    if target.exists() and os.path.samefile(source, target):
+        return  # the image root holds the source itself (or our link to it): nothing to do
+    if target.is_symlink():
         target.unlink()
+    elif target.exists():
+        if copy and filecmp.cmp(source, target, shallow=False):
+            return
+        raise FileExistsError(f"{target} exists and is not this export's link to {source}; "
+                              "choose an empty --image-root")
     if copy:
         shutil.copyfile(source, target)
     else:

@@ -37,6 +37,12 @@ def load_stage_output(
             f"stage {name!r} in {run_dir} was computed under another config or other inputs; "
             f"rerun it (add it to --stages) before the stages that read it"
         )
+    if require_done and stale_inputs(run_dir, state):
+        names = ", ".join(repr(n) for n in stale_inputs(run_dir, state))
+        raise StageNotReadyError(
+            f"stage {name!r} in {run_dir} was computed from an older {names} (recomputed since under a changed "
+            f"config); run `taskgalaxy run CONFIG` to bring {name!r} up to date"
+        )
     if require_done and not state.get("done"):
         raise StageNotReadyError(
             f"stage {name!r} in {run_dir} is not finished ({state.get('shards_done', 0)} of "
@@ -46,6 +52,17 @@ def load_stage_output(
         [folder / rf.shard_name(i) for i in range(state["shards_total"])],
         datasets.Features.from_dict(state["features"]),
     )
+
+
+def stale_inputs(run_dir: Path, state: dict) -> list[str]:
+    """The stages this one read whose output has changed since (their fingerprint is no longer the one read)."""
+    stale = []
+    for name, fingerprint in state.get("reads", {}).items():
+        folder = rf.find_stage_dir(Path(run_dir), name)
+        current = rf.read_json(folder / rf.STATE_FILE) if folder else None
+        if current is None or current.get("fingerprint") != fingerprint:
+            stale.append(name)
+    return stale
 
 
 def load_stage_failures(run_dir: Path, name: str) -> datasets.Dataset:

@@ -34,19 +34,16 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     if not states:
         raise ValueError(f"{run_dir} has no finished stage to publish; run `taskgalaxy run` first")
     datasets.disable_progress_bars()  # to_parquet's bars, one per config, would drown the summary
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    _clear_own_folder(out_dir)
     configs = []
     for state in states:
         name = state["stage"]
         dataset = load_stage_output(run_dir, name)
         if name in EMBED_IMAGES:
             dataset = _with_embedded_images(dataset, EMBED_IMAGES[name], resolve_image)
-        files = _write_parquet(dataset, out_dir / name)
-        configs.append({"name": name, "rows": len(dataset), "files": files, "state": state})
+        configs.append(_config_entry(name, dataset, out_dir))
     failures = datasets.concatenate_datasets([load_stage_failures(run_dir, s["stage"]) for s in states])
-    configs.append({"name": "failures", "rows": len(failures), "files": _write_parquet(failures, out_dir / "failures")})
+    configs.append(_config_entry("failures", failures, out_dir))
     if any(s["stage"] == "final" for s in states):
         # the images travel embedded in the `final` config; the JSON's paths are the images stage's
         export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
@@ -54,6 +51,20 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     _copy_plots(run_dir, out_dir / "plots")
     (out_dir / "README.md").write_text(render_card(run_dir, configs, states), encoding="utf-8")
     return configs
+
+
+MARKER = ".taskgalaxy-repo"  # marks a folder this module laid out, the only kind it will ever clear
+
+
+def _clear_own_folder(out_dir: Path) -> None:
+    """Empty ``out_dir`` for a new layout — only if it is empty or was laid out by us before."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).exists():
+            raise ValueError(f"{out_dir} exists and is not a folder written by `taskgalaxy push`; refusing to "
+                             "overwrite it: give --local-dir a new or empty folder")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
 
 
 def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image) -> datasets.Dataset:
@@ -67,6 +78,15 @@ def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image)
     from datasets.table import embed_table_storage
 
     return dataset.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+
+
+def _config_entry(name: str, dataset: datasets.Dataset, out_dir: Path) -> dict:
+    """Write one config's Parquet and describe it for the card (``dataset_info``: features and split sizes —
+    `datasets` keys its cache of a local folder on these, so a re-push to the same folder is not served stale)."""
+    files = _write_parquet(dataset, out_dir / name)
+    info = datasets.DatasetInfo(features=dataset.features, splits=datasets.SplitDict(
+        {"train": datasets.SplitInfo(name="train", num_bytes=dataset.data.nbytes, num_examples=len(dataset))}))
+    return {"name": name, "rows": len(dataset), "files": files, "info": info._to_yaml_dict()}
 
 
 def _write_parquet(dataset: datasets.Dataset, folder: Path) -> list[str]:

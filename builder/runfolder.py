@@ -75,10 +75,12 @@ def shard_name(index: int) -> str:
 
 
 def remove_temporaries(folder: Path) -> int:
-    """Delete leftovers of an interrupted write (``.tmp-*``); returns how many were removed."""
+    """Delete leftovers of an interrupted write; returns how many were removed."""
     removed = 0
     if folder.exists():
-        for leftover in folder.rglob(f"{TMP_PREFIX}*"):
+        # ours (.tmp-*), and the temporary files `Dataset.map` writes beside its cache file (tmpXXXXXXXX)
+        leftovers = [*folder.rglob(f"{TMP_PREFIX}*"), *(p for p in folder.glob("tmp*") if p.is_file())]
+        for leftover in leftovers:
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed

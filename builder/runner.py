@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ import datasets
 from tqdm import tqdm
 
 from builder import runfolder as rf
-from builder.accounting import FAILURE_SCHEMA, split_shard
+from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import load_stage_output
+from builder.outputs import load_stage_output, run_states
 from builder.stage import Stage, StageContext
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Runner:
     services: dict[str, Any] = field(default_factory=dict)
     engine: Any = field(default_factory=LocalEngine)
     progress: bool = True
+    preflight: Callable[[list[Stage]], None] | None = None  # e.g. check API keys of the stages about to run
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -92,16 +94,28 @@ class Runner:
         """Run the selected stages (default: all) under the run lock; returns each stage's state."""
         unknown = (only or set()) - set(self._by_name)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {list(self._by_name)}")
+            raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; the stages are {list(self._by_name)}")
+        selected = [stage for stage in self.stages if only is None or stage.name in only]
+        if self.preflight is not None:
+            self.preflight(selected)
         datasets.disable_progress_bars()  # one progress bar per stage: ours
         states = {}
         with rf.RunLock(self.run_dir):
+            self._refuse_mixing_dry_and_paid()
             (self.run_dir / "cache").mkdir(parents=True, exist_ok=True)
             rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config)).encode())
-            for stage in self.stages:
-                if only is None or stage.name in only:
-                    states[stage.name] = self._run_stage(stage)
+            for stage in selected:
+                states[stage.name] = self._run_stage(stage)
         return states
+
+    def _refuse_mixing_dry_and_paid(self) -> None:
+        """A dry run must never clear a paid run's stages (their fingerprints differ), nor the reverse."""
+        other = [s["stage"] for s in run_states(self.run_dir) if s.get("dry_run", self.dry_run) != self.dry_run]
+        if other:
+            kind = "a paid run" if self.dry_run else "a dry run"
+            raise ConfigError(f"run folder {self.run_dir} holds {kind} (stages {other}); "
+                              f"{'--dry-run' if self.dry_run else 'a real run'} may not overwrite it: "
+                              "pass another --run-dir")
 
     def load_stage(self, name: str) -> datasets.Dataset:
         """A finished stage's output, refusing one computed under another fingerprint (stale)."""
@@ -111,63 +125,68 @@ class Runner:
         config = self.stage_config(stage)
         folder = self.stage_dir(stage.name)
         fp = self._fingerprints[stage.name]
-        state = rf.read_json(folder / rf.STATE_FILE)
-        if state is None or state.get("fingerprint") != fp:
-            if state is not None:
-                logger.info("stage %s: config or inputs changed; recomputing it", stage.name)
-            rf.clear_stage_dir(folder)
-        elif rf.remove_temporaries(folder):
-            logger.info("stage %s: removed the half-written files of an interrupted run", stage.name)
+        previous = self._reuse_or_clear(stage.name, folder, fp)
+        if previous and previous.get("done") and all(
+                (folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
+            logger.info("stage %s: already done under this config; nothing to do", stage.name)
+            return previous
         for name in self.reads(stage):
             self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
-        ctx = StageContext(
-            run_dir=self.run_dir,
-            stage_dir=folder,
-            cache_dir=self.run_dir / "cache",
-            dry_run=self.dry_run,
-            settings=self.config,
-            load_stage=self.load_stage,
-            services=self.services,
-        )
+        ctx = StageContext(run_dir=self.run_dir, stage_dir=folder, cache_dir=self.run_dir / "cache",
+                           dry_run=self.dry_run, settings=self.config, load_stage=self.load_stage,
+                           services=self.services)
         inputs = self._inputs(stage, config, ctx, folder)
         key = stage.input_key(config)
         if key not in inputs.column_names:
             raise StageError(f"stage {stage.name!r}: its input has no key column {key!r} ({inputs.column_names})")
+        # A resumed stage keeps the shard boundaries it started with: finished shards are only valid for them.
+        shard_size = (previous or {}).get("shard_size") or self.config.run.shard_size
+        if shard_size != self.config.run.shard_size:
+            logger.info("stage %s: resuming with its original shard_size %d (the new one applies to stages that "
+                        "start afresh)", stage.name, shard_size)
         features = stage.features(config)
-        shard_count = max(1, math.ceil(len(inputs) / self.config.run.shard_size))
         base = {
-            "stage": stage.name,
-            "fingerprint": fp,
+            "stage": stage.name, "fingerprint": fp, "dry_run": self.dry_run,
             "reads": {n: self._fingerprints[n] for n in self.reads(stage)},
-            "config": dump_config(config),
-            "fingerprint_parts": stage.fingerprint_parts(config),
-            "key": stage.key,
-            "input_key": key,
-            "features": features.to_dict(),
-            "shards_total": shard_count,
-            "rows_in": len(inputs),
+            "config": dump_config(config), "fingerprint_parts": stage.fingerprint_parts(config),
+            "key": stage.key, "input_key": key, "features": features.to_dict(), "shard_size": shard_size,
+            "shards_total": max(1, math.ceil(len(inputs) / shard_size)), "rows_in": len(inputs),
         }
+        state = self._run_shards(stage, config, ctx, inputs, key, features, base)
+        if state["totals"]["rows_in"] != len(inputs):
+            raise AccountingError(
+                f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
+                f"rows; the stage folder {folder} is inconsistent: delete it and rerun to recompute the stage")
+        stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
+        return self._write_state(folder, base, done=True)
+
+    def _reuse_or_clear(self, name: str, folder: Path, fp: str) -> dict | None:
+        """The stage's previous state when it was computed under the same fingerprint; else an empty folder."""
+        state = rf.read_json(folder / rf.STATE_FILE)
+        if state is None or state.get("fingerprint") != fp:
+            if state is not None:
+                logger.info("stage %s: config or inputs changed; recomputing it", name)
+            rf.clear_stage_dir(folder)
+            return None
+        if rf.remove_temporaries(folder):
+            logger.info("stage %s: removed the half-written files of an interrupted run", name)
+        return state
+
+    def _run_shards(self, stage, config, ctx, inputs, key, features, base) -> dict:
+        folder, count = ctx.stage_dir, base["shards_total"]
         state = self._write_state(folder, base, done=False)
-        with tqdm(
-            total=len(inputs),
-            initial=state["totals"]["rows_in"],
-            desc=f"{stage.name:>8}",
-            unit="row",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        ) as bar:
+        with tqdm(total=len(inputs), initial=state["totals"]["rows_in"], desc=f"{stage.name:>8}", unit="row",
+                  disable=not self.progress, dynamic_ncols=True) as bar:
             fn = None  # built on the first shard that needs work: a finished stage loads no model
-            for index in range(shard_count):
+            for index in range(count):
                 if (folder / rf.shard_name(index)).exists():
                     continue
                 fn = fn or stage.make_batch_fn(config, ctx)
-                shard = inputs.shard(shard_count, index, contiguous=True)
-                self._run_shard(stage, fn, ctx, shard, index, key, features, fp, bar)
+                shard = inputs.shard(count, index, contiguous=True)
+                self._run_shard(stage, fn, ctx, shard, index, key, features, base["fingerprint"], bar)
                 state = self._write_state(folder, base, done=False)
                 bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
-        output = load_stage_output(self.run_dir, stage.name, require_done=False)
-        stage.finalize(config, ctx, output)
-        return self._write_state(folder, base, done=True)
+        return state
 
     def _inputs(self, stage: Stage, config, ctx: StageContext, folder: Path) -> datasets.Dataset:
         if stage.upstream:
@@ -195,9 +214,12 @@ class Runner:
                 tmp_path=tmp_map,
                 on_batch=bar.update,
             )
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if ctx.usage:  # requests paid before the stop: their answers are cached, their cost must show
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                rf.atomic_write_json(folder / "stats" / f"interrupted-{index:05d}-{stamp}.json", dict(ctx.usage))
+            if not isinstance(exc, Exception):
+                raise
             raise StageError(
                 f"stage {stage.name!r} stopped on shard {index} ({len(shard)} rows): {type(exc).__name__}: {exc}. "
                 f"Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
@@ -234,7 +256,11 @@ class Runner:
             stats = rf.read_json(folder / "stats" / f"shard-{index:05d}.json")
             if stats is not None and (folder / rf.shard_name(index)).exists():
                 shards[str(index)] = stats
-        state = {**base, "done": done, "shards_done": len(shards), "totals": _totals(shards.values())}
+        totals = _totals(shards.values())
+        for partial in sorted((folder / "stats").glob("interrupted-*.json")):  # spent by attempts that stopped
+            for name, value in rf.read_json(partial).items():
+                totals["usage"][name] = totals["usage"].get(name, 0) + value
+        state = {**base, "done": done, "shards_done": len(shards), "totals": totals}
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rf.atomic_write_json(folder / rf.STATE_FILE, state)
         return state

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -68,4 +69,7 @@ def open_run(
         stages, sections = pipeline_parts()
     config = load_config(config_path, build_config_model(stages, sections))
     folder = Path(run_dir) if run_dir else default_run_dir(config, dry_run=dry_run)
-    return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress)
+    from processors.pipeline import check_credentials
+
+    return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
+                  preflight=functools.partial(check_credentials, config, dry_run=dry_run))

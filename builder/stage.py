@@ -86,5 +86,9 @@ class Stage:
         part of its fingerprint, so changing the model re-runs the stages that call it."""
         return {}
 
+    def llm_endpoints(self, config: StageConfig) -> list[str]:
+        """The ``llm.endpoints`` this stage calls, so their credentials are checked before anything runs."""
+        return []
+
     def finalize(self, config: StageConfig, ctx: StageContext, output: "datasets.Dataset") -> None:
         """Runs once all shards are done (e.g. write tasktype.txt). Must be idempotent."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder import runfolder as rf
-from builder.outputs import run_states
+from builder.outputs import run_states, stale_inputs
 
 TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens")
 
@@ -35,6 +35,7 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "cost_usd": round(float(usage.get("cost_usd", 0.0)), 4),
             "usage": usage,
             "fingerprint": state["fingerprint"],
+            "stale_inputs": stale_inputs(run_dir, state),
             "seconds": round(totals.get("seconds", 0.0), 2),
         }
         extra = rf.read_json(Path(run_dir) / state["folder"] / "stats.json")
@@ -53,8 +54,10 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
         shards = f"{s['shards_done']}/{s['shards_total']}"
         lines.append(
             f"{s['stage']:<10} {shards:>9} {s['rows_in']:>8} {s['rows_out']:>8} {s['failed']:>7} "
-            f"{s['tokens']:>10} {s['cost_usd']:>9.2f}  {'yes' if s['done'] else 'no ':<4}  {s['fingerprint'][:12]}"
+            f"{s['tokens']:>10} {s['cost_usd']:>9.2f}  {_done(s):<5} {s['fingerprint'][:12]}"
         )
+        if s["stale_inputs"]:
+            lines.append(f"{'':<10} stale: computed from an older {', '.join(s['stale_inputs'])}; rerun to update")
         for label, counts in (("failed", s["failures_by_reason"]), ("items rejected", s["item_failures_by_reason"])):
             if counts:
                 reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -62,3 +65,9 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
     total_cost = sum(s["cost_usd"] for s in summaries)
     lines.append(f"total cost so far: ${total_cost:.2f}")
     return "\n".join(lines)
+
+
+def _done(summary: dict) -> str:
+    if summary["stale_inputs"]:
+        return "stale"
+    return "yes" if summary["done"] else "no"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,27 @@ def config_sections() -> dict[str, type[BaseModel]]:
     from processors.llm.settings import LLMSettings
 
     return {"llm": LLMSettings}
+
+
+def check_credentials(config: Any, stages: list[Stage], *, dry_run: bool) -> None:
+    """Before anything runs: every API key the selected stages will need is set (a dry run needs none).
+
+    Raises ``MissingApiKeyError`` naming each stage, endpoint and environment variable at once."""
+    if dry_run:
+        return
+    from processors.llm.errors import MissingApiKeyError
+    from processors.llm.settings import LLMSettings
+
+    llm = getattr(config, "llm", None) or LLMSettings()
+    missing = []
+    for stage in stages:
+        for name in stage.llm_endpoints(getattr(config.stages, stage.name)):
+            env = llm.endpoint(name).api_key_env
+            if env and not os.environ.get(env):
+                missing.append(f"stages.{stage.name} calls llm.endpoints.{name}, whose key is read from ${env}")
+    if missing:
+        raise MissingApiKeyError("API keys are missing, nothing was run:\n  - " + "\n  - ".join(missing)
+                                 + "\nexport them (or set api_key_env: null for servers without authentication)")
 
 
 @contextlib.contextmanager

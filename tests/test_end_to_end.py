@@ -132,3 +132,13 @@ def test_push_to_the_hub_uploads_the_same_layout_and_tags_it(finished_run, monke
     assert main(["push", str(finished_run / "run"), "--local-dir", str(local)]) == 0
     assert calls[1][1]["files"] == sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     assert calls[2][1]["tag"] == "v1" and calls[2][1]["revision"] == "abc"
+
+
+def test_a_real_run_without_its_api_key_stops_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = tmp_path / "real.yaml"
+    config.write_text(CONFIG)
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.qa calls llm.endpoints.gpt4o, whose key is read from $OPENAI_API_KEY" in err
+    assert not (tmp_path / "run").exists()

@@ -135,7 +135,7 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
                   cache_path: Path | None, state_dir: Path, tally: Tally) -> list[LLMResult]:
     """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools)."""
     ep = settings.endpoint(endpoint)
-    prepared = [prepare(r, ep) for r in requests]
+    prepared, unreadable = _prepare_all(requests, ep)
     unique = list({p.cache_key: p for p in reversed(prepared)}.values())[::-1]  # first occurrence wins
     cache = RequestCache(cache_path) if cache_path is not None else None
     try:
@@ -147,9 +147,26 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
     finally:
         if cache is not None:
             cache.close()
-    logger.info("llm %s: %d requests, %d from cache, %d sent, %d failed", endpoint, len(requests),
-                tally.cache_hits, tally.requests, tally.failed)
-    return _in_order(prepared, results)
+    logger.info("llm %s: %d requests, %d from cache, %d sent, %d failed, %d with unreadable images", endpoint,
+                len(requests), tally.cache_hits, tally.requests, tally.failed, len(unreadable))
+    answered = iter(_in_order(prepared, results))
+    return [unreadable[i] if i in unreadable else next(answered) for i in range(len(requests))]
+
+
+def _prepare_all(requests: list[LLMRequest], ep) -> tuple[list[Prepared], dict[int, LLMResult]]:
+    """Prepare every request; one whose image cannot be read fails alone (``image_missing``/``image_unreadable``)
+    instead of stopping the call: the cache key itself needs the image's bytes."""
+    prepared, unreadable = [], {}
+    for index, request in enumerate(requests):
+        try:
+            prepared.append(prepare(request, ep))
+        except FileNotFoundError as exc:
+            unreadable[index] = LLMResult(key=request.key, ok=False, reason="image_missing",
+                                          detail=f"image file not found: {exc.filename}")
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            unreadable[index] = LLMResult(key=request.key, ok=False, reason="image_unreadable",
+                                          detail=f"{type(exc).__name__}: {exc}")
+    return prepared, unreadable
 
 
 async def _send(todo: list[Prepared], settings: LLMSettings, endpoint: str, connection: Connection,

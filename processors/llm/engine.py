@@ -124,7 +124,11 @@ class OnlineEngine:
         self.breaker.check()
         async with self.admission.slot(p.est_tokens):
             self.breaker.check()
-            body = await p.body()
+            try:
+                body = await p.body()
+            except (OSError, ValueError) as exc:  # the image will not decode: a fault of this row, not the API
+                reason = "image_missing" if isinstance(exc, FileNotFoundError) else "image_unreadable"
+                raise AttemptError(reason, f"{type(exc).__name__}: {exc}", retryable=False, breaker=False) from None
             try:
                 completion = await self.transport.chat(body, p.cache_key)
             except AttemptError as exc:

@@ -28,8 +28,7 @@ def endpoint_factory(ctx: Any) -> Callable[[RefereeSettings], "EndpointReferee"]
 
 def endpoint_names(settings: RefereeSettings) -> list[str]:
     """The ``llm.endpoints`` this referee uses: ``endpoint.endpoints`` or ``endpoint.endpoint`` or its name."""
-    names = settings.endpoint.get("endpoints") or [settings.endpoint.get("endpoint") or settings.name]
-    return [str(n) for n in names]  # type: ignore[union-attr]
+    return list(settings.endpoint.endpoints) or [settings.endpoint.endpoint or settings.name]
 
 
 def digit_probabilities(logprobs: list[dict[str, Any]] | None) -> tuple[float, float] | None:

@@ -10,6 +10,17 @@ from processors.referees.presets import PRESETS, RefereePreset, get_preset
 from processors.referees.prompt import PROMPT_VERSION
 
 
+class RefereeEndpoint(BaseModel):
+    """Which ``llm.endpoints`` entries serve an endpoint referee (connection details and keys live there,
+    never here): ``endpoint`` names one, ``endpoints`` several that share the load image by image; neither
+    means the endpoint named like the referee."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str | None = Field(None, min_length=1)
+    endpoints: list[str] = Field(default_factory=list)
+
+
 class RefereeSettings(BaseModel):
     """One referee. ``preset`` names an entry of ``processors.referees.presets.PRESETS``; ``backend``,
     ``model_id`` and ``max_side`` left as ``None`` are taken from it (a preset is required when ``model_id``
@@ -17,8 +28,8 @@ class RefereeSettings(BaseModel):
 
     ``reuse``: ``prefix`` computes each image's instruction+image prefix once and shares its KV cache with
     every question about that image; ``none`` runs each row through the processor on its own (always
-    possible); ``auto`` uses ``prefix`` where the model allows it. ``endpoint`` holds the options of the
-    OpenAI-compatible backend (URLs, key env var) and is read only by that backend.
+    possible); ``auto`` uses ``prefix`` where the model allows it. ``endpoint`` names the ``llm.endpoints``
+    entries the OpenAI-compatible backend calls (``RefereeEndpoint``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +45,7 @@ class RefereeSettings(BaseModel):
     see_answer: bool = False
     reuse: Literal["auto", "prefix", "none"] = "auto"
     seed: int = 0
-    endpoint: dict[str, object] = Field(default_factory=dict)
+    endpoint: RefereeEndpoint = Field(default_factory=lambda: RefereeEndpoint())
 
     @model_validator(mode="after")
     def _known_preset(self) -> "RefereeSettings":

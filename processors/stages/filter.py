@@ -41,6 +41,9 @@ class FilterStage(Stage):
     def fingerprint_parts(self, config: FilterConfig) -> dict:
         return {"prompt_version": PROMPT_VERSION}
 
+    def llm_endpoints(self, config) -> list[str]:
+        return [config.endpoint]
+
     def settings_parts(self, config, settings) -> dict:
         from processors.llm.settings import endpoint_parts
 

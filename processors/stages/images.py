@@ -100,6 +100,11 @@ class ImagesStage(Stage):
         ints = {"width": "int32", "height": "int32", "frames": "int32", "bytes": "int64"}
         return datasets.Features({c: datasets.Value(ints.get(c, "string")) for c in OUTPUT_COLUMNS})
 
+    def fingerprint_config(self, config: ImagesConfig) -> dict:
+        # Parallelism only: more threads or connections fetch and check the same images.
+        return config.model_dump(mode="json", exclude={"workers": True,
+                                                       "download": {"concurrency", "per_host", "user_agent"}})
+
     def fingerprint_parts(self, config: ImagesConfig) -> dict:
         return {"stage": STAGE_VERSION, "validate": VALIDATE_VERSION, "synthetic": SYNTHETIC_VERSION}
 

@@ -37,6 +37,9 @@ class QAStage(Stage):
     def input_key(self, config: QAConfig) -> str:
         return "image_id"
 
+    def llm_endpoints(self, config) -> list[str]:
+        return [config.endpoint]
+
     def settings_parts(self, config, settings) -> dict:
         from processors.llm.settings import endpoint_parts
 

@@ -59,6 +59,12 @@ class ScoreStage(Stage):
         # Each referee by what changes its votes (RefereeSettings.fingerprint_parts: not batch size or device).
         return {"referees": [r.fingerprint_parts() for r in config.referees], "missing_vote": config.missing_vote}
 
+    def llm_endpoints(self, config: ScoreConfig) -> list[str]:
+        from processors.referees.endpoint import endpoint_names
+
+        return [name for r in config.referees if r.resolved_preset().backend == "endpoint"
+                for name in endpoint_names(r)]
+
     def settings_parts(self, config: ScoreConfig, settings) -> dict:
         from processors.llm.settings import endpoint_parts
         from processors.referees.endpoint import endpoint_names

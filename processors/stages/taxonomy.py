@@ -107,6 +107,9 @@ class TaxonomyStage(Stage):
              "origin": string, "round": int32}
         )
 
+    def llm_endpoints(self, config) -> list[str]:
+        return [config.endpoint]
+
     def settings_parts(self, config, settings) -> dict:
         from processors.llm.settings import endpoint_parts
 

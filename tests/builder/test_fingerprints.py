@@ -91,3 +91,16 @@ def test_speed_knobs_do_not_change_a_stage_fingerprint():
     slow = ScoreConfig(referees=[{"name": "a", "preset": "tiny-random-llava", "batch_size": 2}])
     seeing = ScoreConfig(referees=[{"name": "a", "preset": "tiny-random-llava", "see_answer": True}])
     assert score.fingerprint_config(fast) == score.fingerprint_config(slow) != score.fingerprint_config(seeing)
+
+
+def test_a_later_stage_left_behind_shows_stale_and_will_not_load(tmp_path, capsys):
+    from taskgalaxy import main
+
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    make_runner(run, _config(log)).run()
+    make_runner(run, _config(log, offset=2)).run({"square"})  # toyfinal now lags behind square
+    with pytest.raises(StageNotReadyError, match="computed from an older 'square'"):
+        load_stage_output(run, "toyfinal")
+    assert main(["status", str(run), "--json"]) == 0
+    summaries = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    assert summaries["toyfinal"]["stale_inputs"] == ["square"] and summaries["square"]["stale_inputs"] == []

@@ -23,7 +23,7 @@ def toy_run(tmp_path):
 
 
 def test_builder_loads_a_stage_with_its_features(toy_run, tmp_path):
-    builder = TaskGalaxy(config_name="square", data_dir=str(toy_run), cache_dir=str(tmp_path / "cache"))
+    builder = TaskGalaxy("square", data_dir=str(toy_run), cache_dir=str(tmp_path / "cache"))  # as the README shows
     builder.download_and_prepare()
     ds = builder.as_dataset(split="train")
     assert ds.features["square"] == datasets.Value("int64")

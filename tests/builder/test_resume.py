@@ -88,3 +88,37 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path):
     first = len(_calls(log))
     make_runner(tmp_path / "run", _config(log)).run()
     assert first == 24 and len(_calls(log)) == first
+
+
+def test_a_resume_with_another_shard_size_keeps_the_original_boundaries(tmp_path):
+    run_dir, log, hold = tmp_path / "run", tmp_path / "calls.log", tmp_path / "hold"
+    hold.touch()
+    config = _config(log, hold)
+    proc = subprocess.Popen([sys.executable, str(TOY_RUN), str(run_dir), json.dumps(config)])
+    try:
+        _wait_for(lambda: len(_calls(log)) >= 11, 60, "the square stage to reach row 10")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    hold.unlink()
+    resized = {**config, "run": {**config["run"], "shard_size": 7}}  # 4 -> 7 between the crash and the resume
+    make_runner(run_dir, resized).run()
+    reference_dir = tmp_path / "reference"
+    make_runner(reference_dir, _config(tmp_path / "reference.log")).run()
+    for stage in ("square", "toyfinal"):
+        assert _rows(run_dir, stage) == _rows(reference_dir, stage)
+    assert json.loads((find_stage_dir(run_dir, "square") / "state.json").read_text())["shard_size"] == 4
+
+
+def test_a_dry_run_never_overwrites_a_paid_run_folder(tmp_path):
+    import pytest
+
+    from builder.config import ConfigError
+
+    log = tmp_path / "calls.log"
+    make_runner(tmp_path / "run", _config(log)).run()
+    dry = make_runner(tmp_path / "run", _config(log))
+    dry.dry_run = True
+    with pytest.raises(ConfigError, match="holds a paid run"):
+        dry.run()
+    assert len(_calls(log)) == 24

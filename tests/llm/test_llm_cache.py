@@ -98,3 +98,21 @@ def test_image_cache_key_is_its_content_hash(tmp_path):
 
     sent = Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1])))
     assert max(sent.size) == 256 and sent.size == (256, 192)
+
+
+def test_a_missing_or_broken_image_fails_its_request_only(simulator, ctx_for, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+
+    def with_image(key: str, path: Path) -> LLMRequest:
+        return LLMRequest(key=key, prompt_version="v1", messages=[{"role": "user", "content": [
+            {"type": "image_path", "path": str(path)}, {"type": "text", "text": "Describe it."}]}])
+
+    sim = simulator()
+    requests = [with_image("gone", tmp_path / "gone.png"), with_image("ok", good),
+                with_image("broken", tmp_path / "broken.png")]
+    results = run_requests(requests, endpoint="sim", ctx=ctx_for(sim))
+    assert [(r.key, r.ok, r.reason) for r in results] == [
+        ("gone", False, "image_missing"), ("ok", True, None), ("broken", False, "image_unreadable")]
+    assert sim.stats()["received"] == 1
