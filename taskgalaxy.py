@@ -98,13 +98,16 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config)
     images = args.images
+    for dry_run in (False, True):  # a finished images stage, of the real run or of a dry run, knows the count
+        if images is None:
+            try:
+                images = len(load_stage_output(default_run_dir(config, dry_run=dry_run), "images"))
+            except StageNotReadyError:
+                pass
     if images is None:
-        try:
-            images = len(load_stage_output(default_run_dir(config, dry_run=False), "images"))
-        except StageNotReadyError:
-            print("error: say how many images to expect with --images N (or run the images stage first: "
-                  f"taskgalaxy run {args.config} --stages images)", file=sys.stderr)
-            return 2
+        print("error: say how many images to expect with --images N (or run the images stage first: "
+              f"taskgalaxy run {args.config} --stages images --dry-run)", file=sys.stderr)
+        return 2
     assumptions = Assumptions(images=images, kept_per_image=args.kept_per_image, filter_pass=args.filter_pass)
     print(format_estimate(estimate(config, assumptions), assumptions))
     return 0

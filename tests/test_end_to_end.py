@@ -142,3 +142,15 @@ def test_a_real_run_without_its_api_key_stops_before_anything_runs(tmp_path, mon
     err = capsys.readouterr().err
     assert "stages.qa calls llm.endpoints.gpt4o, whose key is read from $OPENAI_API_KEY" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_estimate_projects_requests_and_cost_before_anything_runs(tmp_path, capsys):
+    config = tmp_path / "real.yaml"
+    config.write_text(CONFIG)
+    assert main(["estimate", str(config), "--images", "1000"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["filter"][1] == "1,000"  # one request per image
+    assert lines["qa"][1] == f"{round(1000 * 0.85 * 1.02):,}"  # images keeping a type, plus expected repairs
+    assert float(lines["total"][-1].replace(",", "")) > 0
+    assert "score:referee_a" in lines and "tiny_llava runs locally" in " ".join(" ".join(v) for v in lines.values())
+    assert not (tmp_path / "runs").exists()
