@@ -260,7 +260,7 @@ def cpu_bench(args) -> dict:
         ours_img_s=round(statistics.median(ours), 2),
         original_rounds="/".join(f"{v:.1f}" for v in original),
         ours_rounds="/".join(f"{v:.1f}" for v in ours),
-        model_only_img_s=round(model_only(matcher, args.batch_size or 32, iterations=3), 2),
+        model_only_img_s=round(model_only(matcher, args.batch_size or 16, iterations=6), 2),
         threads=torch.get_num_threads(),
     )
     found["speedup"] = round(found["ours_img_s"] / found["original_img_s"], 2)

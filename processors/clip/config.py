@@ -18,7 +18,7 @@ class ClipMatchConfig(StageConfig):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto = cuda if visible")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on a GPU, fp32 on the CPU")
-    batch_size: int | None = Field(None, ge=1, description="images per forward pass; default 256 GPU, 32 CPU")
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass; default 256 GPU, 16 CPU")
     num_workers: int | None = Field(None, ge=0, description="decode+preprocess processes; 0 = main process")
     top_k: int = Field(10, ge=1, description="candidates kept per image (paper: 10; released code: 5)")
     text_batch_size: int = Field(256, ge=1, description="task texts per forward pass when embedding them")

@@ -29,7 +29,9 @@ Candidates = list[dict[str, Any]]  # [{"task_type": path, "task_id": id, "score"
 
 
 def default_batch_size(device: "torch.device") -> int:
-    return 256 if device.type == "cuda" else 32
+    # CPU: 16 measured ~5 % faster per image than 32 for ViT-B-32 on a 2-core Xeon (activations stay in
+    # cache); beyond 32 it only gets slower. GPU: large batches keep the device busy.
+    return 256 if device.type == "cuda" else 16
 
 
 def default_num_workers(device: "torch.device") -> int:
