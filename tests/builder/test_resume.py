@@ -42,18 +42,25 @@ def _rows(run_dir: Path, stage: str) -> list[dict]:
     return sorted(load_stage_output(run_dir, stage).to_list(), key=lambda r: json.dumps(r, sort_keys=True))
 
 
-def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
+def _killed_at_row_10(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """Run the toy pipeline in a subprocess and SIGKILL it while `square` is on row 10 (its third shard):
+    rows 0-9 ran, row 10 logged its call and waits on the hold file. Returns (run_dir, calls log, config)."""
     run_dir, log, hold = tmp_path / "run", tmp_path / "calls.log", tmp_path / "hold"
     hold.touch()
     config = _config(log, hold)
     proc = subprocess.Popen([sys.executable, str(TOY_RUN), str(run_dir), json.dumps(config)])
     try:
-        # Rows 0-9 run, row 10 (third shard) logs its call and waits: two shards are finished, one is not.
         _wait_for(lambda: len(_calls(log)) >= 11, 60, "the square stage to reach row 10")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    hold.unlink()
+    return run_dir, log, config
+
+
+def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
+    run_dir, log, config = _killed_at_row_10(tmp_path)
 
     square_dir = find_stage_dir(run_dir, "square")
     finished = sorted(square_dir.glob("shard-*.arrow"))
@@ -69,7 +76,6 @@ def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
     }
     calls_before = len(_calls(log))
 
-    hold.unlink()
     make_runner(run_dir, config).run()  # same config: a changed one would (rightly) recompute everything
     recomputed = _calls(log)[calls_before:]
     assert not set(recomputed) & done_keys, "rows of finished shards were computed again"
@@ -91,16 +97,7 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path):
 
 
 def test_a_resume_with_another_shard_size_keeps_the_original_boundaries(tmp_path):
-    run_dir, log, hold = tmp_path / "run", tmp_path / "calls.log", tmp_path / "hold"
-    hold.touch()
-    config = _config(log, hold)
-    proc = subprocess.Popen([sys.executable, str(TOY_RUN), str(run_dir), json.dumps(config)])
-    try:
-        _wait_for(lambda: len(_calls(log)) >= 11, 60, "the square stage to reach row 10")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    hold.unlink()
+    run_dir, _, config = _killed_at_row_10(tmp_path)
     resized = {**config, "run": {**config["run"], "shard_size": 7}}  # 4 -> 7 between the crash and the resume
     make_runner(run_dir, resized).run()
     reference_dir = tmp_path / "reference"
