@@ -45,19 +45,19 @@ def add_routes(app: web.Application, key: web.AppKey) -> None:
         state.stats.files_uploaded += 1
         return web.json_response(_file_object(record))
 
-    async def file_info(request: web.Request) -> web.Response:
+    def file_or_404(request: web.Request) -> dict[str, Any]:
         record = request.app[key].files.get(request.match_info["file_id"])
         if record is None:
-            return web.json_response({"error": {"message": "no such file", "type": "invalid_request_error"}},
-                                     status=404)
-        return web.json_response(_file_object(record))
+            raise web.HTTPNotFound(text=json.dumps({"error": {"message": "no such file",
+                                                              "type": "invalid_request_error"}}),
+                                   content_type="application/json")
+        return record
+
+    async def file_info(request: web.Request) -> web.Response:
+        return web.json_response(_file_object(file_or_404(request)))
 
     async def file_content(request: web.Request) -> web.Response:
-        record = request.app[key].files.get(request.match_info["file_id"])
-        if record is None:
-            return web.json_response({"error": {"message": "no such file", "type": "invalid_request_error"}},
-                                     status=404)
-        return web.Response(body=record["data"], content_type="application/octet-stream")
+        return web.Response(body=file_or_404(request)["data"], content_type="application/octet-stream")
 
     async def create_batch(request: web.Request) -> web.Response:
         state = request.app[key]

@@ -17,11 +17,6 @@ TASKS = [f"Area {a}~Skill {a}.{b}~Leaf {a}.{b}.{c}" for a in range(3) for b in r
 TASK_IDS = [f"t{i:03d}" for i in range(len(TASKS))]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-
 
 def tiny(**overrides) -> ClipMatchConfig:
     values = dict(model="tg-tiny-clip", pretrained=None, device="cpu", batch_size=3, num_workers=0, top_k=5)

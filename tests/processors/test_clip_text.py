@@ -14,11 +14,6 @@ PATHS = ["OCR", "OCR~Scene text", "OCR~Scene text~Street sign reading", "Countin
 IDS = [f"t{i}" for i in range(len(PATHS))]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-
 
 def tiny(**overrides) -> ClipMatchConfig:
     values = dict(model="tg-tiny-clip", pretrained=None, device="cpu", num_workers=0, top_k=3)

@@ -54,11 +54,6 @@ class ToyTaxonomy(Stage):
 STAGES = [ToyTaxonomy(), ToyImages(), Match()]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
