@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from processors.clip.config import ClipMatchConfig
-from processors.clip.images import ImageError, ImageFiles, SplitPreprocess, make_loader, split_preprocess
+from processors.clip.images import (
+    ImageError,
+    ImageFiles,
+    SplitPreprocess,
+    join_batches,
+    make_loader,
+    split_preprocess,
+    worker_batch_size,
+)
 from processors.clip.models import LoadedClip, load_clip
 from processors.clip.text import TextBank, leaf_mask, load_or_embed, normalize_rows
 from processors.clip.topk import topk_cosine
@@ -103,20 +111,33 @@ class ClipMatcher:
         clip, c = self.clip, self.config
         batch_size = c.batch_size or default_batch_size(clip.device)
         workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
-        workers = min(workers, math.ceil(len(image_paths) / batch_size))
+        workers = min(workers, math.ceil(len(image_paths) / worker_batch_size(batch_size)))
         dataset = ImageFiles(image_paths, self._split or clip.preprocess,
                              min_side=clip.input_side if c.fast_decode else None,
                              guard_aspect=clip.resize_mode == "shortest")
-        loader = make_loader(dataset, batch_size=batch_size, num_workers=workers,
-                             pin_memory=clip.device.type == "cuda")
-        for batch in loader:
+        # uint8 from the split transform, float32 from a plain one: what one image costs in shared memory.
+        sample_bytes = 3 * clip.input_side**2 * (1 if self._split is not None else 4)
+        small = worker_batch_size(batch_size)
+        loader = make_loader(dataset, batch_size=small, num_workers=workers,
+                             pin_memory=clip.device.type == "cuda", sample_bytes=sample_bytes)
+        batches = join_batches(loader, batch_size, clip.device) if small < batch_size else loader
+        # One batch in flight: batch n+1's encode is queued on the GPU before batch n's top-k is read back, so
+        # the device never waits for the host to build candidates or fetch the next batch (on the CPU the
+        # copy is synchronous and this is the plain loop).
+        pending: tuple[list[int], _HostTopk] | None = None
+        for batch in batches:
+            ready = None
+            if batch.pixels is not None:
+                with torch.inference_mode():
+                    scores, index = topk_cosine(self.encode_images(batch.pixels), self._bank_on_device, c.top_k,
+                                                c.score_chunk)
+                    ready = _HostTopk.start(scores, index)
+            if pending is not None:
+                yield from zip(pending[0], self._candidates(*pending[1].wait()))
             yield from batch.errors.items()
-            if batch.pixels is None:
-                continue
-            with torch.inference_mode():
-                scores, index = topk_cosine(self.encode_images(batch.pixels), self._bank_on_device, c.top_k,
-                                            c.score_chunk)
-            yield from zip(batch.indices, self._candidates(scores.cpu().numpy(), index.cpu().numpy()))
+            pending = (batch.indices, ready) if ready is not None else None
+        if pending is not None:
+            yield from zip(pending[0], self._candidates(*pending[1].wait()))
 
     def _candidates(self, scores, index) -> Iterator[Candidates]:
         bank = self._bank
@@ -125,3 +146,32 @@ class ClipMatcher:
                 {"task_type": bank.paths[j], "task_id": bank.task_ids[j], "score": float(s)}
                 for s, j in zip(row_scores, row_index)
             ]
+
+
+class _HostTopk:
+    """A top-k result on its way to host memory: on CUDA an asynchronous copy into pinned buffers plus an
+    event, so waiting for it does not also wait for work queued after it."""
+
+    def __init__(self, scores, index, event=None):
+        self.scores, self.index, self.event = scores, index, event
+
+    @classmethod
+    def start(cls, scores: "torch.Tensor", index: "torch.Tensor") -> "_HostTopk":
+        import torch
+
+        if scores.device.type != "cuda":
+            return cls(scores.cpu().numpy(), index.cpu().numpy())
+        host_scores = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        host_index = torch.empty(index.shape, dtype=index.dtype, pin_memory=True)
+        host_scores.copy_(scores, non_blocking=True)
+        host_index.copy_(index, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host_scores, host_index, event)
+
+    def wait(self):
+        """(scores, index) as numpy arrays, once the copy has landed."""
+        if self.event is None:
+            return self.scores, self.index
+        self.event.synchronize()
+        return self.scores.numpy(), self.index.numpy()

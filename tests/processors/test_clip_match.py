@@ -137,6 +137,67 @@ def test_dataloader_with_workers_and_bad_images_fail_only_their_rows(tmp_path):
             np.testing.assert_allclose([c["score"] for c in result], [c["score"] for c in expected[i]], atol=1e-6)
 
 
+def test_a_batch_of_only_bad_images_between_good_ones_keeps_every_row_once_in_order(tmp_path):
+    # batch_size 3: the middle batch holds no readable image, so the one-batch-in-flight loop must hand
+    # back the first batch's results before that batch's errors, and carry on with the third.
+    good = draw_images(tmp_path, 6)
+    bad = [tmp_path / f"missing{i}.jpg" for i in range(3)]
+    paths = good[:3] + bad + good[3:]
+    matcher = ClipMatcher(tiny(batch_size=3), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    order = [position for position, _ in matcher.match(paths)]
+    assert order == list(range(9))
+    results = run_match(matcher, paths)
+    assert {i for i, r in results.items() if isinstance(r, ImageError)} == {3, 4, 5}
+    alone = run_match(matcher, good[3:])  # the third batch scores as it does on its own
+    assert [[c["task_id"] for c in results[6 + i]] for i in range(3)] == [[c["task_id"] for c in alone[i]] for i in range(3)]
+
+
+def test_small_worker_batches_joined_into_model_batches_score_the_same(tmp_path):
+    # batch_size 64 -> workers hand over 32-image batches that are joined into 64-image model batches.
+    from processors.clip.images import worker_batch_size
+
+    assert (worker_batch_size(64), worker_batch_size(256), worker_batch_size(48), worker_batch_size(3)) == (32, 32, 24, 3)
+    good = draw_images(tmp_path, 20)
+    paths = (good * 4)[:75] + [tmp_path / "missing.jpg"]
+    paths.insert(40, tmp_path / "gone.jpg")
+    joined = ClipMatcher(tiny(batch_size=64, num_workers=2), tmp_path / "cache")
+    joined.set_tasks(TASK_IDS, TASKS)
+    plain = ClipMatcher(tiny(batch_size=3), tmp_path / "cache")
+    plain.set_tasks(TASK_IDS, TASKS)
+    got, expected = list(joined.match(paths)), run_match(plain, paths)
+    assert sorted(i for i, _ in got) == list(range(len(paths)))
+    got = dict(got)
+    assert {i for i, r in got.items() if isinstance(r, ImageError)} == {40, 76}
+    for i, result in got.items():
+        if not isinstance(result, ImageError):
+            assert [c["task_id"] for c in result] == [c["task_id"] for c in expected[i]]
+
+
+@pytest.mark.parametrize(
+    ("workers", "prefetch", "batch_mib", "shm_mib", "expected"),
+    [
+        (15, 4, 38, 24 * 1024, (15, 4)),  # a roomy /dev/shm changes nothing
+        (15, 4, 38, 2048, (15, 1)),  # 1 GiB budget: prefetch drops first (15 batches in flight still fit)
+        (15, 4, 38, 512, (6, 1)),  # 256 MiB budget: then workers
+        (15, 4, 38, 64, (1, 1)),  # Docker's default 64 MB: the floor is one worker, one batch (and a warning)
+        (0, 4, 38, 64, (0, 4)),  # no workers: batches never touch shared memory
+        (4, 2, 38, None, (4, 2)),  # unknown free space: leave the config alone
+    ],
+)
+def test_workers_and_prefetch_fit_half_the_free_shared_memory(workers, prefetch, batch_mib, shm_mib, expected, caplog):
+    from processors.clip.images import fit_workers_to_shm
+
+    shm = None if shm_mib is None else shm_mib << 20
+    got = fit_workers_to_shm(workers, prefetch, batch_mib << 20, shm)
+    assert got == expected
+    if shm is not None and workers and got != (workers, prefetch):
+        assert got[0] * got[1] * (batch_mib << 20) <= shm // 2 or got == (1, 1)
+        assert "--shm-size" in caplog.text
+    else:
+        assert "--shm-size" not in caplog.text
+
+
 def test_aspect_guard_keeps_pixels_and_bounds_strips(tmp_path):
     from processors.clip.models import load_clip
 
