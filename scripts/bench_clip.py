@@ -9,7 +9,7 @@ fresh child process.
 
 GPU mode (``--gpu``; run by scripts/gpu_check.sh): ViT-L-14-quickgelu, bf16, 10,000 JPEGs: end-to-end img/s
 (one call, and in calls of 2,000 = the paper config's shard), the data path alone, model-only img/s on ready
-tensors (batch 256 and 512; ``--compile`` adds torch.compile), and the original loop's img/s.
+tensors (compiled as the stage runs it, and eager), and the original loop's img/s.
 
 The last line printed is ``key=value`` pairs.
 """
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--device", default=None, help="default cpu / cuda (--gpu --device cpu: a smoke test)")
-    parser.add_argument("--compile", action="store_true", help="GPU mode: also time torch.compile's image tower")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="stages.match.compile (auto = on a GPU)")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS for 5k vs 20k images")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -132,24 +133,33 @@ def our_loop(matcher, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def model_only(matcher, batch_size: int, iterations: int = 10) -> float:
-    """img/s of encode + top-k on tensors already in memory (the ceiling for the data path)."""
+def model_only(matcher, batch_size: int, iterations: int = 10, eager: bool = False) -> float:
+    """img/s of encode + top-k on tensors already in memory (the ceiling for the data path). ``eager``: the
+    plain image tower, never the compiled one."""
     import torch
+
+    from processors.clip.topk import topk_cosine
+    from processors.clip.text import normalize_rows
 
     clip = matcher.clip
     size = clip.preprocess.transforms[1].size
     pixels = torch.randn(batch_size, 3, *size).to(clip.device)
     sync = torch.cuda.synchronize if clip.device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        matcher.encode_images(pixels)
-    sync()
-    start = time.perf_counter()
-    from processors.clip.topk import topk_cosine
+
+    def encode(x):
+        if not eager:
+            return matcher.encode_images(x)
+        with clip.autocast():
+            return normalize_rows(clip.model.encode_image(x))
 
     with torch.inference_mode():
+        for _ in range(2):
+            encode(pixels)
+        sync()
+        start = time.perf_counter()
         for _ in range(iterations):
-            topk_cosine(matcher.encode_images(pixels), matcher._bank_on_device, 10)[0].cpu()
-    sync()
+            topk_cosine(encode(pixels), matcher._bank_on_device, 10)[0].cpu()
+        sync()
     return batch_size * iterations / (time.perf_counter() - start)
 
 
@@ -159,7 +169,8 @@ def build_matcher(args, cache_dir: Path):
 
     config = ClipMatchConfig(model=args.model, pretrained=None, device=args.device,
                              batch_size=args.batch_size, num_workers=args.num_workers, top_k=args.top_k,
-                             task_types="all")
+                             task_types="all",
+                             compile={"auto": "auto", "on": True, "off": False}[args.compile])
     matcher = ClipMatcher(config, cache_dir)
     paths = task_paths(args.tasks)
     start = time.perf_counter()
@@ -272,18 +283,9 @@ def cpu_bench(args) -> dict:
 
 
 def decode_only(matcher, paths: list[Path]) -> float:
-    """img/s of the data path alone (workers decode + preprocess, batches joined, nothing encoded)."""
-    from processors.clip.images import ImageFiles, join_batches, make_loader, worker_batch_size
-    from processors.clip.matcher import default_batch_size, default_num_workers
-
-    clip, c = matcher.clip, matcher.config
-    batch_size = c.batch_size or default_batch_size(clip.device)
-    workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
-    dataset = ImageFiles(paths, matcher._split, min_side=clip.input_side if c.fast_decode else None)
+    """img/s of the data path alone (workers decode + preprocess, batches joined on the device, no model)."""
     start = time.perf_counter()
-    loader = make_loader(dataset, batch_size=worker_batch_size(batch_size), num_workers=workers,
-                         pin_memory=clip.device.type == "cuda", sample_bytes=3 * clip.input_side**2)
-    done = sum(len(b.indices) for b in join_batches(loader, batch_size, clip.device))
+    done = sum(len(batch.indices) for batch in matcher.iter_batches(paths))
     return done / (time.perf_counter() - start)
 
 
@@ -301,14 +303,15 @@ def gpu_bench(args) -> dict:
     paths = make_jpegs(args.work / "jpeg640", args.images, (640, 480))
     matcher, found = build_matcher(args, args.work / "cache")
     cuda = matcher.clip.device.type == "cuda"
-    our_loop(matcher, paths[:1024])  # warm-up: kernels, allocator, worker start
+    start = time.perf_counter()
+    our_loop(matcher, paths[:1024])  # warm-up: compile, kernels, allocator, worker start
+    found["warmup_s"] = round(time.perf_counter() - start, 1)
+    found["compiled"] = int(matcher.compiled)
     found["decode_only_img_s"] = round(decode_only(matcher, paths), 1)
     found["ours_img_s"] = round(our_loop(matcher, paths), 1)
     found["ours_shard2000_img_s"] = round(shard_calls(matcher, paths, 2000), 1)
-    for batch in (256, 512):
-        found[f"model_only_b{batch}_img_s"] = round(model_only(matcher, batch), 1)
-    found["model_only_img_s"] = found[f"model_only_b{args.batch_size or 256}_img_s"] if not args.batch_size or \
-        args.batch_size in (256, 512) else round(model_only(matcher, args.batch_size), 1)
+    found["model_only_img_s"] = round(model_only(matcher, matcher.batch_size), 1)
+    found["model_only_eager_img_s"] = round(model_only(matcher, matcher.batch_size, eager=True), 1)
     original_loop(matcher, paths[:20], args.top_k)
     found["original_img_s"] = round(original_loop(matcher, paths[: args.original_images], args.top_k), 1)
     found["speedup"] = round(found["ours_img_s"] / found["original_img_s"], 1)
@@ -318,32 +321,7 @@ def gpu_bench(args) -> dict:
     if cuda:
         found["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     found["pass"] = int(found["ours_img_s"] >= 2000 and found["speedup"] >= 20)
-    if args.compile:
-        # Print what we have first: compiling can take minutes, and a timeout must not lose these figures.
-        head = {"model": args.model, "images": args.images, "tasks": args.tasks}
-        print(" ".join(f"{k}={v}" for k, v in {**head, **found}.items()), flush=True)
-        try:
-            found.update(compiled_model_only(matcher, args.batch_size or 256))
-        except Exception as exc:  # an experiment: its failure must not lose the figures above
-            logger.warning("torch.compile failed: %s: %s", type(exc).__name__, exc)
-            found["compile_error"] = type(exc).__name__
     return found
-
-
-def compiled_model_only(matcher, batch_size: int) -> dict:
-    """``torch.compile`` of the image tower: compile seconds and model-only img/s (is an option worth it?)."""
-    import torch
-
-    model = matcher.clip.model
-    eager = model.encode_image
-    start = time.perf_counter()
-    model.encode_image = torch.compile(eager, dynamic=False)
-    try:
-        model_only(matcher, batch_size, iterations=1)  # compiles
-        compile_s = time.perf_counter() - start
-        return {"compile_s": round(compile_s, 1), "model_only_compiled_img_s": round(model_only(matcher, batch_size), 1)}
-    finally:
-        model.encode_image = eager
 
 
 def main(argv: list[str] | None = None) -> int:

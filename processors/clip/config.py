@@ -25,6 +25,9 @@ class ClipMatchConfig(StageConfig):
     score_chunk: int = Field(65536, ge=1, description="task types per similarity matmul (bounds its memory)")
     task_types: Literal["leaves", "all"] = Field(
         "leaves", description="match against leaf paths only (the paper's tasktype.txt) or every node")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the image tower (auto = on a GPU: 1.66x model throughput measured on "
+        "an H100 for ViT-L/14, ~30 s to compile once per process; falls back to eager if compiling fails)")
     fast_decode: bool = Field(
         True, description="decode JPEGs at the smallest DCT scale that still covers the model's input size "
         "(2-3x less decode and resize work; pixels differ slightly from a full-size decode)")

@@ -8,16 +8,17 @@ list changes.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from processors.clip.config import ClipMatchConfig
 from processors.clip.images import (
+    ImageBatch,
     ImageError,
     ImageFiles,
+    PathBatches,
     SplitPreprocess,
     join_batches,
     make_loader,
@@ -51,13 +52,17 @@ def default_num_workers(device: "torch.device") -> int:
 
 
 class ClipMatcher:
-    def __init__(self, config: ClipMatchConfig, cache_dir: Path):
+    def __init__(self, config: ClipMatchConfig, cache_dir: Path, *, compile_backend: str | Callable = "inductor"):
         self.config = config
         self.cache_dir = Path(cache_dir)
         self._clip: LoadedClip | None = None
         self._bank: TextBank | None = None
         self._bank_on_device: "torch.Tensor | None" = None
         self._split: SplitPreprocess | None = None
+        self._loader: tuple[Any, PathBatches] | None = None  # built on first use, its workers persist
+        self._compile_backend = compile_backend  # tests use "eager" (dynamo without inductor: fast on a CPU)
+        self._compiled: Callable | None = None
+        self._compile_state = "unset"  # unset -> trying -> on | off
 
     @property
     def clip(self) -> LoadedClip:
@@ -85,6 +90,15 @@ class ClipMatcher:
             self._bank_on_device = torch.from_numpy(bank.vectors).to(self.clip.device)
         return self._bank
 
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size or default_batch_size(self.clip.device)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the image tower runs through ``torch.compile`` (decided on the first batch)."""
+        return self._compile_state == "on"
+
     def encode_images(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """[n, 3, H, W] pixels (uint8 from the split transform, or preprocessed floats) -> [n, dim] float32
         unit vectors on the device."""
@@ -96,8 +110,64 @@ class ClipMatcher:
             if pixels.dtype == torch.uint8:
                 pixels = self._split.normalize(pixels)
             with clip.autocast():
-                features = clip.model.encode_image(pixels)
+                features = self._encode(pixels)
             return normalize_rows(features)
+
+    def _encode(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """The image tower, compiled when the config says so (measured 1.66x on an H100 for ViT-L/14).
+
+        A compiled graph is specialised to one batch shape, so a short last batch is padded to the batch size
+        (one shape, one compile per process) and a larger one runs eager. If compiling fails (no C compiler,
+        an unsupported op) the run goes on eager, once, with a warning.
+        """
+        import torch
+
+        model, size, count = self.clip.model, self.batch_size, pixels.shape[0]
+        if self._compile_state == "unset":
+            self._compile_state = "trying" if self._wants_compile() else "off"
+            if self._compile_state == "trying":
+                self._compiled = torch.compile(model.encode_image, dynamic=False, backend=self._compile_backend)
+        if self._compile_state == "off" or count > size:
+            return model.encode_image(pixels)
+        if count < size:
+            pixels = torch.cat([pixels, pixels.new_zeros((size - count, *pixels.shape[1:]))])
+        if self._compile_state == "on":
+            return self._compiled(pixels)[:count]
+        try:
+            logger.info("compiling the CLIP image tower for batches of %d (about half a minute, once)", size)
+            features = self._compiled(pixels)[:count]
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still gives the same answer
+            logger.warning("torch.compile of the CLIP image tower failed (%s: %s); running eager. Set "
+                           "stages.match.compile: false to skip trying.", type(exc).__name__,
+                           str(exc).splitlines()[0][:300] if str(exc) else "")
+            self._compile_state, self._compiled = "off", None
+            return model.encode_image(pixels[:count])
+        self._compile_state = "on"
+        return features
+
+    def _wants_compile(self) -> bool:
+        if self.config.compile == "auto":
+            return self.clip.device.type == "cuda"
+        return bool(self.config.compile)
+
+    def iter_batches(self, image_paths: Sequence[str | Path]) -> Iterator[ImageBatch]:
+        """The data path alone: model-sized batches of pixels (on the device) and per-position errors."""
+        clip = self.clip
+        if self._loader is None:
+            batch_size, c = self.batch_size, self.config
+            workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
+            dataset = ImageFiles(self._split or clip.preprocess,
+                                 min_side=clip.input_side if c.fast_decode else None,
+                                 guard_aspect=clip.resize_mode == "shortest")
+            # uint8 from the split transform, float32 from a plain one: what one image costs in shared memory.
+            sample_bytes = 3 * clip.input_side**2 * (1 if self._split is not None else 4)
+            self._loader = make_loader(dataset, batch_size=worker_batch_size(batch_size), num_workers=workers,
+                                       pin_memory=clip.device.type == "cuda", sample_bytes=sample_bytes)
+        loader, sampler = self._loader
+        sampler.set_paths(image_paths)
+        if sampler.batch_size < self.batch_size:
+            return join_batches(loader, self.batch_size, clip.device)
+        return iter(loader)
 
     def match(self, image_paths: Sequence[str | Path]) -> Iterator[tuple[int, "Candidates | ImageError"]]:
         """For every image (by position in ``image_paths``): its top-k candidates, or why it has none.
@@ -108,24 +178,12 @@ class ClipMatcher:
 
         if self._bank is None:
             raise RuntimeError("call set_tasks() before match()")
-        clip, c = self.clip, self.config
-        batch_size = c.batch_size or default_batch_size(clip.device)
-        workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
-        workers = min(workers, math.ceil(len(image_paths) / worker_batch_size(batch_size)))
-        dataset = ImageFiles(image_paths, self._split or clip.preprocess,
-                             min_side=clip.input_side if c.fast_decode else None,
-                             guard_aspect=clip.resize_mode == "shortest")
-        # uint8 from the split transform, float32 from a plain one: what one image costs in shared memory.
-        sample_bytes = 3 * clip.input_side**2 * (1 if self._split is not None else 4)
-        small = worker_batch_size(batch_size)
-        loader = make_loader(dataset, batch_size=small, num_workers=workers,
-                             pin_memory=clip.device.type == "cuda", sample_bytes=sample_bytes)
-        batches = join_batches(loader, batch_size, clip.device) if small < batch_size else loader
+        c = self.config
         # One batch in flight: batch n+1's encode is queued on the GPU before batch n's top-k is read back, so
         # the device never waits for the host to build candidates or fetch the next batch (on the CPU the
         # copy is synchronous and this is the plain loop).
         pending: tuple[list[int], _HostTopk] | None = None
-        for batch in batches:
+        for batch in self.iter_batches(image_paths):
             ready = None
             if batch.pixels is not None:
                 with torch.inference_mode():

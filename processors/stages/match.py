@@ -68,7 +68,7 @@ class Match(Stage):
 
     def fingerprint_config(self, config: ClipMatchConfig) -> dict:
         # Speed knobs only: the same images and task types give the same candidates whatever their values.
-        return config.model_dump(mode="json", exclude={"batch_size", "num_workers", "text_batch_size", "score_chunk"})
+        return config.model_dump(mode="json", exclude={"batch_size", "num_workers", "text_batch_size", "score_chunk", "compile"})
 
     def fingerprint_parts(self, config: ClipMatchConfig) -> dict:
         from processors.clip.text import TEXT_TEMPLATE_VERSION

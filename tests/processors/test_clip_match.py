@@ -174,6 +174,53 @@ def test_small_worker_batches_joined_into_model_batches_score_the_same(tmp_path)
             assert [c["task_id"] for c in result] == [c["task_id"] for c in expected[i]]
 
 
+def test_worker_processes_persist_across_calls_and_an_abandoned_pass_does_not_leak_into_the_next(tmp_path):
+    import multiprocessing
+
+    paths = draw_images(tmp_path, 12)
+    matcher = ClipMatcher(tiny(batch_size=2, num_workers=2), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    first = run_match(matcher, paths[:6])
+    workers = {p.pid for p in multiprocessing.active_children()}
+    assert len(workers) >= 2
+    partial = matcher.match(paths[6:])
+    next(partial), next(partial)  # a shard that stops early (an error downstream), mid-pass
+    partial.close()
+    second = run_match(matcher, paths[:6])  # a new pass after the abandoned one gets only its own rows
+    assert {p.pid for p in multiprocessing.active_children()} == workers  # no new forks
+    assert sorted(second) == list(range(6))
+    assert all([c["task_id"] for c in first[i]] == [c["task_id"] for c in second[i]] for i in range(6))
+
+
+def fails_to_compile(graph_module, example_inputs):
+    raise RuntimeError("no C compiler here")
+
+
+@pytest.mark.parametrize("backend", ["eager", fails_to_compile])
+def test_compiled_image_tower_pads_short_batches_and_falls_back_to_eager_when_compiling_fails(tmp_path, backend, caplog):
+    # backend "eager" runs torch.compile's tracing without generating code (seconds on a CPU); the GPU uses
+    # inductor. 7 images in batches of 4: the second batch is padded to the compiled shape.
+    paths = draw_images(tmp_path, 7)
+    plain = ClipMatcher(tiny(batch_size=4, compile=False), tmp_path / "cache")
+    plain.set_tasks(TASK_IDS, TASKS)
+    compiled = ClipMatcher(tiny(batch_size=4, compile=True), tmp_path / "cache", compile_backend=backend)
+    compiled.set_tasks(TASK_IDS, TASKS)
+    expected, got = run_match(plain, paths), run_match(compiled, paths)
+    assert compiled.compiled is (backend == "eager")
+    assert ("running eager" in caplog.text) is (backend != "eager")
+    assert not plain.compiled and sorted(got) == list(range(7))
+    for i in range(7):
+        assert [c["task_id"] for c in got[i]] == [c["task_id"] for c in expected[i]]
+        np.testing.assert_allclose([c["score"] for c in got[i]], [c["score"] for c in expected[i]], atol=1e-5)
+
+
+def test_compile_auto_is_off_on_the_cpu(tmp_path):
+    matcher = ClipMatcher(tiny(), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    run_match(matcher, draw_images(tmp_path, 2))
+    assert matcher.config.compile == "auto" and not matcher.compiled
+
+
 @pytest.mark.parametrize(
     ("workers", "prefetch", "batch_mib", "shm_mib", "expected"),
     [
