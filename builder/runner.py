@@ -38,6 +38,12 @@ class StageError(RuntimeError):
     """A stage could not finish; finished shards are kept and a rerun resumes."""
 
 
+def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's fingerprinted config minus its ``shard_size``: shard boundaries never change a row's output
+    (a resumed stage keeps its own boundaries anyway), so re-sharding must not re-run finished work."""
+    return {k: v for k, v in config.items() if k != "shard_size"}
+
+
 @dataclass
 class Runner:
     stages: list[Stage]
@@ -75,7 +81,7 @@ class Runner:
             prints[stage.name] = fingerprint(
                 stage.name,
                 {n: prints[n] for n in self.reads(stage)},
-                stage.fingerprint_config(config),
+                without_shard_size(stage.fingerprint_config(config)),
                 stage.fingerprint_parts(config),
                 shared,
                 {"dry_run": self.dry_run},
@@ -140,8 +146,9 @@ class Runner:
         if key not in inputs.column_names:
             raise StageError(f"stage {stage.name!r}: its input has no key column {key!r} ({inputs.column_names})")
         # A resumed stage keeps the shard boundaries it started with: finished shards are only valid for them.
-        shard_size = (previous or {}).get("shard_size") or self.config.run.shard_size
-        if shard_size != self.config.run.shard_size:
+        wanted = config.shard_size or self.config.run.shard_size
+        shard_size = (previous or {}).get("shard_size") or wanted
+        if shard_size != wanted:
             logger.info("stage %s: resuming with its original shard_size %d (the new one applies to stages that "
                         "start afresh)", stage.name, shard_size)
         features = stage.features(config)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import datasets
@@ -26,6 +26,11 @@ class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Left out of dumps when unset, so config.yaml and the dataset card show it only where it was given.
+    shard_size: int | None = Field(
+        None, ge=1, exclude_if=lambda value: value is None, description="input rows per shard for this stage (default run.shard_size): larger for fast "
+        "GPU stages, whose per-shard start-up then matters less; smaller for paid stages, so less is at risk")
 
 
 @dataclass

@@ -104,3 +104,21 @@ def test_a_later_stage_left_behind_shows_stale_and_will_not_load(tmp_path, capsy
     assert main(["status", str(run), "--json"]) == 0
     summaries = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
     assert summaries["toyfinal"]["stale_inputs"] == ["square"] and summaries["square"]["stale_inputs"] == []
+
+
+def _state(run_dir, name) -> dict:
+    return json.loads((find_stage_dir(run_dir, name) / "state.json").read_text())
+
+
+def test_a_stage_shard_size_overrides_the_run_one_and_changing_it_reruns_nothing(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "calls.log"
+    config = _config(log)
+    config["stages"]["square"]["shard_size"] = 3
+    make_runner(run, config).run()
+    assert (_state(run, "numbers")["shard_size"], _state(run, "numbers")["shards_total"]) == (5, 3)
+    assert (_state(run, "square")["shard_size"], _state(run, "square")["shards_total"]) == (3, 4)
+    before = _fingerprints(run)
+    config["stages"]["square"]["shard_size"] = 6  # re-sharding a finished stage: same rows, nothing to redo
+    make_runner(run, config).run()
+    assert _fingerprints(run) == before and _calls(log) == 12
+    assert sorted(load_stage_output(run, "square")["square"]) == sorted(i * i for i in range(12))
