@@ -26,7 +26,7 @@ from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import load_stage_output, run_states
+from builder.outputs import column_values, load_stage_output, run_states
 from builder.stage import Stage, StageContext
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ class StageError(RuntimeError):
 
 
 def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
-    """A stage's fingerprinted config minus its ``shard_size``: shard boundaries never change a row's output
-    (a resumed stage keeps its own boundaries anyway), so re-sharding must not re-run finished work."""
+    """A stage's fingerprinted config minus its ``shard_size``. Like ``run.shard_size`` it only decides how
+    the work is cut, so changing it must not re-run finished work; a stage that resumes keeps the boundaries
+    recorded in its state (for the row-wise stages they never change a row's output at all)."""
     return {k: v for k, v in config.items() if k != "shard_size"}
 
 
@@ -231,7 +232,7 @@ class Runner:
                 f"stage {stage.name!r} stopped on shard {index} ({len(shard)} rows): {type(exc).__name__}: {exc}. "
                 f"Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
             ) from exc
-        split = split_shard(raw, stage.name, shard[key])
+        split = split_shard(raw, stage.name, column_values(shard, key))
         # Commit order: failures, stats, then the output shard. The output file's presence means "done".
         self._commit(folder / "failures" / rf.shard_name(index), split.failures, FAILURE_FEATURES)
         stats = {

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="stages.match.compile (auto = on a GPU)")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS for 5k vs 20k images")
+    parser.add_argument("--stage", action="store_true",
+                        help="time the match stage through the Runner instead (img/s per --stage-shards size)")
+    parser.add_argument("--stage-shards", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.model = args.model or ("ViT-L-14-quickgelu" if args.gpu else "ViT-B-32")
@@ -178,9 +181,10 @@ def build_matcher(args, cache_dir: Path):
     return matcher, {"text_s": round(time.perf_counter() - start, 1), "text_source": bank.source}
 
 
-# -- peak memory over a whole stage run ----------------------------------------------------------------------
-def rss_child(count: int, work: Path) -> None:
-    """Run taxonomy -> images -> match through the Runner over ``count`` small JPEGs; print peak RSS (MiB)."""
+# -- whole stage runs through the Runner ----------------------------------------------------------------------
+def run_match_stage(run_dir: Path, images: list[Path], image_root: Path, tasks: int, match: dict,
+                    shard_size: int) -> dict:
+    """taxonomy -> images -> match through the Runner (the two sources list fixed rows); the match state."""
     import datasets
 
     from builder.config import build_config_model, validate_config
@@ -188,8 +192,6 @@ def rss_child(count: int, work: Path) -> None:
     from builder.runner import Runner
     from builder.stage import Stage, StageConfig
     from processors.stages.match import Match
-
-    images = make_jpegs(work / "small", count, (96, 72))[:count]
 
     class Source(Stage):
         """A source stage that lists fixed rows (the real taxonomy/images stages are other modules)."""
@@ -221,18 +223,59 @@ def rss_child(count: int, work: Path) -> None:
 
             return fn
 
-    paths = task_paths(2000)
+    paths = task_paths(tasks)
     stages = [Source("taxonomy", "task_id", {"task_id": [f"t{i}" for i in range(len(paths))], "path": paths}),
               Source("images", "image_id", {"image_id": [p.stem for p in images],
-                                            "path": [f"small/{p.name}" for p in images]}, {"small": work / "small"}),
+                                            "path": [f"pics/{p.name}" for p in images]}, {"pics": image_root}),
               Match()]
-    config = validate_config({"run": {"name": "rss", "shard_size": 1000}, "stages": {"match": {
-        "model": "tg-tiny-clip", "pretrained": None, "device": "cpu", "num_workers": 1, "batch_size": 64}}},
-        build_config_model(stages), base_dir=work)
+    config = validate_config({"run": {"name": "bench", "shard_size": 100_000},
+                              "stages": {"match": {**match, "shard_size": shard_size}}},
+                             build_config_model(stages), base_dir=run_dir.parent)
+    # Only the match stage is redone: the sources stay, and so does the matcher (model, compiled tower, text
+    # bank, decode workers) of an earlier call in this process, as across the shards of one run.
+    for folder in run_dir.glob("*_match"):
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    return Runner(stages, config, run_dir, progress=False).run()["match"]
+
+
+def shard_seconds(run_dir: Path) -> list[tuple[int, float]]:
+    """(rows, seconds) of every finished match shard, in order."""
+    import json
+
+    stats = sorted(next(run_dir.glob("*_match")).glob("stats/shard-*.json"))
+    return [(d["rows_in"], d["seconds"]) for d in (json.loads(f.read_text()) for f in stats)]
+
+
+def stage_bench(args) -> dict:
+    """The match *stage* as a run uses it (Runner, Arrow shards, path checks): img/s per shard size, without
+    the first shard (model load, text bank, compile) and with it."""
+    images = make_jpegs(args.work / "jpeg640", args.images, (640, 480))
+    match = {"model": args.model, "pretrained": None, "device": args.device, "top_k": args.top_k,
+             "task_types": "all", "compile": {"auto": "auto", "on": True, "off": False}[args.compile]}
+    if args.batch_size:
+        match["batch_size"] = args.batch_size
+    found = {}
+    run_dir = args.work / "stage-run"
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    for shard in args.stage_shards:
+        start = time.perf_counter()
+        state = run_match_stage(run_dir, images, args.work / "jpeg640", args.tasks, match, shard)
+        total = time.perf_counter() - start
+        assert state["totals"]["rows_out"] == len(images), state["totals"]
+        later = shard_seconds(run_dir)[1:]
+        found[f"stage_shard{shard}_img_s"] = round(sum(r for r, _ in later) / sum(t for _, t in later), 1) if later else "n/a"
+        found[f"stage_shard{shard}_total_s"] = round(total, 1)
+    return found
+
+
+def rss_child(count: int, work: Path) -> None:
+    """Run taxonomy -> images -> match through the Runner over ``count`` small JPEGs; print peak RSS (MiB)."""
+    images = make_jpegs(work / "small", count, (96, 72))[:count]
+    match = {"model": "tg-tiny-clip", "pretrained": None, "device": "cpu", "num_workers": 1, "batch_size": 64}
     run_dir = work / f"rss-run-{count}"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     start = time.perf_counter()
-    state = Runner(stages, config, run_dir, progress=False).run()["match"]
+    state = run_match_stage(run_dir, images, work / "small", 2000, match, 1000)
     seconds = time.perf_counter() - start
     assert state["totals"]["rows_out"] == count, state["totals"]
     print(f"rss_mib={peak_rss_mib():.0f} seconds={seconds:.1f}")
@@ -290,7 +333,8 @@ def decode_only(matcher, paths: list[Path]) -> float:
 
 
 def shard_calls(matcher, paths: list[Path], shard: int) -> float:
-    """img/s when the images come in shard-sized ``match`` calls, as the runner gives them (a new loader each)."""
+    """img/s when the images come in shard-sized ``match`` calls, as the runner gives them (each call fills
+    and drains the pipeline once)."""
     start = time.perf_counter()
     for first in range(0, len(paths), shard):
         our_loop(matcher, paths[first : first + shard])
@@ -334,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found = {"model": args.model, "images": args.images, "tasks": args.tasks}
     load_before = os.getloadavg()[0]
-    found.update(gpu_bench(args) if args.gpu else cpu_bench(args))
+    if args.stage:
+        found.update(stage_bench(args))
+    else:
+        found.update(gpu_bench(args) if args.gpu else cpu_bench(args))
     found["load1"] = f"{load_before:.1f}->{os.getloadavg()[0]:.1f}"  # other processes sharing the cores
     if args.rss:
         found.update(measure_rss(args.work))

@@ -16,9 +16,10 @@ mkdir -p "$RESULTS" "$WORK"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 # -- setup ------------------------------------------------------------------------------------------------------
-# GPU machines here come with torch, transformers and CUDA but no network. scripts/gpu_wheels.sh (run where pip
-# works) puts the project's other dependencies as wheels in .whl/; they are installed into a folder on
-# PYTHONPATH, never over the machine's torch. Elsewhere: the repo's .venv, or the current python3.
+# GPU machines here come with torch, CUDA and an older transformers but no network. scripts/gpu_wheels.sh (run
+# where pip works) puts the project's other dependencies, and the transformers version the code is tested
+# with, as CPython 3.12 wheels in .whl/; they go into a folder ahead on PYTHONPATH, never over the machine's
+# torch. Elsewhere: the repo's .venv, or the current python3.
 setup_python() {
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
@@ -48,6 +49,16 @@ section_clip() {
   return "$status"
 }
 
+section_stage() {
+  # Issue 6, as a run uses it: the match stage through the Runner (Arrow shards, path checks, per-shard
+  # start), 10,000 JPEGs in shards of 1,000 / 2,000 / 5,000; img/s without the first shard (load, compile).
+  timeout 240 "$PY" scripts/bench_clip.py --gpu --stage --stage-shards 1000 2000 5000 --work "$WORK/clip" 2>&1 \
+    | tee "$RESULTS/stage.log"
+  local status=${PIPESTATUS[0]}
+  tail -n 1 "$RESULTS/stage.log" > "$RESULTS/stage.txt"
+  return "$status"
+}
+
 section_referee() {
   # Issue 8: a realistic-size random-weight Llava in bf16; the original protocol (one generate per sample,
   # image re-encoded each time) against ours (batched, one prefix per image). Goal: speedup >= 10.
@@ -57,7 +68,7 @@ section_referee() {
   return "$status"
 }
 
-SECTIONS=(clip referee)
+SECTIONS=(clip stage referee)
 
 main() {
   local started failed=() name names=("$@")

@@ -30,16 +30,24 @@ class PathEscapeError(ValueError):
 
 def safe_join(root: Path, relative: str | os.PathLike, *, resolve_links: bool = True) -> Path:
     """``root / relative``, refusing absolute paths, ``..`` and (by default) symlinks that lead outside."""
-    rel = PurePosixPath(str(relative).replace("\\", "/"))
-    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts) or not rel.parts:
+    text = str(relative).replace("\\", "/")
+    parts = text.split("/")
+    if text.startswith("/") or any(part in ("..", "", ".") for part in parts) or (len(parts[0]) == 2 and parts[0][1] == ":"):
         raise PathEscapeError(f"{str(relative)!r} is not a plain relative path inside {root}")
-    joined = Path(root, *rel.parts)
+    joined = Path(root, *parts)
     if resolve_links:
-        real_root = Path(os.path.realpath(root))
-        real = Path(os.path.realpath(joined))
-        if real != real_root and real_root not in real.parents:
+        # One realpath per file (an lstat per component: the only way to see a symlink that leads out); the
+        # root's own is cached. Runs once per image per stage, so it is kept to string operations.
+        real_root = _real_root(str(root))
+        real = os.path.realpath(joined)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
             raise PathEscapeError(f"{relative!s} resolves to {real}, outside its root {real_root}")
     return joined
+
+
+@lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
 
 
 def store_relpath(image_id: str, ext: str) -> str:

@@ -27,7 +27,7 @@ class ClipMatchConfig(StageConfig):
         "leaves", description="match against leaf paths only (the paper's tasktype.txt) or every node")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the image tower (auto = on a GPU: 1.66x model throughput measured on "
-        "an H100 for ViT-L/14, ~30 s to compile once per process; falls back to eager if compiling fails)")
+        "an H100 for ViT-L/14, ~25 s to compile once per process; falls back to eager if compiling fails)")
     fast_decode: bool = Field(
         True, description="decode JPEGs at the smallest DCT scale that still covers the model's input size "
         "(2-3x less decode and resize work; pixels differ slightly from a full-size decode)")

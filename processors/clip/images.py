@@ -182,21 +182,17 @@ def collate(items: list[tuple[int, Any]]) -> ImageBatch:
 
 
 # Images per worker item. Workers hand over small batches that the main process joins on the device into
-# model-sized ones: the first model batch is ready after 32 decodes, not 256, which matters because a new
-# loader (and its fill time) starts for every shard.
+# model-sized ones: the first model batch is ready after 32 decodes, not 256.
 WORKER_BATCH = 32
 
 
-def worker_batch_size(batch_size: int, limit: int = WORKER_BATCH) -> int:
-    """The largest divisor of ``batch_size`` that is <= ``limit`` (so joined batches are exactly full)."""
-    return max(d for d in range(1, min(batch_size, limit) + 1) if batch_size % d == 0)
-
-
 def join_batches(batches: Iterable[ImageBatch], size: int, device: "torch.device | str") -> Iterator[ImageBatch]:
-    """Group the loader's small batches into batches of ``size`` readable images, their pixels moved to
-    ``device`` as each small batch arrives (non-blocking from pinned memory) and concatenated there.
+    """Regroup the loader's small batches into batches of exactly ``size`` readable images (the last may be
+    smaller), their pixels moved to ``device`` as each small batch arrives (non-blocking from pinned memory)
+    and joined there. Exactly, because a compiled image tower takes one batch shape: a batch that grew past
+    it with every unreadable image would run eager.
 
-    Errors ride with the batch they arrived in; a last, smaller batch carries whatever is left.
+    Errors ride with the batch whose small batch brought them.
     """
     import torch
 
@@ -204,10 +200,13 @@ def join_batches(batches: Iterable[ImageBatch], size: int, device: "torch.device
     parts: list[torch.Tensor] = []
     errors: dict[int, ImageError] = {}
 
-    def flush() -> ImageBatch:
+    def take(count: int) -> ImageBatch:
         pixels = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
-        batch = ImageBatch(list(indices), pixels, dict(errors))
-        indices.clear(), parts.clear(), errors.clear()
+        batch = ImageBatch(indices[:count], None if pixels is None else pixels[:count], dict(errors))
+        rest = None if pixels is None or pixels.shape[0] == count else pixels[count:]
+        del indices[:count]
+        parts[:] = [rest] if rest is not None else []
+        errors.clear()
         return batch
 
     for small in batches:
@@ -215,10 +214,10 @@ def join_batches(batches: Iterable[ImageBatch], size: int, device: "torch.device
         if small.pixels is not None:
             indices.extend(small.indices)
             parts.append(small.pixels.to(device, non_blocking=True))
-        if len(indices) >= size:
-            yield flush()
+        while len(indices) >= size:
+            yield take(size)
     if indices or errors:
-        yield flush()
+        yield take(len(indices))
 
 
 SHM_PATH = "/dev/shm"

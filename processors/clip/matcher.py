@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from processors.clip.config import ClipMatchConfig
 from processors.clip.images import (
+    WORKER_BATCH,
     ImageBatch,
     ImageError,
     ImageFiles,
@@ -23,7 +24,6 @@ from processors.clip.images import (
     join_batches,
     make_loader,
     split_preprocess,
-    worker_batch_size,
 )
 from processors.clip.models import LoadedClip, load_clip
 from processors.clip.text import TextBank, leaf_mask, load_or_embed, normalize_rows
@@ -60,6 +60,7 @@ class ClipMatcher:
         self._bank_on_device: "torch.Tensor | None" = None
         self._split: SplitPreprocess | None = None
         self._loader: tuple[Any, PathBatches] | None = None  # built on first use, its workers persist
+        self._pass_open = False
         self._compile_backend = compile_backend  # tests use "eager" (dynamo without inductor: fast on a CPU)
         self._compiled: Callable | None = None
         self._compile_state = "unset"  # unset -> trying -> on | off
@@ -134,7 +135,7 @@ class ClipMatcher:
         if self._compile_state == "on":
             return self._compiled(pixels)[:count]
         try:
-            logger.info("compiling the CLIP image tower for batches of %d (about half a minute, once)", size)
+            logger.info("compiling the CLIP image tower for batches of %d (~25 s on a GPU, once)", size)
             features = self._compiled(pixels)[:count]
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager still gives the same answer
             logger.warning("torch.compile of the CLIP image tower failed (%s: %s); running eager. Set "
@@ -151,23 +152,45 @@ class ClipMatcher:
         return bool(self.config.compile)
 
     def iter_batches(self, image_paths: Sequence[str | Path]) -> Iterator[ImageBatch]:
-        """The data path alone: model-sized batches of pixels (on the device) and per-position errors."""
-        clip = self.clip
+        """The data path alone: model-sized batches of pixels (on the device) and per-position errors.
+
+        One pass at a time per matcher: the loader and its workers are shared by every pass, so a second pass
+        started before the first is finished or closed would take over the first one's stream.
+        """
+        if self._pass_open:
+            raise RuntimeError("ClipMatcher: a match/iter_batches pass is still open on this matcher; finish "
+                               "or close() it first (one matcher streams one pass at a time)")
+        loader, sampler = self._get_loader()
+        sampler.set_paths(image_paths)
+        self._pass_open = True
+        try:
+            if sampler.batch_size < self.batch_size:
+                yield from join_batches(loader, self.batch_size, self.clip.device)
+            else:
+                yield from loader
+        except Exception:
+            # e.g. a worker killed by the OOM killer or a decoder crash: persistent workers do not recover from
+            # that (every later pass waits for the dead one), so the next pass starts fresh ones.
+            self._loader = None
+            raise
+        finally:
+            self._pass_open = False
+
+    def _get_loader(self) -> tuple[Any, PathBatches]:
+        if self._loader is not None and not _workers_alive(self._loader[0]):
+            logger.warning("a CLIP decode worker died between passes (killed? out of memory?); starting new ones")
+            self._loader = None
         if self._loader is None:
-            batch_size, c = self.batch_size, self.config
+            clip, batch_size, c = self.clip, self.batch_size, self.config
             workers = c.num_workers if c.num_workers is not None else default_num_workers(clip.device)
             dataset = ImageFiles(self._split or clip.preprocess,
                                  min_side=clip.input_side if c.fast_decode else None,
                                  guard_aspect=clip.resize_mode == "shortest")
             # uint8 from the split transform, float32 from a plain one: what one image costs in shared memory.
             sample_bytes = 3 * clip.input_side**2 * (1 if self._split is not None else 4)
-            self._loader = make_loader(dataset, batch_size=worker_batch_size(batch_size), num_workers=workers,
+            self._loader = make_loader(dataset, batch_size=min(batch_size, WORKER_BATCH), num_workers=workers,
                                        pin_memory=clip.device.type == "cuda", sample_bytes=sample_bytes)
-        loader, sampler = self._loader
-        sampler.set_paths(image_paths)
-        if sampler.batch_size < self.batch_size:
-            return join_batches(loader, self.batch_size, clip.device)
-        return iter(loader)
+        return self._loader
 
     def match(self, image_paths: Sequence[str | Path]) -> Iterator[tuple[int, "Candidates | ImageError"]]:
         """For every image (by position in ``image_paths``): its top-k candidates, or why it has none.
@@ -206,6 +229,13 @@ class ClipMatcher:
             ]
 
 
+def _workers_alive(loader: Any) -> bool:
+    """False when a persistent worker of ``loader`` has died (a new pass would wait for it, then fail). Reads
+    DataLoader internals; if they are not there, reports alive and a dead worker fails the pass instead."""
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    return all(worker.is_alive() for worker in workers)
+
+
 class _HostTopk:
     """A top-k result on its way to host memory: on CUDA an asynchronous copy into pinned buffers plus an
     event, so waiting for it does not also wait for work queued after it."""
@@ -224,7 +254,7 @@ class _HostTopk:
         host_scores.copy_(scores, non_blocking=True)
         host_index.copy_(index, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(scores.device))  # the copies' stream (cuda:N, not cuda:0)
         return cls(host_scores, host_index, event)
 
     def wait(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from builder.outputs import image_paths_by_id
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.filter.labels import CandidateIndex, match_labels
@@ -61,7 +62,7 @@ class FilterStage(Stage):
         from processors.llm.request import LLMRequest
 
         images = ctx.load_stage("images")
-        path_of = dict(zip(images["image_id"], images["path"]))
+        path_of = image_paths_by_id(images)
         roots = load_roots(ctx.run_dir)
 
         def request(image_id: str, candidates: list[str]) -> LLMRequest:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from builder.outputs import image_paths_by_id
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 
@@ -57,7 +58,7 @@ class FinalStage(Stage):
 
     def make_batch_fn(self, config: FinalConfig, ctx):
         images = ctx.load_stage("images")
-        path_of = dict(zip(images["image_id"], images["path"]))
+        path_of = image_paths_by_id(images)
         columns = list(self.features(config))
 
         def select(batch: dict[str, list]) -> dict[str, list]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.ids import canonical_json
+from builder.outputs import column_values
 from builder.rows import BatchOutput
 from builder.stage import BatchFn, Stage, StageContext
 from processors.clip.config import ClipMatchConfig
@@ -37,7 +38,7 @@ def get_matcher(config: ClipMatchConfig, cache_dir: Path) -> "ClipMatcher":
     """One matcher per (config, cache folder) per process: the model and text bank survive across shards."""
     from processors.clip.matcher import ClipMatcher
 
-    key = canonical_json([config.model_dump(mode="json"), str(cache_dir)])
+    key = canonical_json([config.model_dump(mode="json", exclude={"shard_size"}), str(cache_dir)])
     with _LOCK:
         if key not in _MATCHERS:
             _MATCHERS.clear()  # a new config replaces the old one: never hold two large models
@@ -80,10 +81,11 @@ class Match(Stage):
 
         matcher = get_matcher(config, ctx.cache_dir)
         roots = load_roots(ctx.run_dir)
+        taxonomy = ctx.load_stage("taxonomy")
+        tasks = matcher.select_tasks(column_values(taxonomy, "task_id"), column_values(taxonomy, "path"))
 
         def fn(batch: dict[str, list]) -> dict[str, list]:
-            taxonomy = ctx.load_stage("taxonomy")
-            matcher.set_tasks(*matcher.select_tasks(taxonomy["task_id"], taxonomy["path"]))
+            matcher.set_tasks(*tasks)  # loads the model and embeds the texts on first use; then a cache hit
             ids = batch["image_id"]
             out = BatchOutput(COLUMNS)
             paths, positions = [], []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from builder.outputs import image_paths_by_id
 from builder.stage import BatchFn, Stage, StageContext
 from processors.qa.config import QAConfig
 from processors.qa.generate import COLUMNS, ImageUnavailable, run_batch
@@ -86,7 +87,7 @@ def image_locator(ctx: StageContext):
     from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path
 
     images = ctx.load_stage("images")
-    path_of = dict(zip(images["image_id"], images["path"]))
+    path_of = image_paths_by_id(images)
     roots = load_roots(ctx.run_dir)
 
     def locate(image_id: str) -> Path:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from builder.outputs import image_paths_by_id
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.referees.protocol import RefereeItem
@@ -95,7 +96,7 @@ class ScoreStage(Stage):
         from processors.referees.endpoint import endpoint_factory
 
         images = ctx.load_stage("images")
-        path_of = dict(zip(images["image_id"], images["path"]))
+        path_of = image_paths_by_id(images)
         roots = load_roots(ctx.run_dir)
         referees = [build_referee(s, endpoint_factory=endpoint_factory(ctx)) for s in config.referees]
         columns = list(self.features(config))

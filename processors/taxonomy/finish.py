@@ -29,14 +29,15 @@ PNG_FILE = "sunburst.png"
 
 
 def write_outputs(ctx: "StageContext", output: "datasets.Dataset", *, plots: bool) -> dict:
-    from builder.outputs import load_stage_failures
+    from builder.outputs import column_values, load_stage_failures
 
-    paths = [tuple(path.split(SEPARATOR)) for path in output["path"]]
+    paths = [tuple(path.split(SEPARATOR)) for path in column_values(output, "path")]
     folder = ctx.stage_dir
     write_tasktypes(folder / TASKTYPE_FILE, paths)
-    stats = tree_stats(paths, output["origin"])
+    stats = tree_stats(paths, column_values(output, "origin"))
     failures = load_stage_failures(ctx.run_dir, "taxonomy")
-    item_reasons = [r for r, item in zip(failures["reason"], failures["item"]) if item is not None]
+    item_reasons = [r for r, item in zip(column_values(failures, "reason"), column_values(failures, "item"))
+                    if item is not None]
     stats["rejected_by_reason"] = dict(Counter(item_reasons).most_common())
     stats["growth"] = [read_json(p) for p in sorted((folder / "growth").glob("*.json"))]
     stats["seed_files"] = read_json(folder / "seeds-report.json") or {}

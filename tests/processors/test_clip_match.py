@@ -153,22 +153,23 @@ def test_a_batch_of_only_bad_images_between_good_ones_keeps_every_row_once_in_or
     assert [[c["task_id"] for c in results[6 + i]] for i in range(3)] == [[c["task_id"] for c in alone[i]] for i in range(3)]
 
 
-def test_small_worker_batches_joined_into_model_batches_score_the_same(tmp_path):
-    # batch_size 64 -> workers hand over 32-image batches that are joined into 64-image model batches.
-    from processors.clip.images import worker_batch_size
-
-    assert (worker_batch_size(64), worker_batch_size(256), worker_batch_size(48), worker_batch_size(3)) == (32, 32, 24, 3)
+def test_small_worker_batches_joined_into_exactly_full_model_batches_score_the_same(tmp_path):
+    # batch_size 64 -> workers hand over 32-image batches, joined into model batches of exactly 64 readable
+    # images even when some images fail (a compiled tower takes one shape; a batch of 65 would run eager).
     good = draw_images(tmp_path, 20)
-    paths = (good * 4)[:75] + [tmp_path / "missing.jpg"]
+    paths = (good * 5)[:95] + [tmp_path / "missing.jpg"]
     paths.insert(40, tmp_path / "gone.jpg")
+    paths.insert(10, tmp_path / "lost.jpg")
     joined = ClipMatcher(tiny(batch_size=64, num_workers=2), tmp_path / "cache")
     joined.set_tasks(TASK_IDS, TASKS)
+    sizes = [len(batch.indices) for batch in joined.iter_batches(paths)]
+    assert sizes == [64, 31] and sum(sizes) == len(paths) - 3
     plain = ClipMatcher(tiny(batch_size=3), tmp_path / "cache")
     plain.set_tasks(TASK_IDS, TASKS)
     got, expected = list(joined.match(paths)), run_match(plain, paths)
     assert sorted(i for i, _ in got) == list(range(len(paths)))
     got = dict(got)
-    assert {i for i, r in got.items() if isinstance(r, ImageError)} == {40, 76}
+    assert {i for i, r in got.items() if isinstance(r, ImageError)} == {10, 41, 97}
     for i, result in got.items():
         if not isinstance(result, ImageError):
             assert [c["task_id"] for c in result] == [c["task_id"] for c in expected[i]]
@@ -190,6 +191,40 @@ def test_worker_processes_persist_across_calls_and_an_abandoned_pass_does_not_le
     assert {p.pid for p in multiprocessing.active_children()} == workers  # no new forks
     assert sorted(second) == list(range(6))
     assert all([c["task_id"] for c in first[i]] == [c["task_id"] for c in second[i]] for i in range(6))
+
+
+def test_one_pass_at_a_time_per_matcher(tmp_path):
+    paths = draw_images(tmp_path, 6)
+    matcher = ClipMatcher(tiny(batch_size=2), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    first = matcher.match(paths)
+    next(first)
+    with pytest.raises(RuntimeError, match="pass is still open"):
+        next(matcher.match(paths[:2]))  # would have taken over the first pass's stream
+    rest = list(first)  # the first pass is untouched and ends normally
+    assert [i for i, _ in rest] == [1, 2, 3, 4, 5]
+    assert sorted(run_match(matcher, paths[:2])) == [0, 1]
+
+
+def test_a_decode_worker_killed_between_passes_is_replaced_at_the_next_pass(tmp_path, caplog):
+    import multiprocessing
+    import os
+    import signal
+
+    paths = draw_images(tmp_path, 8)
+    matcher = ClipMatcher(tiny(batch_size=2, num_workers=2), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    expected = run_match(matcher, paths)
+    victims = multiprocessing.active_children()
+    try:
+        os.kill(victims[0].pid, signal.SIGKILL)
+        victims[0].join(timeout=10)
+    except RuntimeError as exc:  # torch's SIGCHLD handler reports the death wherever the main thread is
+        assert "DataLoader worker" in str(exc)
+    again = run_match(matcher, paths)
+    assert "decode worker died between passes" in caplog.text
+    assert {p.pid for p in multiprocessing.active_children()}.isdisjoint({v.pid for v in victims})
+    assert all([c["task_id"] for c in again[i]] == [c["task_id"] for c in expected[i]] for i in range(8))
 
 
 def fails_to_compile(graph_module, example_inputs):
