@@ -160,7 +160,10 @@ class Runner:
             "key": stage.key, "input_key": key, "features": features.to_dict(), "shard_size": shard_size,
             "shards_total": max(1, math.ceil(len(inputs) / shard_size)), "rows_in": len(inputs),
         }
-        state = self._run_shards(stage, config, ctx, inputs, key, features, base)
+        try:
+            state = self._run_shards(stage, config, ctx, inputs, key, features, base)
+        finally:
+            stage.close(config)
         if state["totals"]["rows_in"] != len(inputs):
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "

@@ -95,5 +95,9 @@ class Stage:
         """The ``llm.endpoints`` this stage calls, so their credentials are checked before anything runs."""
         return []
 
+    def close(self, config: StageConfig) -> None:
+        """Free what ``make_batch_fn`` set up that outlives it (models on a GPU, worker processes). The runner
+        calls it when the stage ends, finished or not, before the next stage starts."""
+
     def finalize(self, config: StageConfig, ctx: StageContext, output: "datasets.Dataset") -> None:
         """Runs once all shards are done (e.g. write tasktype.txt). Must be idempotent."""

@@ -7,8 +7,10 @@ list changes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,7 @@ class ClipMatcher:
         self._split: SplitPreprocess | None = None
         self._loader: tuple[Any, PathBatches] | None = None  # built on first use, its workers persist
         self._pass_open = False
+        _OPEN_MATCHERS.add(self)
         self._compile_backend = compile_backend  # tests use "eager" (dynamo without inductor: fast on a CPU)
         self._compiled: Callable | None = None
         self._compile_state = "unset"  # unset -> trying -> on | off
@@ -151,6 +154,15 @@ class ClipMatcher:
             return self.clip.device.type == "cuda"
         return bool(self.config.compile)
 
+    def close(self) -> None:
+        """Stop the decode workers now (a later pass starts new ones). Persistent DataLoader workers left to
+        interpreter shutdown can hang the exit (seen on a GPU machine with pinned memory), so every matcher
+        still open at exit is closed by an ``atexit`` hook too."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader[0], "_iterator", None) if loader is not None else None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def iter_batches(self, image_paths: Sequence[str | Path]) -> Iterator[ImageBatch]:
         """The data path alone: model-sized batches of pixels (on the device) and per-position errors.
 
@@ -227,6 +239,15 @@ class ClipMatcher:
                 {"task_type": bank.paths[j], "task_id": bank.task_ids[j], "score": float(s)}
                 for s, j in zip(row_scores, row_index)
             ]
+
+
+_OPEN_MATCHERS: "weakref.WeakSet[ClipMatcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_matchers() -> None:
+    for matcher in list(_OPEN_MATCHERS):
+        matcher.close()
 
 
 def _workers_alive(loader: Any) -> bool:

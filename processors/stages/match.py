@@ -46,6 +46,17 @@ def get_matcher(config: ClipMatchConfig, cache_dir: Path) -> "ClipMatcher":
         return _MATCHERS[key]
 
 
+def release_matchers() -> None:
+    """Stop the decode workers and drop the models of every cached matcher (frees the GPU for the next stage)."""
+    from processors.clip.models import clear_model_cache
+
+    with _LOCK:
+        for matcher in _MATCHERS.values():
+            matcher.close()
+        _MATCHERS.clear()
+    clear_model_cache()
+
+
 class Match(Stage):
     name = "match"
     Config = ClipMatchConfig
@@ -75,6 +86,9 @@ class Match(Stage):
         from processors.clip.text import TEXT_TEMPLATE_VERSION
 
         return {"match_version": MATCH_VERSION, "text_template": TEXT_TEMPLATE_VERSION}
+
+    def close(self, config: ClipMatchConfig) -> None:
+        release_matchers()
 
     def make_batch_fn(self, config: ClipMatchConfig, ctx: StageContext) -> BatchFn:
         from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path

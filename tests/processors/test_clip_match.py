@@ -227,6 +227,23 @@ def test_a_decode_worker_killed_between_passes_is_replaced_at_the_next_pass(tmp_
     assert all([c["task_id"] for c in again[i]] == [c["task_id"] for c in expected[i]] for i in range(8))
 
 
+def test_close_stops_the_workers_and_a_later_pass_starts_new_ones(tmp_path):
+    import multiprocessing
+
+    paths = draw_images(tmp_path, 4)
+    matcher = ClipMatcher(tiny(batch_size=2, num_workers=2), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    before = {p.pid for p in multiprocessing.active_children()}
+    first = run_match(matcher, paths)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(workers) == 2
+    matcher.close()
+    assert workers.isdisjoint(p.pid for p in multiprocessing.active_children())
+    again = run_match(matcher, paths)
+    assert all([c["task_id"] for c in again[i]] == [c["task_id"] for c in first[i]] for i in range(4))
+    matcher.close()
+
+
 def fails_to_compile(graph_module, example_inputs):
     raise RuntimeError("no C compiler here")
 

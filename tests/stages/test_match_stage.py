@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 from pathlib import Path
 
 import datasets
@@ -12,6 +14,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field
 
 import processors.clip.text as text_module
+import processors.stages.match as match_module
 from builder.config import build_config_model, validate_config
 from builder.ids import text_id
 from builder.outputs import load_stage_failures, load_stage_output
@@ -84,9 +87,12 @@ def test_match_stage_end_to_end_resume_and_cache(run_dir, monkeypatch):
     real = text_module.encode_texts
     monkeypatch.setattr(text_module, "encode_texts", lambda *a: calls.append(len(a[1])) or real(*a))
 
+    before = {p.pid for p in multiprocessing.active_children()}
     _, states = run(run_dir)
     totals = states["match"]["totals"]
     assert (totals["rows_in"], totals["rows_out"], totals["failed"]) == (10, 9, {"image_corrupt": 1})
+    # the stage let go of its decode workers and model when it ended (the next stage may need the GPU)
+    assert {p.pid for p in multiprocessing.active_children()} <= before and not match_module._MATCHERS
     assert states["match"]["shards_total"] == 3 and calls == [6]  # six leaves, embedded once for 3 shards
     output = load_stage_output(run_dir, "match")
     leaves = {text_id(p): p for p in TASK_PATHS if not any(q.startswith(p + "~") for q in TASK_PATHS)}
