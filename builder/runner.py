@@ -38,6 +38,25 @@ class StageError(RuntimeError):
     """A stage could not finish; finished shards are kept and a rerun resumes."""
 
 
+LIVE_PREFIX = "live-"  # stats/live-NNNNN.json: the running usage of the shard being computed
+INTERRUPTED_PREFIX = "interrupted-"  # stats/interrupted-NNNNN-<time>.json: usage of an attempt that stopped
+
+
+def adopt_killed_usage(folder: Path) -> None:
+    """Turn the live usage records that a killed attempt left behind into interrupted ones (counted in the
+    totals), except where the shard did finish: its stats already hold that usage."""
+    for live in sorted((folder / "stats").glob(f"{LIVE_PREFIX}*.json")):
+        index = int(live.stem.removeprefix(LIVE_PREFIX))
+        if (folder / rf.shard_name(index)).exists():
+            live.unlink(missing_ok=True)
+            continue
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(live.stat().st_mtime))
+        target = live.with_name(f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-killed.json")
+        live.replace(target)
+        logger.warning("stage folder %s: shard %d was stopped hard last time; the usage it had recorded is "
+                       "counted as spent (%s)", folder.name, index, target.name)
+
+
 def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
     """A stage's fingerprinted config minus its ``shard_size``. Like ``run.shard_size`` it only decides how
     the work is cut, so changing it must not re-run finished work; a stage that resumes keeps the boundaries
@@ -185,6 +204,7 @@ class Runner:
 
     def _run_shards(self, stage, config, ctx, inputs, key, features, base) -> dict:
         folder, count = ctx.stage_dir, base["shards_total"]
+        adopt_killed_usage(folder)
         state = self._write_state(folder, base, done=False)
         with tqdm(total=len(inputs), initial=state["totals"]["rows_in"], desc=f"{stage.name:>8}", unit="row",
                   disable=not self.progress, dynamic_ncols=True) as bar:
@@ -213,6 +233,7 @@ class Runner:
     def _run_shard(self, stage, fn, ctx, shard, index, key, features, fp, bar) -> None:
         folder = ctx.stage_dir
         ctx.usage.clear()  # usage is counted per shard; the batch function holds this same ctx
+        ctx.live_usage_path, ctx._live_written = folder / "stats" / f"{LIVE_PREFIX}{index:05d}.json", None
         started = time.monotonic()
         tmp_map = folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow"
         try:
@@ -226,9 +247,12 @@ class Runner:
                 on_batch=bar.update,
             )
         except BaseException as exc:
-            if ctx.usage:  # requests paid before the stop: their answers are cached, their cost must show
-                stamp = time.strftime("%Y%m%dT%H%M%S")
-                rf.atomic_write_json(folder / "stats" / f"interrupted-{index:05d}-{stamp}.json", dict(ctx.usage))
+            # Requests paid before the stop: their answers are cached, their cost must show. The live record
+            # becomes the interrupted one by a rename, so no moment holds both (or neither).
+            ctx.note_live_usage(force=True)
+            live, ctx.live_usage_path = ctx.live_usage_path, None
+            if live.exists():
+                live.replace(folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{time.strftime('%Y%m%dT%H%M%S')}.json")
             if not isinstance(exc, Exception):
                 raise
             raise StageError(
@@ -250,6 +274,8 @@ class Runner:
         }
         rf.atomic_write_json(folder / "stats" / f"shard-{index:05d}.json", stats)
         self._commit(folder / rf.shard_name(index), split.output, features)
+        ctx.live_usage_path.unlink(missing_ok=True)  # the stats hold it now (a leftover is dropped, see below)
+        ctx.live_usage_path = None
         del raw
         tmp_map.unlink(missing_ok=True)
 
@@ -268,7 +294,7 @@ class Runner:
             if stats is not None and (folder / rf.shard_name(index)).exists():
                 shards[str(index)] = stats
         totals = _totals(shards.values())
-        for partial in sorted((folder / "stats").glob("interrupted-*.json")):  # spent by attempts that stopped
+        for partial in sorted((folder / "stats").glob(f"{INTERRUPTED_PREFIX}*.json")):  # attempts that stopped
             for name, value in rf.read_json(partial).items():
                 totals["usage"][name] = totals["usage"].get(name, 0) + value
         state = {**base, "done": done, "shards_done": len(shards), "totals": totals}

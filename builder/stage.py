@@ -9,6 +9,7 @@ changes whenever one of them changes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,36 @@ class StageContext:
     load_stage: Callable[[str], "datasets.Dataset"]
     usage: dict[str, float] = field(default_factory=dict)  # tokens, requests, cost...: summed into state.json
     services: dict[str, Any] = field(default_factory=dict)  # e.g. the simulator URL under --dry-run
+    # Where the runner keeps the running usage of the shard in progress, so that money spent by an attempt
+    # that is killed (SIGKILL, OOM, power) still shows in the totals after the resume. None: not kept.
+    live_usage_path: Path | None = None
+    live_usage_interval_s: float = 1.0
+    _live_written: float | None = field(default=None, repr=False)
 
     def add_usage(self, **counters: float) -> None:
         for name, value in counters.items():
             self.usage[name] = self.usage.get(name, 0) + value
+        self.note_live_usage()
+
+    def note_live_usage(self, in_flight: dict[str, float] | None = None, *, force: bool = False) -> None:
+        """Record the shard's usage so far, plus ``in_flight`` (counters of a call still running), on disk.
+
+        At most once per ``live_usage_interval_s`` (the first time at once): cheap enough to call after every
+        reply. The file is replaced atomically, so a kill leaves the last whole record.
+        """
+        if self.live_usage_path is None:
+            return
+        now = time.monotonic()
+        if not force and self._live_written is not None and now - self._live_written < self.live_usage_interval_s:
+            return
+        record = dict(self.usage)
+        for name, value in (in_flight or {}).items():
+            record[name] = record.get(name, 0) + value
+        if record:
+            from builder.runfolder import atomic_write_json
+
+            atomic_write_json(self.live_usage_path, record)
+            self._live_written = now
 
 
 class Stage:

@@ -77,6 +77,7 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any) -> list
     connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
     cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
     tally = Tally()
+    tally.on_billed = lambda: ctx.note_live_usage(usage_counters(tally, settings, ep))
     try:
         return run_sync(execute(requests, settings, endpoint, connection, cache_path=cache_path,
                                 state_dir=Path(ctx.stage_dir), tally=tally))

@@ -151,9 +151,7 @@ class BatchRunner:
                 continue
             try:
                 reply = rp.normalise(response["body"])
-                self.tally.requests += 1
-                self.tally.usage.add(Usage(**reply["usage"]))
-                self.tally.batch_usage.add(Usage(**reply["usage"]))
+                self.tally.billed(Usage(**reply["usage"]), batch=True)
                 value = rp.interpret(reply, p.request)
             except AttemptError as exc:
                 failed.append((p, f"{exc.reason}: {exc.detail}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,16 @@ class Tally:
     failed: int = 0
     usage: Usage = field(default_factory=Usage)  # everything billed
     batch_usage: Usage = field(default_factory=Usage)  # the part billed at the Batch API discount
+    on_billed: Callable[[], None] | None = field(default=None, repr=False)  # after each billed reply
+
+    def billed(self, usage: Usage, *, batch: bool = False) -> None:
+        """Count one billed reply (and let the stage record its running cost)."""
+        self.requests += 1
+        self.usage.add(usage)
+        if batch:
+            self.batch_usage.add(usage)
+        if self.on_billed is not None:
+            self.on_billed()
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -141,6 +152,5 @@ class OnlineEngine:
         self.breaker.success()
         self.admission.concurrency.on_success()
         reply = rp.normalise(completion)
-        self.tally.requests += 1
-        self.tally.usage.add(Usage(**reply["usage"]))
+        self.tally.billed(Usage(**reply["usage"]))
         return reply, rp.interpret(reply, p.request)

@@ -88,6 +88,20 @@ def test_sigkill_mid_stage_then_resume_recomputes_nothing_finished(tmp_path):
         assert _rows(run_dir, stage) == _rows(reference_dir, stage)
 
 
+def test_usage_of_a_shard_killed_mid_way_is_counted_after_the_resume(tmp_path):
+    # The toy square stage reports usage `requests` per batch of 2 rows. Killed on row 10: shards 0 and 1
+    # committed (8 rows), shard 2 had finished its batch of rows 8-9 and recorded it as live usage.
+    run_dir, _, config = _killed_at_row_10(tmp_path)
+    stats = find_stage_dir(run_dir, "square") / "stats"
+    assert json.loads((stats / "live-00002.json").read_text()) == {"requests": 2}
+    state = make_runner(run_dir, config).run()["square"]
+    assert state["totals"]["usage"]["requests"] == 24 + 2  # every row once, plus the killed attempt's 2
+    assert not list(stats.glob("live-*.json"))
+    assert [json.loads(p.read_text()) for p in stats.glob("interrupted-00002-*-killed.json")] == [{"requests": 2}]
+    again = make_runner(run_dir, config).run()["square"]  # counted once, not again on every rerun
+    assert again["totals"]["usage"]["requests"] == 26
+
+
 def test_rerun_of_a_finished_run_does_nothing(tmp_path):
     log = tmp_path / "calls.log"
     make_runner(tmp_path / "run", _config(log)).run()

@@ -25,6 +25,27 @@ def test_round_trip_keeps_order_and_counts_usage(simulator, ctx_for):
     assert sim.stats()["received"] == 40
 
 
+def test_running_cost_is_recorded_on_disk_while_a_call_is_in_flight(simulator, ctx_for, tmp_path):
+    # What a hard kill mid-call would leave: the live record written after billed replies, before the call
+    # returns and adds its usage (the runner turns a leftover record into counted spend on the resume).
+    sim = simulator(latency_ms=2)
+    ctx = ctx_for(sim, max_concurrency=4)
+    ctx.live_usage_path, ctx.live_usage_interval_s = tmp_path / "live.json", 0.0
+    seen: list[tuple[int, float]] = []
+    write = ctx.note_live_usage
+
+    def spy(in_flight=None, *, force=False):
+        if in_flight is not None and not ctx.usage:  # only snapshots taken during the call
+            seen.append((in_flight["requests"], in_flight["cost_usd"]))
+        write(in_flight, force=force)
+
+    ctx.note_live_usage = spy
+    run_requests(json_requests(12), endpoint="sim", ctx=ctx)
+    assert [n for n, _ in seen] == list(range(1, 13))  # one snapshot per billed reply, growing
+    assert all(later > earlier > 0 for (_, earlier), (_, later) in zip(seen, seen[1:]))
+    assert json.loads(ctx.live_usage_path.read_text())["requests"] == 12 == ctx.usage["requests"]
+
+
 @pytest.mark.parametrize("kind", ["500", "429", "timeout", "drop", "bad_body", "malformed", "length"])
 def test_each_fault_kind_is_retried(simulator, ctx_for, kind):
     sim = simulator(fail_kind=kind, fail_first=2, retry_after_s=0.05, hang_s=5)
