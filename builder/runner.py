@@ -9,6 +9,7 @@ renaming its output file last. ``state.json`` is rebuilt from the per-shard stat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -42,6 +43,16 @@ LIVE_PREFIX = "live-"  # stats/live-NNNNN.json: the running usage of the shard b
 INTERRUPTED_PREFIX = "interrupted-"  # stats/interrupted-NNNNN-<time>.json: usage of an attempt that stopped
 
 
+def interrupted_name(folder: Path, index: int, when: float, note: str = "stopped") -> Path:
+    """A new ``stats/interrupted-NNNNN-<time>-<note>-<n>.json`` (never one that exists: each is counted)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
+    for n in itertools.count():
+        path = folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}.json"
+        if not path.exists():
+            return path
+    raise AssertionError("unreachable")
+
+
 def adopt_killed_usage(folder: Path) -> None:
     """Turn the live usage records that a killed attempt left behind into interrupted ones (counted in the
     totals), except where the shard did finish: its stats already hold that usage."""
@@ -50,8 +61,7 @@ def adopt_killed_usage(folder: Path) -> None:
         if (folder / rf.shard_name(index)).exists():
             live.unlink(missing_ok=True)
             continue
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(live.stat().st_mtime))
-        target = live.with_name(f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-killed.json")
+        target = interrupted_name(folder, index, live.stat().st_mtime, "killed")
         live.replace(target)
         logger.warning("stage folder %s: shard %d was stopped hard last time; the usage it had recorded is "
                        "counted as spent (%s)", folder.name, index, target.name)
@@ -182,7 +192,10 @@ class Runner:
         try:
             state = self._run_shards(stage, config, ctx, inputs, key, features, base)
         finally:
-            stage.close(config)
+            try:
+                stage.close(config)
+            except Exception:  # noqa: BLE001 - freeing resources must not hide why the stage stopped
+                logger.exception("stage %s: releasing its resources failed", stage.name)
         if state["totals"]["rows_in"] != len(inputs):
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
@@ -252,7 +265,7 @@ class Runner:
             ctx.note_live_usage(force=True)
             live, ctx.live_usage_path = ctx.live_usage_path, None
             if live.exists():
-                live.replace(folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{time.strftime('%Y%m%dT%H%M%S')}.json")
+                live.replace(interrupted_name(folder, index, time.time()))
             if not isinstance(exc, Exception):
                 raise
             raise StageError(

@@ -9,6 +9,7 @@ changes whenever one of them changes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 BatchFn = Callable[[dict[str, list]], dict[str, list]]
 
+
+logger = logging.getLogger(__name__)
 
 class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys are errors, not silently ignored."""
@@ -74,7 +77,14 @@ class StageContext:
         if record:
             from builder.runfolder import atomic_write_json
 
-            atomic_write_json(self.live_usage_path, record)
+            try:
+                atomic_write_json(self.live_usage_path, record)
+            except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
+                if self._live_written != -1.0:
+                    logger.warning("could not record the running usage in %s (%s); a hard kill now would "
+                                   "under-count this shard's cost", self.live_usage_path, exc)
+                self._live_written = -1.0  # warned; the next call tries again (no throttle)
+                return
             self._live_written = now
 
 

@@ -31,14 +31,14 @@ class PathEscapeError(ValueError):
 def safe_join(root: Path, relative: str | os.PathLike, *, resolve_links: bool = True) -> Path:
     """``root / relative``, refusing absolute paths, ``..`` and (by default) symlinks that lead outside."""
     text = str(relative).replace("\\", "/")
-    parts = text.split("/")
-    if text.startswith("/") or any(part in ("..", "", ".") for part in parts) or (len(parts[0]) == 2 and parts[0][1] == ":"):
+    parts = [part for part in text.split("/") if part not in ("", ".")]  # "./a", "a//b", "a/" are plain
+    if text.startswith("/") or ".." in parts or not parts:
         raise PathEscapeError(f"{str(relative)!r} is not a plain relative path inside {root}")
     joined = Path(root, *parts)
     if resolve_links:
         # One realpath per file (an lstat per component: the only way to see a symlink that leads out); the
         # root's own is cached. Runs once per image per stage, so it is kept to string operations.
-        real_root = _real_root(str(root))
+        real_root = _real_root(os.path.abspath(root))
         real = os.path.realpath(joined)
         if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
             raise PathEscapeError(f"{relative!s} resolves to {real}, outside its root {real_root}")

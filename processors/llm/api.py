@@ -83,6 +83,7 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any) -> list
                                 state_dir=Path(ctx.stage_dir), tally=tally))
     finally:
         ctx.add_usage(**usage_counters(tally, settings, ep))
+        ctx.note_live_usage(force=True)  # the throttled snapshots may lag by up to a second: not at the end
 
 
 def usage_counters(tally: Tally, settings: LLMSettings, ep: EndpointSettings) -> dict[str, float]:

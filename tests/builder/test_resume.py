@@ -97,7 +97,7 @@ def test_usage_of_a_shard_killed_mid_way_is_counted_after_the_resume(tmp_path):
     state = make_runner(run_dir, config).run()["square"]
     assert state["totals"]["usage"]["requests"] == 24 + 2  # every row once, plus the killed attempt's 2
     assert not list(stats.glob("live-*.json"))
-    assert [json.loads(p.read_text()) for p in stats.glob("interrupted-00002-*-killed.json")] == [{"requests": 2}]
+    assert [json.loads(p.read_text()) for p in stats.glob("interrupted-00002-*-killed-*.json")] == [{"requests": 2}]
     again = make_runner(run_dir, config).run()["square"]  # counted once, not again on every rerun
     assert again["totals"]["usage"]["requests"] == 26
 

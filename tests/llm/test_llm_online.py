@@ -46,6 +46,24 @@ def test_running_cost_is_recorded_on_disk_while_a_call_is_in_flight(simulator, c
     assert json.loads(ctx.live_usage_path.read_text())["requests"] == 12 == ctx.usage["requests"]
 
 
+def test_the_running_cost_on_disk_is_complete_when_a_call_returns(simulator, ctx_for, tmp_path):
+    sim = simulator(latency_ms=1)
+    ctx = ctx_for(sim, max_concurrency=8)
+    ctx.live_usage_path = tmp_path / "live.json"  # default throttle: at most one snapshot a second
+    run_requests(json_requests(40), endpoint="sim", ctx=ctx)
+    assert json.loads(ctx.live_usage_path.read_text()) == pytest.approx(ctx.usage)
+
+
+def test_a_running_cost_that_cannot_be_written_never_stops_paid_work(simulator, ctx_for, tmp_path, caplog):
+    sim = simulator(latency_ms=1)
+    ctx = ctx_for(sim, max_concurrency=8)
+    (tmp_path / "full").write_text("a file where the stats folder should be")
+    ctx.live_usage_path = tmp_path / "full" / "live.json"  # every write fails (NotADirectoryError)
+    results = run_requests(json_requests(10), endpoint="sim", ctx=ctx)
+    assert all(r.ok for r in results) and ctx.usage["requests"] == 10
+    assert "could not record the running usage" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["500", "429", "timeout", "drop", "bad_body", "malformed", "length"])
 def test_each_fault_kind_is_retried(simulator, ctx_for, kind):
     sim = simulator(fail_kind=kind, fail_first=2, retry_after_s=0.05, hang_s=5)

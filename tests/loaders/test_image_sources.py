@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import datasets
 import pytest
@@ -25,10 +26,31 @@ def png(color=(1, 2, 3)) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("bad", ["../x.jpg", "/etc/passwd", "a/../../x", "", "..", "..\\\\win.jpg"])
+@pytest.mark.parametrize("bad", ["../x.jpg", "/etc/passwd", "a/../../x", "a/../b", "", ".", "./", "..",
+                                 "..\\\\win.jpg", "a\\\\..\\\\..\\\\x"])
 def test_safe_join_refuses_escapes(tmp_path, bad):
     with pytest.raises(PathEscapeError):
         safe_join(tmp_path, bad)
+
+
+@pytest.mark.parametrize(("plain", "parts"), [("./a/x.jpg", ("a", "x.jpg")), ("a//x.jpg", ("a", "x.jpg")),
+                                              ("a/./x.jpg", ("a", "x.jpg")), ("a/", ("a",)), ("C:/x", ("C:", "x"))])
+def test_safe_join_accepts_plain_paths_written_loosely(tmp_path, plain, parts):
+    # e.g. members of `tar czf x.tgz ./images`, or a Hub cell holding "./img.jpg"
+    assert safe_join(tmp_path, plain) == tmp_path.joinpath(*parts)
+
+
+def test_a_relative_root_is_resolved_against_the_current_folder_each_time(tmp_path, monkeypatch):
+    # the root's realpath is cached: by absolute path, so a changed working folder cannot reuse a stale one
+    for name in ("one", "two"):
+        (tmp_path / name / "root").mkdir(parents=True)
+    (tmp_path / "two" / "outside.jpg").write_bytes(png())
+    os.symlink(tmp_path / "two" / "outside.jpg", tmp_path / "two" / "root" / "y.jpg")
+    monkeypatch.chdir(tmp_path / "one")
+    assert safe_join(Path("root"), "x.jpg") == Path("root") / "x.jpg"
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(PathEscapeError):
+        safe_join(Path("root"), "y.jpg")
 
 
 def test_folder_listing_is_sorted_and_links_cannot_escape(tmp_path):
