@@ -226,15 +226,15 @@ class ClipMatcher:
                                                 c.score_chunk)
                     ready = _HostTopk.start(scores, index)
             if pending is not None:
-                yield from zip(pending[0], self._candidates(*pending[1].wait()))
+                yield from zip(pending[0], self._candidates(*pending[1].wait()), strict=True)
             yield from batch.errors.items()
             pending = (batch.indices, ready) if ready is not None else None
         if pending is not None:
-            yield from zip(pending[0], self._candidates(*pending[1].wait()))
+            yield from zip(pending[0], self._candidates(*pending[1].wait()), strict=True)
 
     def _candidates(self, scores, index) -> Iterator[Candidates]:
         bank = self._bank
-        for row_scores, row_index in zip(scores, index):
+        for row_scores, row_index in zip(scores, index, strict=True):
             yield [
                 {"task_type": bank.paths[j], "task_id": bank.task_ids[j], "score": float(s)}
                 for s, j in zip(row_scores, row_index)
