@@ -46,11 +46,8 @@ INTERRUPTED_PREFIX = "interrupted-"  # stats/interrupted-NNNNN-<time>.json: usag
 def interrupted_name(folder: Path, index: int, when: float, note: str = "stopped") -> Path:
     """A new ``stats/interrupted-NNNNN-<time>-<note>-<n>.json`` (never one that exists: each is counted)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
-    for n in itertools.count():
-        path = folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}.json"
-        if not path.exists():
-            return path
-    raise AssertionError("unreachable")
+    names = (folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}.json" for n in itertools.count())
+    return next(path for path in names if not path.exists())
 
 
 def adopt_killed_usage(folder: Path) -> None:

@@ -33,8 +33,9 @@ class StageConfig(BaseModel):
 
     # Left out of dumps when unset, so config.yaml and the dataset card show it only where it was given.
     shard_size: int | None = Field(
-        None, ge=1, exclude_if=lambda value: value is None, description="input rows per shard for this stage (default run.shard_size): larger for fast "
-        "GPU stages, whose per-shard start-up then matters less; smaller for paid stages, so less is at risk")
+        None, ge=1, exclude_if=lambda value: value is None,
+        description="input rows per shard for this stage (default run.shard_size): larger for fast GPU stages, "
+        "whose per-shard start-up then matters less; smaller for paid stages, so less is at risk")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class StageContext:
     live_usage_path: Path | None = None
     live_usage_interval_s: float = 1.0
     _live_written: float | None = field(default=None, repr=False)
+    _live_warned: bool = field(default=False, repr=False)
 
     def add_usage(self, **counters: float) -> None:
         for name, value in counters.items():
@@ -80,12 +82,12 @@ class StageContext:
             try:
                 atomic_write_json(self.live_usage_path, record)
             except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
-                if self._live_written != -1.0:
+                if not self._live_warned:
                     logger.warning("could not record the running usage in %s (%s); a hard kill now would "
                                    "under-count this shard's cost", self.live_usage_path, exc)
-                self._live_written = -1.0  # warned; the next call tries again (no throttle)
+                self._live_warned = True
                 return
-            self._live_written = now
+            self._live_written, self._live_warned = now, False
 
 
 class Stage:

@@ -180,9 +180,11 @@ class ClipMatcher:
                 yield from join_batches(loader, self.batch_size, self.clip.device)
             else:
                 yield from loader
-        except Exception:
+        except Exception as exc:
             # e.g. a worker killed by the OOM killer or a decoder crash: persistent workers do not recover from
             # that (every later pass waits for the dead one), so the next pass starts fresh ones.
+            logger.warning("CLIP image loading failed (%s: %s); the next pass starts new decode workers",
+                           type(exc).__name__, exc)
             self._loader = None
             raise
         finally:
