@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
 
+from builder.secrets import looks_like_key, mask_keys
 from builder.stage import Stage
 
 
@@ -91,12 +92,39 @@ def load_config(path: str | os.PathLike, model: type[BaseModel]) -> BaseModel:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}; nothing was run") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with keys 'run' and 'stages' at the top level")
     return validate_config(data, model, base_dir=path.resolve().parent, origin=str(path))
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice: YAML keeps the last silently, which is never what a config meant."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (naming it and both lines)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise DuplicateKeyError(f"key {key!r} is given twice in one mapping, on line {seen[key]} and on line "
+                                    f"{line} (the second would silently replace the first): keep one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def validate_config(data: dict, model: type[BaseModel], *, base_dir: Path, origin: str = "config"):
@@ -118,7 +146,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], origin
             lines.append(f"  - {key}: required key is missing")
         else:
             given = error.get("input")
-            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+            hidden = isinstance(given, (dict, list)) or (isinstance(given, str) and looks_like_key(given))
+            shown = "" if hidden or "not shown" in error["msg"] else f" (got {mask_keys(repr(given))})"
             lines.append(f"  - {key}: {error['msg']}{shown}")
     return "\n".join(lines)
 

@@ -6,7 +6,9 @@ none of them needs the config that produced the run.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -101,3 +103,51 @@ def run_states(run_dir: Path) -> list[dict]:
         if state is not None:
             states.append({**state, "folder": folder.name})
     return states
+
+
+# Spend records in a stage's stats/ folder besides the finished shards' stats (see builder.runner):
+LIVE_PREFIX = "live-"  # live-NNNNN.json: the running usage of the shard being computed (left by a kill)
+INTERRUPTED_PREFIX = "interrupted-"  # interrupted-NNNNN-<time>-<note>-<n>.json: an attempt that stopped
+SUPERSEDED_PREFIX = "superseded-"  # superseded-<time>-<n>.json: what the stage spent under an earlier config
+
+
+def stage_totals(folder: Path, shards_total: int) -> dict[str, Any]:
+    """A stage's totals read from its folder: rows, failures and usage of the finished shards, plus the
+    usage of every attempt that stopped (interrupted, killed while live, or under a replaced config).
+
+    ``usage`` is everything paid for the stage in this run folder; ``stopped_usage`` the part of it that no
+    finished shard holds. Both the runner (``state.json``) and ``status`` use this, so a stop that left no
+    fresh ``state.json`` (a kill, a full disk) still shows what it paid."""
+    shards = []
+    for index in range(shards_total):
+        stats = rf.read_json(folder / "stats" / f"shard-{index:05d}.json")
+        if stats is not None and (folder / rf.shard_name(index)).exists():
+            shards.append(stats)
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "inputs_with_output": 0, "seconds": 0.0}
+    failed: Counter = Counter()
+    items: Counter = Counter()
+    usage: Counter = Counter()
+    for stats in shards:
+        for name in ("rows_in", "rows_out", "inputs_with_output", "seconds"):
+            totals[name] += stats[name]
+        failed.update(stats["failed"])
+        items.update(stats["item_failures"])
+        usage.update(stats["usage"])
+    stopped: Counter = Counter()
+    for record in _stopped_records(folder):
+        stopped.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    usage.update(stopped)
+    totals.update(failed=dict(failed), item_failures=dict(items), usage=dict(usage), stopped_usage=dict(stopped))
+    totals["shards_done"] = len(shards)
+    return totals
+
+
+def _stopped_records(folder: Path) -> list[dict]:
+    stats = folder / "stats"
+    records = [rf.read_json(p) for p in sorted(stats.glob(f"{INTERRUPTED_PREFIX}*.json"))]
+    records += [rf.read_json(p) for p in sorted(stats.glob(f"{SUPERSEDED_PREFIX}*.json"))]
+    for live in sorted(stats.glob(f"{LIVE_PREFIX}*.json")):  # a kill left it; a finished shard's is stale
+        index = live.stem.removeprefix(LIVE_PREFIX)
+        if index.isdigit() and not (folder / rf.shard_name(int(index))).exists():
+            records.append(rf.read_json(live))
+    return [r for r in records if isinstance(r, dict)]

@@ -13,7 +13,6 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import column_values, load_stage_output, run_states
+from builder.outputs import (INTERRUPTED_PREFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, column_values, load_stage_output,
+                             run_states, stage_totals)
 from builder.stage import Stage, StageContext
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ class StageError(RuntimeError):
     """A stage could not finish; finished shards are kept and a rerun resumes."""
 
 
-LIVE_PREFIX = "live-"  # stats/live-NNNNN.json: the running usage of the shard being computed
-INTERRUPTED_PREFIX = "interrupted-"  # stats/interrupted-NNNNN-<time>.json: usage of an attempt that stopped
 
 
 def interrupted_name(folder: Path, index: int, when: float, note: str = "stopped") -> Path:
@@ -204,9 +202,15 @@ class Runner:
         """The stage's previous state when it was computed under the same fingerprint; else an empty folder."""
         state = rf.read_json(folder / rf.STATE_FILE)
         if state is None or state.get("fingerprint") != fp:
+            spent = stage_totals(folder, state.get("shards_total", 0))["usage"] if state is not None else {}
             if state is not None:
                 logger.info("stage %s: config or inputs changed; recomputing it", name)
             rf.clear_stage_dir(folder)
+            if any(spent.values()):  # money paid under the old config stays counted
+                (folder / "stats").mkdir(parents=True, exist_ok=True)
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                names = (folder / "stats" / f"{SUPERSEDED_PREFIX}{stamp}-{n}.json" for n in itertools.count())
+                rf.atomic_write_json(next(p for p in names if not p.exists()), spent)
             return None
         if rf.remove_temporaries(folder):
             logger.info("stage %s: removed the half-written files of an interrupted run", name)
@@ -224,7 +228,11 @@ class Runner:
                     continue
                 fn = fn or stage.make_batch_fn(config, ctx)
                 shard = inputs.shard(count, index, contiguous=True)
-                self._run_shard(stage, fn, ctx, shard, index, key, features, base["fingerprint"], bar)
+                try:
+                    self._run_shard(stage, fn, ctx, shard, index, key, features, base["fingerprint"], bar)
+                except BaseException:  # state.json then counts what the stopped attempt paid
+                    self._write_state_best_effort(folder, base)
+                    raise
                 state = self._write_state(folder, base, done=False)
                 bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
         return state
@@ -298,34 +306,20 @@ class Runner:
 
     @staticmethod
     def _write_state(folder: Path, base: dict, *, done: bool) -> dict:
-        shards = {}
-        for index in range(base["shards_total"]):
-            stats = rf.read_json(folder / "stats" / f"shard-{index:05d}.json")
-            if stats is not None and (folder / rf.shard_name(index)).exists():
-                shards[str(index)] = stats
-        totals = _totals(shards.values())
-        for partial in sorted((folder / "stats").glob(f"{INTERRUPTED_PREFIX}*.json")):  # attempts that stopped
-            for name, value in rf.read_json(partial).items():
-                totals["usage"][name] = totals["usage"].get(name, 0) + value
-        state = {**base, "done": done, "shards_done": len(shards), "totals": totals}
+        totals = stage_totals(folder, base["shards_total"])
+        state = {**base, "done": done, "shards_done": totals.pop("shards_done"), "totals": totals}
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rf.atomic_write_json(folder / rf.STATE_FILE, state)
         return state
 
-
-def _totals(shards) -> dict:
-    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "inputs_with_output": 0, "seconds": 0.0}
-    failed: Counter = Counter()
-    items: Counter = Counter()
-    usage: Counter = Counter()
-    for stats in shards:
-        for name in ("rows_in", "rows_out", "inputs_with_output", "seconds"):
-            totals[name] += stats[name]
-        failed.update(stats["failed"])
-        items.update(stats["item_failures"])
-        usage.update(stats["usage"])
-    totals.update(failed=dict(failed), item_failures=dict(items), usage=dict(usage))
-    return totals
+    def _write_state_best_effort(self, folder: Path, base: dict) -> None:
+        """``_write_state`` while a shard is already failing: a failure to write (a full disk) must not hide
+        why it failed, and ``status`` reads the spend records themselves anyway."""
+        try:
+            self._write_state(folder, base, done=False)
+        except OSError as exc:
+            logger.warning("stage %s: could not update %s (%s); `taskgalaxy status` still counts what was paid "
+                           "from the stats/ records", base["stage"], folder / rf.STATE_FILE, exc)
 
 
 def _postfix(totals: dict) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder import runfolder as rf
-from builder.outputs import run_states, stale_inputs
+from builder.outputs import run_states, stage_totals, stale_inputs
 
 TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens")
 
@@ -14,13 +14,15 @@ def stage_summaries(run_dir: Path) -> list[dict]:
     """One plain dict per stage: shards, rows, failures by reason, tokens, cost, fingerprint, done."""
     summaries = []
     for state in run_states(run_dir):
-        totals = state["totals"]
+        # Totals from the folder itself, not only state.json: a kill or a full disk may have left that stale,
+        # and the spend records of stopped attempts must show in any case.
+        totals = stage_totals(Path(run_dir) / state["folder"], state.get("shards_total", 0))
         usage = totals.get("usage", {})
         summary = {
             "stage": state["stage"],
             "folder": state["folder"],
             "done": bool(state.get("done")),
-            "shards_done": state.get("shards_done", 0),
+            "shards_done": totals["shards_done"],
             "shards_total": state.get("shards_total", 0),
             "rows_in": state.get("rows_in", 0),
             "rows_processed": totals["rows_in"],
@@ -34,6 +36,7 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "cache_hits": int(usage.get("cache_hits", 0)),
             "cost_usd": round(float(usage.get("cost_usd", 0.0)), 4),
             "usage": usage,
+            "stopped_usage": totals.get("stopped_usage", {}),
             "fingerprint": state["fingerprint"],
             "stale_inputs": stale_inputs(run_dir, state),
             "seconds": round(totals.get("seconds", 0.0), 2),
@@ -58,6 +61,10 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
         )
         if s["stale_inputs"]:
             lines.append(f"{'':<10} stale: computed from an older {', '.join(s['stale_inputs'])}; rerun to update")
+        stopped = s["stopped_usage"]
+        if stopped.get("requests"):
+            lines.append(f"{'':<10} includes {int(stopped['requests'])} requests (${stopped.get('cost_usd', 0):.2f}) "
+                         "paid by attempts that stopped or by an earlier config")
         for label, counts in (("failed", s["failures_by_reason"]), ("items rejected", s["item_failures_by_reason"])):
             if counts:
                 reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -55,6 +55,7 @@ class SquareConfig(StageConfig):
     offset: int = 0
     hold_while: str | None = None  # a path: rows from `hold_from` on wait while it exists (pins a run mid-stage)
     hold_from: int = 0
+    raise_from: int | None = None  # rows from this value on raise (a stage that stops with an exception)
 
 
 class Square(Stage):
@@ -94,6 +95,8 @@ class Square(Stage):
                 if copies == 1 and config.double_every:
                     out.fail(key, "single_copy", "only one copy", item="copy-1")
             ctx.add_usage(requests=len(batch["num_id"]))
+            if config.raise_from is not None and max(batch["value"]) >= config.raise_from:
+                raise RuntimeError(f"row value {max(batch['value'])} stops the stage (raise_from)")
             return out.to_columns()
 
         return fn

@@ -30,6 +30,28 @@ _TRAILING_PUNCT = ".;,:!?"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
+# Unicode categories no task name contains: controls, format characters (zero-width spaces and joiners,
+# bidirectional overrides, BOM), surrogates, private use and unassigned code points.
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+MIN_LETTERS = 3
+MIN_LETTER_SHARE = 0.4  # of the characters that are not spaces
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a task type name (decoding debris, invisible characters, too few letters), or
+    None. Shared by the seed loader and the reply parser, so both refuse the same names."""
+    if "\ufffd" in name:
+        return "replacement character U+FFFD (text that did not decode)"
+    for ch in name:
+        if unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in "\t":
+            return f"invisible or control character U+{ord(ch):04X}"
+    visible = [ch for ch in name if not ch.isspace()]
+    letters = sum(1 for ch in visible if ch.isalpha())
+    if letters < MIN_LETTERS or letters < MIN_LETTER_SHARE * len(visible):
+        return f"too few letters ({letters} of {len(visible)} characters)"
+    return None
+
+
 def normalize_tildes(text: str) -> str:
     """Replace every tilde look-alike by ``~``."""
     return _ODD_TILDE_RE.sub(SEPARATOR, text)

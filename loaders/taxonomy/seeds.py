@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loaders.taxonomy.names import ODD_TILDES, SEPARATOR, clean_name, has_control_chars, normalize_tildes, path_key
+from loaders.taxonomy.names import (ODD_TILDES, SEPARATOR, clean_name, has_control_chars, name_problem,
+                                    normalize_tildes, path_key)
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ def _add_path(seeds: SeedList, line: int, text: str, origin: str, *, max_depth: 
     if len(parts) > max_depth:
         seeds.problems.append(SeedProblem(line, "too_deep", text))
         return
+    problems = [problem for problem in map(name_problem, parts) if problem]
+    if problems:
+        seeds.problems.append(SeedProblem(line, "bad_name", f"{problems[0]}: {text[:200]!r}"))
+        return
     if any(len(p) > max_name_chars for p in parts):
         seeds.problems.append(SeedProblem(line, "too_long", text))
         return
@@ -149,6 +154,13 @@ def _yaml_paths(lines: list[tuple[int, str]], seeds: SeedList) -> list[tuple[int
 
     text = "\n".join(line for _, line in lines)
     try:
+        # Aliases are refused before anything is built: a few hundred bytes of nested aliases expand into
+        # billions of names (an "alias bomb"); a seed file has no use for them.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                seeds.problems.append(SeedProblem(event.start_mark.line + 1, "yaml_alias",
+                                                  f"alias *{event.anchor[:40]} refused: write each name out"))
+                return []
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -66,13 +66,16 @@ def llm_settings(ctx: Any) -> LLMSettings:
     return settings if isinstance(settings, LLMSettings) else LLMSettings()
 
 
-def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any) -> list[LLMResult]:
+def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
+                 overrides: dict[str, Any] | None = None) -> list[LLMResult]:
     """Answer ``requests`` (results in the same order); per-request failures come back as ``ok=False``.
 
-    Raises ``CircuitOpenError`` when the endpoint keeps failing and ``MissingApiKeyError`` when the key's env
-    var is unset. Usage (requests, cache_hits, retries, prompt/completion tokens, cost_usd) goes to ``ctx``.
+    ``overrides`` replace settings of the endpoint for this call (a referee preset's served model name and
+    image size where the endpoint leaves them unset). Raises ``CircuitOpenError`` when the endpoint keeps
+    failing and ``MissingApiKeyError`` when the key's env var is unset. Usage (requests, cache_hits, retries,
+    prompt/completion tokens, cost_usd) goes to ``ctx``.
     """
-    settings = llm_settings(ctx)
+    settings = with_overrides(llm_settings(ctx), endpoint, overrides)
     ep = settings.endpoint(endpoint)
     connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
     cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
@@ -84,6 +87,15 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any) -> list
     finally:
         ctx.add_usage(**usage_counters(tally, settings, ep))
         ctx.note_live_usage(force=True)  # the throttled snapshots may lag by up to a second: not at the end
+
+
+def with_overrides(settings: LLMSettings, endpoint: str, overrides: dict[str, Any] | None) -> LLMSettings:
+    """``settings`` with endpoint ``endpoint``'s fields replaced by ``overrides`` (validated like the config)."""
+    if not overrides:
+        return settings
+    ep = settings.endpoint(endpoint)
+    changed = EndpointSettings.model_validate({**ep.model_dump(exclude_unset=True), **overrides})
+    return settings.model_copy(update={"endpoints": {**settings.endpoints, endpoint: changed}})
 
 
 def usage_counters(tally: Tally, settings: LLMSettings, ep: EndpointSettings) -> dict[str, float]:

@@ -39,10 +39,27 @@ class CircuitBreaker:
 
     def _message(self) -> str:
         kinds = ", ".join(f"{what} x{count}" for what, count in self._kinds.most_common())
-        key_hint = f"the key in ${self._key_env} is valid and has quota, " if self._key_env else ""
+        dominant = self._kinds.most_common(1)[0][0] if self._kinds else ""
         return (
-            f"{self._where} failed {self._streak} attempts in a row ({kinds}; last: {self._last_detail[:200]}). "
-            f"Stopped instead of retrying forever. Check that the server is reachable, {key_hint}and the model "
-            "name is right, then rerun: every answer received so far is in the request cache and is not paid "
-            "for again."
+            f"{self._where} failed {self._streak} attempts in a row ({kinds}). The server said: "
+            f"{self._last_detail}. Stopped instead of retrying forever. {self._advice(dominant)} Then rerun: "
+            "every answer received so far is in the request cache and is not paid for again."
         )
+
+    def _advice(self, what: str) -> str:
+        """What to do, by the kind of failure that dominated the streak (a 400 is not an unreachable server)."""
+        status = int(what.split()[1]) if what.startswith("HTTP ") and what.split()[1].isdigit() else None
+        key = f"the key in ${self._key_env}" if self._key_env else "the server's API key (api_key_env)"
+        if what == "HTTP 429 quota":
+            return f"The account behind {key} has no quota left: add credit or use another key."
+        if status in (401, 403):
+            return f"The server refused the credentials: check {key} (a vLLM server started with --api-key " \
+                   "needs the same key)."
+        if status == 404:
+            return ("The model name (or the URL path) is not served there: set the endpoint's `model` to a name "
+                    "the server lists (vLLM: its --served-model-name; GET /v1/models shows them).")
+        if status is not None and 400 <= status < 500:
+            return ("The server rejected the request itself, not the connection: its message above says what "
+                    "it refused (a parameter it does not accept, a server flag it needs, a limit exceeded). "
+                    "Change the endpoint or referee settings, or the server's flags, to match.")
+        return "Check that the server is reachable and healthy (its URL, port and logs)."

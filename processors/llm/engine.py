@@ -99,9 +99,11 @@ class OnlineEngine:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+        # Retrieve every task's exception, not just the first: an unretrieved one is printed at shutdown as
+        # "Task exception was never retrieved", with whatever its message holds.
+        errors = [task.exception() for task in tasks if not task.cancelled() and task.exception() is not None]
+        if errors:
+            raise errors[0]
         return {p.cache_key: task.result() for p, task in zip(prepared, tasks)}
 
     async def one(self, p: Prepared) -> LLMResult:

@@ -8,9 +8,11 @@ its ``reason`` ends up in ``LLMResult``. Only ``CircuitOpenError`` (the endpoint
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import Mapping
 
+from builder.secrets import mask_keys
 from processors.llm import request as rq
 
 
@@ -35,9 +37,33 @@ class AttemptError(Exception):
         self.what = what or reason  # short label for the breaker's summary ("HTTP 503", "timeout", ...)
 
 
-def from_status(status: int, body: str, headers: Mapping[str, str]) -> AttemptError:
-    """Classify an HTTP error reply the way the OpenAI SDK does: 408, 409, 429 and 5xx are retried."""
-    detail = f"HTTP {status}: {body[:300]}"
+SERVER_WORDS_MAX = 4000  # characters of the server's own message kept in a failure detail (its advice lives there)
+
+
+def server_message(body: str) -> str:
+    """The server's words: ``error.message`` of an OpenAI-style body, the ``error`` string of vLLM's 401, or
+    the body itself; at most ``SERVER_WORDS_MAX`` characters."""
+    text = body.strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed.get("detail", parsed.get("message")))
+        if isinstance(error, dict) and error.get("message"):
+            text = str(error["message"])
+        elif isinstance(error, str):
+            text = error
+    if len(text) > SERVER_WORDS_MAX:
+        text = text[:SERVER_WORDS_MAX] + f"... [{len(text) - SERVER_WORDS_MAX} more characters]"
+    return text
+
+
+def from_status(status: int, body: str, headers: Mapping[str, str], secret: str | None = None) -> AttemptError:
+    """Classify an HTTP error reply the way the OpenAI SDK does: 408, 409, 429 and 5xx are retried.
+
+    The detail keeps the server's message (redacted of ``secret`` and of anything shaped like an API key)."""
+    detail = redact(f"HTTP {status}: {server_message(body)}", secret)
     if status == 429:
         if "insufficient_quota" in body:  # out of money, not out of rate: retrying cannot help
             return AttemptError(rq.RATE_LIMITED, detail, retryable=False, breaker=True, what="HTTP 429 quota")
@@ -53,9 +79,9 @@ def timeout_error(timeout_s: float) -> AttemptError:
                         what="timeout")
 
 
-def connection_error(exc: BaseException) -> AttemptError:
-    return AttemptError(rq.API_ERROR, f"connection error: {type(exc).__name__}: {exc}"[:300], retryable=True,
-                        breaker=True, what="connection error")
+def connection_error(exc: BaseException, secret: str | None = None) -> AttemptError:
+    return AttemptError(rq.API_ERROR, redact(f"connection error: {type(exc).__name__}: {exc}"[:1000], secret),
+                        retryable=True, breaker=True, what="connection error")
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
@@ -81,7 +107,8 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with the secret (and any long fragment of it a server echoed back) masked."""
+    """``text`` with the secret (and any long fragment of it a server echoed back) and key-shaped strings masked."""
+    text = mask_keys(text)
     if not secret or len(secret) < 4:
         return text
     text = text.replace(secret, "***")

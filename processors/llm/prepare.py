@@ -1,8 +1,14 @@
 """Turn an ``LLMRequest`` into its cache key, its token estimate and (lazily) its wire body.
 
-The cache key is the hash of the canonical request: model, prompt version, every sampling parameter and the
-messages with each image replaced by the hash of its bytes plus the settings that shape what is sent
-(longest side, detail, encoding). Nothing about the connection (URL, key, headers) is part of it.
+The cache key is the hash of the canonical request: the endpoint's identity (base URL and model), prompt
+version, every sampling parameter and the messages with each image replaced by the hash of its bytes plus the
+settings that shape what is sent (longest side, detail, encoding). The key itself, headers and timeouts are
+never part of it.
+
+Two servers that serve models under the same name are different referees, so the base URL is part of the
+identity. For OpenAI's own URL it is left out, which keeps every cache written before the URL counted
+(``CACHE_KEY_VERSION`` 1) valid for the OpenAI endpoint; entries of other servers written then no longer
+match and are asked again (they could have been answered by another server).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Any
+
+from urllib.parse import urlsplit
 
 from builder.ids import fingerprint
 from processors.llm import estimate, images
@@ -51,6 +59,16 @@ class Prepared:
             for p in content
         ]
         return {**message, "content": parts}
+
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+def endpoint_identity(base_url: str) -> str | None:
+    """The server part of a cache key: the normalised base URL, or None for OpenAI's (see the module doc)."""
+    parts = urlsplit(base_url.strip())
+    normalised = f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+    return None if normalised == OPENAI_BASE_URL else normalised
 
 
 def request_params(request: LLMRequest, endpoint: EndpointSettings) -> dict[str, Any]:
@@ -97,7 +115,9 @@ def prepare(request: LLMRequest, endpoint: EndpointSettings) -> Prepared:
         {"max_side": endpoint.image_max_side, "detail": endpoint.image_detail, "format": endpoint.image_format}
         if has_images else None
     )
-    key = fingerprint("llm-request", CACHE_KEY_VERSION, endpoint.model, request.prompt_version, params,
-                      messages, image_settings)
+    identity = endpoint_identity(endpoint.base_url)
+    parts = ("llm-request", CACHE_KEY_VERSION, endpoint.model, request.prompt_version, params, messages,
+             image_settings)
+    key = fingerprint(*parts) if identity is None else fingerprint(*parts, {"server": identity})
     prompt, completion = estimate.request_tokens(request, endpoint, read_images=has_images)
     return Prepared(request, key, params, has_images, prompt + completion, endpoint)

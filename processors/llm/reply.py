@@ -34,6 +34,14 @@ def normalise(completion: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+PADDED_SHARE = 0.3  # a structured reply this much whitespace was padded by the server's grammar
+COMPACT_JSON_FLAG = '{"backend": "xgrammar", "disable_any_whitespace": true}'  # vLLM's cure (xgrammar/guidance only)
+
+
+def whitespace_share(text: str | None) -> float:
+    return sum(ch.isspace() for ch in text) / len(text) if text else 0.0
+
+
 def interpret(reply: dict[str, Any], request: rq.LLMRequest) -> Any:
     """The parsed value, or an ``AttemptError``: truncated and unparsable replies are retried (sampling may
     do better next time); refusals are not."""
@@ -43,6 +51,14 @@ def interpret(reply: dict[str, Any], request: rq.LLMRequest) -> Any:
         raise errors.AttemptError(rq.REFUSED, f"the model refused: {reply.get('refusal') or finish}",
                                   retryable=False, breaker=False, raw_text=text)
     if finish == "length" and not request.accept_truncated:
+        if request.json_schema is not None and whitespace_share(text) >= PADDED_SHARE:
+            # The server pads structured output with free whitespace (vLLM's default grammar): asking again
+            # pays for the same padding, and only the server's setting cures it.
+            raise errors.AttemptError(rq.TRUNCATED, (
+                f"finish_reason=length: {whitespace_share(text):.0%} of the reply is whitespace between JSON "
+                "tokens, so it ran out of max_tokens. The server pads structured output; start vLLM with "
+                f"--structured-outputs-config '{COMPACT_JSON_FLAG}' (or raise max_tokens)"),
+                retryable=False, breaker=False, raw_text=text)
         raise errors.AttemptError(rq.TRUNCATED, "finish_reason=length: the reply hit max_tokens",
                                   retryable=True, breaker=False, raw_text=text)
     if text is None:

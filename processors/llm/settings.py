@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from builder.secrets import check_env_name
 
 
 class _Frozen(BaseModel):
@@ -61,6 +63,11 @@ class EndpointSettings(_Frozen):
         True, description="items a batch failed or expired are retried online; otherwise recorded as failures"
     )
 
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, value: str | None) -> str | None:
+        return check_env_name(value)
 
     def output_parts(self) -> dict:
         """The settings that change what the model answers (part of calling stages' fingerprints); speed,
@@ -117,13 +124,16 @@ class LLMSettings(_Frozen):
             ) from None
 
 
-def endpoint_parts(run_settings: object, name: str, *, key: str) -> dict:
+def endpoint_parts(run_settings: object, name: str, *, key: str, overrides=None) -> dict:
     """``output_parts`` of endpoint ``name`` in a run config's ``llm`` section (defaults when it has none).
 
+    ``overrides(endpoint) -> dict`` gives the fields a caller replaces (a referee preset's served model name).
     An unknown name is a config error naming ``key`` (the config key that named the endpoint)."""
     llm = getattr(run_settings, "llm", None)
     llm = llm if isinstance(llm, LLMSettings) else LLMSettings()
     if name not in llm.endpoints:
         raise ValueError(f"{key}: no LLM endpoint named {name!r} in llm.endpoints; "
                          f"defined: {', '.join(sorted(llm.endpoints)) or '(none)'}")
-    return llm.endpoint_parts(name)
+    endpoint = llm.endpoint(name)
+    changed = overrides(endpoint) if overrides else {}
+    return endpoint.model_copy(update=changed).output_parts() if changed else endpoint.output_parts()

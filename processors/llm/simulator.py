@@ -47,8 +47,9 @@ class SimState:
         self.batches: dict[str, dict] = {}
 
 
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None, *,
+           param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status if param else None}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -102,6 +103,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stats.last_at = time.time()
     if not _authorised(request, options):
         stats.outcomes["401"] += 1
+        if options.flavor == "vllm":  # vLLM's --api-key middleware answers with a bare string
+            return web.json_response({"error": "Unauthorized"}, status=401)
         return _error(401, "Incorrect API key provided.", "invalid_request_error")
     try:
         body = json.loads(raw)
@@ -111,6 +114,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         stats.outcomes["400"] += 1
         return _error(400, "'messages' must be a list of message objects", "invalid_request_error")
+    refused = _refuse_like_server(body, options)
+    if refused is not None:
+        stats.outcomes[str(refused.status)] += 1
+        return refused
     key = request.headers.get(KEY_HEADER) or fingerprint(body)
     stats.per_key[key] += 1
     wait = _rate_window(state, now)
@@ -122,6 +129,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if latency:
         await asyncio.sleep(latency)
     return await _answer(request, state, body, key, fault)
+
+
+def _refuse_like_server(body: dict, options: SimulatorOptions) -> web.Response | None:
+    """The request checks a real server makes before any work, with its status codes and words."""
+    model = body.get("model")
+    if options.served_models and model not in options.served_models:
+        return _error(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(options.served_models)}.",
+                      "NotFoundError", param="model")
+    if options.flavor != "vllm":
+        return None
+    top = body.get("top_logprobs")
+    if isinstance(top, int) and top > options.max_logprobs:
+        return _error(400, f"Requested sample logprobs of {top}, which is greater than max allowed: "
+                      f"{options.max_logprobs} (parameter=logprobs, value={top})", "BadRequestError", param="logprobs")
+    if body.get("mm_processor_kwargs") and not options.trust_request_mm_kwargs:
+        return _error(400, "Per-request mm_processor_kwargs are disabled by default because they can change "
+                      "multimodal preprocessing resource usage. Start the server with --trust-request-mm-kwargs "
+                      "only when clients are trusted. (parameter=mm_processor_kwargs)", "BadRequestError",
+                      param="mm_processor_kwargs")
+    return None
 
 
 async def _answer(request: web.Request, state: SimState, body: dict, key: str, fault: str | None):
@@ -143,7 +170,7 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
         return web.Response(text="<html>502 Bad Gateway</html>", content_type="application/json")
     if fault not in ("malformed", "length"):
         stats.ok_per_key[key] += 1
-    return web.json_response(completion(body, state.responders, options.seed, fault))
+    return web.json_response(completion(body, state.responders, options.seed, fault, options))
 
 
 async def stats_handler(request: web.Request) -> web.Response:

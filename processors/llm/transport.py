@@ -81,11 +81,12 @@ class AiohttpTransport:
             async with self._session.post(self._url, data=json.dumps(body), headers={KEY_HEADER: key}) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    raise errors.from_status(resp.status, raw.decode("utf-8", "replace"), resp.headers)
+                    raise errors.from_status(resp.status, raw.decode("utf-8", "replace"), resp.headers,
+                                             self._key.reveal())
         except TimeoutError:
             raise errors.timeout_error(self._timeout_s) from None
         except aiohttp.ClientError as exc:
-            raise errors.connection_error(exc) from None
+            raise errors.connection_error(exc, self._key.reveal()) from None
         try:
             return json.loads(raw)
         except ValueError:
@@ -117,13 +118,14 @@ class OpenAITransport:
                 model=body["model"], messages=body["messages"], extra_body=rest, extra_headers={KEY_HEADER: key}
             )
         except openai.APIStatusError as exc:
-            raise errors.from_status(exc.status_code, exc.response.text, exc.response.headers) from None
+            raise errors.from_status(exc.status_code, exc.response.text, exc.response.headers,
+                                     self._key.reveal()) from None
         except openai.APITimeoutError:
             raise errors.timeout_error(self._timeout_s) from None
         except openai.APIConnectionError as exc:
-            raise errors.connection_error(exc) from None
+            raise errors.connection_error(exc, self._key.reveal()) from None
         except (openai.APIError, ValueError) as exc:  # a 200 whose body is not a chat completion
-            raise bad_body(str(exc)) from None
+            raise bad_body(errors.redact(str(exc), self._key.reveal())) from None
         return completion.model_dump()
 
 

@@ -52,7 +52,8 @@ def build_request(image_id: str, image_path: str, task_types: list[str], config:
         messages=build_messages(image_path, task_types, per_type=config.questions_per_type, language=config.language),
         prompt_version=PROMPT_VERSION,
         parse=parse_reply,
-        json_schema=json_schema(task_types) if config.use_json_schema else None,
+        json_schema=json_schema(task_types, count=len(task_types) * config.questions_per_type)
+        if config.use_json_schema else None,
         schema_name="qa_pairs",
         max_tokens=config.max_tokens,
         temperature=config.temperature,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "qa-v1"
+PROMPT_VERSION = "qa-v2"  # v2: the schema asks for exactly as many items as questions wanted
 REPAIR_VERSION = "qa-repair-v1"
 MARKER = "Task types to write questions for (levels joined by ~):"
 COUNT_PHRASE = "question(s) per task type:"
@@ -70,8 +70,10 @@ def repair_messages(messages: list[dict[str, Any]], bad_reply: str) -> list[dict
     return [*messages, {"role": "assistant", "content": bad_reply}, {"role": "user", "content": ask}]
 
 
-def json_schema(task_types: Sequence[str]) -> dict[str, Any]:
-    """The reply's structured-output schema; ``task_type`` is limited to this image's types."""
+def json_schema(task_types: Sequence[str], count: int | None = None) -> dict[str, Any]:
+    """The reply's structured-output schema; ``task_type`` is limited to this image's types and, with
+    ``count``, the list to exactly that many items (a weak open model under a grammar otherwise closes it
+    empty: seen on vLLM with a random-weight model, every reply ``{"qa": []}``)."""
     item = {
         "type": "object",
         "properties": {
@@ -84,7 +86,8 @@ def json_schema(task_types: Sequence[str]) -> dict[str, Any]:
     }
     return {
         "type": "object",
-        "properties": {"qa": {"type": "array", "items": item}},
+        "properties": {"qa": {"type": "array", "items": item,
+                              **({"minItems": count, "maxItems": count} if count else {})}},
         "required": ["qa"],
         "additionalProperties": False,
     }

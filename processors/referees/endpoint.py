@@ -1,16 +1,23 @@
-"""The OpenAI-compatible referee backend: ``max_tokens=1`` + logprobs against any endpoint (vLLM in practice).
+"""The OpenAI-compatible referee backend: a constrained one-digit reply + logprobs against any endpoint.
 
-p(yes) = p("1") / (p("0") + p("1")), each digit's probability summed over every top-logprob token that is
-that digit after stripping whitespace (" 1", "1", "▁1"). When the server returns no logprobs, the reply text
-itself is the vote and p(yes) is 0 or 1. Several endpoints can share one referee's load: the config lists
-them (``endpoint: {endpoints: [vllm_a, vllm_b]}``) and each *image* goes to one of them, so all questions
-about an image hit the same server's prefix cache.
+A vote is a constrained choice: the request asks the server for exactly one of ``"0"``/``"1"``
+(``RefereeEndpoint.vote_constraint``: vLLM's ``structured_outputs.choice``, SGLang's ``regex``, OpenAI's
+``logit_bias``) with ``max_tokens=1`` and the top logprobs, and reads both digits' probabilities from the first
+token: p(yes) = p("1") / (p("0") + p("1")), each digit summed over every token that is that digit after
+stripping whitespace (" 1", "1", "▁1"). vLLM reports the logprobs after the constraint (both digits, every other
+token at -9999), so both are always known there. Without a constraint a digit can fall outside the top
+logprobs: the vote is still the digit that is listed (the other is below every listed token), p(yes) becomes a
+bound and the vote's ``detail`` says so; with neither digit listed the row fails with what the server did list.
+
+Several endpoints can share one referee's load: the config lists them (``endpoint: {endpoints: [a, b]}``) and
+each *image* goes to one of them, so all questions about an image hit the same server's prefix cache.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from builder.ids import text_id
@@ -18,8 +25,10 @@ from processors.referees.prompt import PROMPT_VERSION, build_messages
 from processors.referees.protocol import RefereeItem, Vote
 from processors.referees.settings import RefereeSettings
 
-TOP_LOGPROBS = 10
 DIGITS = ("0", "1")
+# cl100k_base and o200k_base (GPT-4, GPT-4o) encode the bare digits 0-9 as the token ids 15-24.
+OPENAI_DIGIT_TOKEN_IDS = {"0": 15, "1": 16}
+MASKED_LOGPROB = -9000.0  # vLLM reports tokens a constraint excluded at -9999: not candidates
 
 
 def endpoint_factory(ctx: Any) -> Callable[[RefereeSettings], "EndpointReferee"]:
@@ -31,17 +40,64 @@ def endpoint_names(settings: RefereeSettings) -> list[str]:
     return list(settings.endpoint.endpoints) or [settings.endpoint.endpoint or settings.name]
 
 
-def digit_probabilities(logprobs: list[dict[str, Any]] | None) -> tuple[float, float] | None:
-    """(p0, p1) from the first generated token's top logprobs; None when neither digit is among them."""
+def resolved_constraint(settings: RefereeSettings, base_url: str) -> str:
+    """``vote_constraint`` with ``auto`` decided by the server: OpenAI takes logit_bias, others vLLM's form."""
+    constraint = settings.endpoint.vote_constraint
+    if constraint != "auto":
+        return constraint
+    return "logit_bias" if "api.openai.com" in base_url else "structured_outputs"
+
+
+def constraint_body(constraint: str) -> dict[str, Any]:
+    """The request fields that restrict the reply to one digit, per server kind."""
+    if constraint == "structured_outputs":  # vLLM >= 0.12 (guided_choice was removed there and is ignored)
+        return {"structured_outputs": {"choice": list(DIGITS)}}
+    if constraint == "regex":  # SGLang's extra request parameter
+        return {"regex": "[01]"}
+    if constraint == "logit_bias":  # OpenAI: equal bias keeps p1 / (p0 + p1) unchanged
+        return {"logit_bias": {str(i): 100 for i in OPENAI_DIGIT_TOKEN_IDS.values()}}
+    return {}
+
+
+@dataclass(frozen=True)
+class DigitReading:
+    """What the first token's logprobs say about the digits: each digit's probability where listed, and the
+    smallest listed probability (a bound on any digit that is not listed)."""
+
+    p0: float | None
+    p1: float | None
+    floor: float
+    listed: int
+    top: tuple[tuple[str, float], ...]
+
+
+def read_digits(logprobs: list[dict[str, Any]] | None) -> DigitReading | None:
+    """The digits' probabilities from the first generated token's top logprobs; None without logprobs."""
     if not logprobs:
         return None
-    candidates = logprobs[0].get("top_logprobs") or [logprobs[0]]
-    mass = {digit: 0.0 for digit in DIGITS}
+    first = logprobs[0]
+    candidates = first.get("top_logprobs") or [first]
+    mass: dict[str, float | None] = {digit: None for digit in DIGITS}
+    listed = []
     for candidate in candidates:
-        token = str(candidate.get("token", "")).strip().lstrip("▁Ġ")
-        if token in mass:
-            mass[token] += math.exp(float(candidate["logprob"]))
-    return (mass["0"], mass["1"]) if mass["0"] + mass["1"] > 0 else None
+        logprob = float(candidate.get("logprob", -math.inf))
+        if logprob <= MASKED_LOGPROB:
+            continue
+        token = str(candidate.get("token", ""))
+        listed.append((token, logprob))
+        digit = token.strip().lstrip("▁Ġ")
+        if digit in mass:
+            mass[digit] = (mass[digit] or 0.0) + math.exp(logprob)
+    floor = min((math.exp(lp) for _, lp in listed), default=0.0)
+    return DigitReading(mass["0"], mass["1"], floor, len(listed), tuple(listed[:5]))
+
+
+def digit_probabilities(logprobs: list[dict[str, Any]] | None) -> tuple[float, float] | None:
+    """(p0, p1) when both digits are among the top logprobs, else None."""
+    reading = read_digits(logprobs)
+    if reading is None or reading.p0 is None or reading.p1 is None:
+        return None
+    return reading.p0, reading.p1
 
 
 class EndpointReferee:
@@ -51,21 +107,24 @@ class EndpointReferee:
         self.ctx = ctx
         self.preset = settings.resolved_preset()
 
-    def _request(self, item: RefereeItem):
+    def _request(self, item: RefereeItem, constraint: str):
         from processors.llm.request import LLMRequest
 
         messages = build_messages(item.task_type, item.question, item.answer,
                                   image_part={"type": "image_path", "path": item.image_path})
         if self.preset.system_prompt:
             messages.insert(0, {"role": "system", "content": self.preset.system_prompt})
-        extra = {"mm_processor_kwargs": dict(self.preset.mm_processor_kwargs)} if self.preset.mm_processor_kwargs else {}
+        extra = constraint_body(constraint)
+        if self.settings.endpoint.request_mm_processor_kwargs and self.preset.mm_processor_kwargs:
+            extra["mm_processor_kwargs"] = dict(self.preset.mm_processor_kwargs)
         return LLMRequest(key=item.qa_id, messages=messages, prompt_version=PROMPT_VERSION, max_tokens=1,
-                          temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS, accept_truncated=True,
-                          extra_body=extra)
+                          temperature=0.0, logprobs=True, top_logprobs=self.settings.endpoint.top_logprobs,
+                          accept_truncated=True, extra_body=extra)
 
     def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
-        from processors.llm.api import run_requests
+        from processors.llm.api import llm_settings, run_requests
 
+        llm = llm_settings(self.ctx)
         names = endpoint_names(self.settings)
         by_endpoint: dict[str, list[RefereeItem]] = {name: [] for name in names}
         for item in items:  # one image -> one endpoint, deterministically
@@ -73,19 +132,42 @@ class EndpointReferee:
         votes: dict[str, Vote] = {}
         for name, share in by_endpoint.items():
             if share:
-                results = run_requests([self._request(item) for item in share], endpoint=name, ctx=self.ctx)
-                votes.update((result.key, _vote(result)) for result in results)
+                endpoint = llm.endpoint(name)
+                constraint = resolved_constraint(self.settings, endpoint.base_url)
+                results = run_requests([self._request(item, constraint) for item in share], endpoint=name,
+                                       ctx=self.ctx, overrides=self.settings.endpoint_overrides(endpoint))
+                asked = self.settings.endpoint.top_logprobs
+                votes.update((result.key, _vote(result, asked, constraint)) for result in results)
         return [votes[item.qa_id] for item in items]
 
 
-def _vote(result) -> Vote:
+def _vote(result, asked: int, constraint: str) -> Vote:
     if not result.ok:
         return Vote(result.key, None, None, error=result.reason or "api_error", detail=result.detail)
-    probabilities = digit_probabilities(result.logprobs)
-    if probabilities is not None:
-        p0, p1 = probabilities
-        return Vote(result.key, int(p1 > p0), p1 / (p0 + p1))
+    reading = read_digits(result.logprobs)
     text = (result.raw_text or "").strip()
-    if text[:1] in DIGITS:
-        return Vote(result.key, int(text[0]), float(text[0]))
-    return Vote(result.key, None, None, error="unparsable", detail=f"referee reply {text[:40]!r} is not 0 or 1")
+    if reading is None:  # a server that returns no logprobs: the reply text is the vote
+        if text[:1] in DIGITS:
+            return Vote(result.key, int(text[0]), float(text[0]),
+                        detail="the server returned no logprobs: p_yes is the reply digit itself")
+        return Vote(result.key, None, None, error="unparsable",
+                    detail=f"referee reply {text[:40]!r} is not 0 or 1 and the server returned no logprobs")
+    p0, p1 = reading.p0, reading.p1
+    if p0 is not None and p1 is not None and p0 + p1 > 0:
+        return Vote(result.key, int(p1 > p0), p1 / (p0 + p1))
+    if p0 is None and p1 is None:
+        listed = ", ".join(f"{token!r} {logprob:.2f}" for token, logprob in reading.top) or "nothing"
+        return Vote(result.key, None, None, error="unparsable", detail=(
+            f"neither '0' nor '1' is among the {reading.listed} top logprobs of the first token (asked for "
+            f"{asked}; listed: {listed}); reply {text[:40]!r}. The vote constraint ({constraint}) was not "
+            "applied by the server: set the referee's endpoint.vote_constraint to what it supports"))
+    # One digit listed: the other is below every listed token, so the vote is the listed digit and p_yes
+    # is bounded by the smallest listed probability.
+    known, missing = ("1", "0") if p1 is not None else ("0", "1")
+    p_known = p1 if p1 is not None else p0
+    bound = min(reading.floor, p_known)
+    p_yes = p_known / (p_known + bound) if known == "1" else bound / (p_known + bound)
+    side = "lower" if known == "1" else "upper"
+    return Vote(result.key, int(known), p_yes, detail=(
+        f"p({missing}) is not among the {reading.listed} top logprobs (below {bound:.3g}): p_yes "
+        f"{p_yes:.3f} is a {side} bound"))

@@ -14,9 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 class RefereePreset(BaseModel):
     """What one referee model needs beyond the common settings.
 
-    ``served_model_name`` is the ``model`` field sent to an endpoint (vLLM's ``--served-model-name``);
-    ``mm_processor_kwargs`` are passed per request to vLLM (InternVL's tile cap ``max_dynamic_patch``);
-    ``system_prompt`` is prepended as a system turn for models whose chat template expects one.
+    ``served_model_name`` is the ``model`` field sent to an endpoint (vLLM's ``--served-model-name``) unless
+    the endpoint names one; ``max_side`` the longest image side sent. ``mm_processor_kwargs`` are the
+    processor settings the referee is meant to run with (InternVL's tile cap ``max_dynamic_patch``): they
+    belong on the server (``vllm serve --mm-processor-kwargs``, docs/referees.md) and are sent per request
+    only when the referee sets ``endpoint.request_mm_processor_kwargs`` (vLLM refuses per-request ones unless
+    started with ``--trust-request-mm-kwargs``). ``system_prompt`` is prepended as a system turn for models
+    whose chat template expects one.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

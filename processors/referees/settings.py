@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from processors.referees.presets import PRESETS, RefereePreset, get_preset
 from processors.referees.prompt import PROMPT_VERSION
+
+if TYPE_CHECKING:
+    from processors.llm.settings import EndpointSettings
 
 
 class RefereeEndpoint(BaseModel):
@@ -19,6 +22,16 @@ class RefereeEndpoint(BaseModel):
 
     endpoint: str | None = Field(None, min_length=1)
     endpoints: list[str] = Field(default_factory=list)
+    vote_constraint: Literal["auto", "structured_outputs", "regex", "logit_bias", "none"] = Field(
+        "auto", description="how the server is told to answer exactly one digit: vLLM >= 0.12 "
+        "`structured_outputs: {choice: [0, 1]}`, SGLang `regex: [01]`, OpenAI `logit_bias` on the digit tokens, "
+        "or nothing; auto = logit_bias for api.openai.com, structured_outputs for any other server")
+    top_logprobs: int = Field(20, ge=1, description="top logprobs asked for (vLLM's --max-logprobs and OpenAI's "
+                              "limit are both 20 by default)")
+    request_mm_processor_kwargs: bool = Field(
+        False, description="send the preset's processor settings (InternVL's max_dynamic_patch) with every "
+        "request; only for a vLLM server started with --trust-request-mm-kwargs (else it answers 400). By "
+        "default they are the server's job: --mm-processor-kwargs (docs/referees.md)")
 
 
 class RefereeSettings(BaseModel):
@@ -67,6 +80,21 @@ class RefereeSettings(BaseModel):
         }
         return base.model_copy(update=updates)
 
+    def endpoint_overrides(self, endpoint: "EndpointSettings") -> dict[str, object]:
+        """What this referee sets on the endpoint it calls: the preset's served model name unless the endpoint
+        names a ``model`` itself; the image size from the referee's ``max_side`` (when given), else the
+        endpoint's own ``image_max_side``, else the preset's."""
+        preset = self.resolved_preset()
+        given = endpoint.model_fields_set
+        overrides: dict[str, object] = {}
+        if preset.served_model_name and "model" not in given:
+            overrides["model"] = preset.served_model_name
+        if self.max_side is not None:
+            overrides["image_max_side"] = self.max_side
+        elif preset.max_side is not None and "image_max_side" not in given:
+            overrides["image_max_side"] = preset.max_side
+        return overrides
+
     def fingerprint_parts(self) -> dict[str, object]:
         """What changes the votes: goes into the score stage fingerprint (batch size and device do not)."""
         preset = self.resolved_preset()
@@ -76,4 +104,6 @@ class RefereeSettings(BaseModel):
             "dtype": self.dtype,
             "seed": self.seed if preset.model_id.startswith("tiny-random") else None,
             "mm_processor_kwargs": preset.mm_processor_kwargs,
+            # how the vote is read changes it (a constrained reply can differ from a free one)
+            "vote_constraint": self.endpoint.vote_constraint if preset.backend == "endpoint" else None,
         }

@@ -70,8 +70,10 @@ class ScoreStage(Stage):
         from processors.llm.settings import endpoint_parts
         from processors.referees.endpoint import endpoint_names
 
+        # Each endpoint as the referee calls it: the preset's served name and image size applied.
         return {
-            r.name: [endpoint_parts(settings, n, key=f"stages.score.referees[{r.name}].endpoint")
+            r.name: [endpoint_parts(settings, n, key=f"stages.score.referees[{r.name}].endpoint",
+                                    overrides=r.endpoint_overrides)
                      for n in endpoint_names(r)]
             for r in config.referees if r.resolved_preset().backend == "endpoint"
         }

@@ -13,7 +13,8 @@ Rules, in the order they apply to each line:
 5. a trailing description (``Name - what it is``, ``Name: what it is``, ``Name (e.g. ...)``) is cut off;
 6. the segments are aligned with the parent path: a repeated parent prefix (up to and including the parent's
    name) is removed; nothing left -> ``repeats_parent``; more than one level left -> ``too_deep``; a prefix
-   without the parent's name -> ``wrong_parent``; an empty level (``A~~B``) or no letter -> ``malformed``;
+   without the parent's name -> ``wrong_parent``; an empty level (``A~~B``), no letter, U+FFFD, an invisible
+   or control character, or fewer than 3 letters / 40% letters (``~\ufffdJ\ufffd$0``) -> ``malformed``;
 7. the name is cleaned (case, whitespace, trailing punctuation); over ``max_chars`` characters or
    ``max_words`` words -> ``too_long``; equal to an ancestor -> ``repeats_parent``; a second line with the
    same key in this reply -> ``duplicate``.
@@ -28,9 +29,10 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from loaders.taxonomy.names import SEPARATOR, clean_name, collapse, has_control_chars, name_key, normalize_tildes
+from loaders.taxonomy.names import (SEPARATOR, clean_name, collapse, has_control_chars, name_key, name_problem,
+                                    normalize_tildes)
 
-PARSER_VERSION = "taxonomy-parser-v1"
+PARSER_VERSION = "taxonomy-parser-v2"  # v2: names with U+FFFD, invisible characters or too few letters refused
 
 _LAYOUT = re.compile(r"^(?:```.*|~~~.*|[-*_=]{3,})$")
 _HEADING = re.compile(r"^#{1,6}\s")
@@ -108,6 +110,9 @@ def parse_line(line: str, parent_keys: tuple[str, ...], limits: NameLimits) -> s
     name = _align(segments, parent_keys)
     if not _LETTER.search(name):
         raise _Reject("malformed", "no letters")
+    problem = name_problem(name)
+    if problem is not None:
+        raise _Reject("malformed", problem)
     name = clean_name(name)
     if len(name) > limits.max_chars or len(name.split()) > limits.max_words:
         raise _Reject("too_long", f"{len(name)} characters, {len(name.split())} words")

@@ -123,3 +123,11 @@ def test_shipped_seed_file():
     depths = {len(p.parts) for p in seeds.paths}
     assert 30 <= len(first) <= 60 and depths == {1, 2, 3}
     assert not seeds.problems
+
+
+def test_seeds_with_invisible_characters_or_debris_are_refused_by_line(tmp_path):
+    path = tmp_path / "seeds.txt"
+    path.write_text("OCR~Scene\u200btext\nCharts~\u202eBar charts\nCounting~\ufffd\ufffd\nCounting\n", encoding="utf-8")
+    lenient = read_seeds(path, strict=False)
+    assert _paths(lenient) == ["Counting"]
+    assert [(p.line, p.reason) for p in lenient.problems] == [(1, "bad_name"), (2, "bad_name"), (3, "bad_name")]

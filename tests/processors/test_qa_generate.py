@@ -11,7 +11,7 @@ from builder.rows import FAILURE_ITEM, FAILURE_REASON
 from processors.llm.request import LLMResult
 from processors.qa.config import QAConfig
 from processors.qa.generate import ImageUnavailable, run_batch
-from processors.qa.prompt import MARKER, REPAIR_MARKER
+from processors.qa.prompt import MARKER, PROMPT_VERSION, REPAIR_MARKER, json_schema
 from processors.qa.validate import label_key
 
 TYPES = ["OCR~Scene text~Street sign reading", "Counting~Animals"]
@@ -72,7 +72,7 @@ def test_rows_item_failures_and_row_failures():
     assert [columns["image_id"][i] for i in rows] == ["a", "a", "b"]
     for i in rows:
         assert columns["qa_id"][i] == text_id(columns["image_id"][i], columns["task_type"][i], columns["question"][i])
-        assert (columns["model"][i], columns["prompt_version"][i]) == ("gpt-4o-test", "qa-v1")
+        assert (columns["model"][i], columns["prompt_version"][i]) == ("gpt-4o-test", PROMPT_VERSION)
     assert sorted(failures(columns), key=str) == sorted([
         ("label_not_in_types", "Counting~Invented | What does the image show for Animals?"),
         ("empty_answer", f"{TYPES[0]} | What does the image show for Street sign reading?"),
@@ -89,7 +89,7 @@ def test_an_unparsable_reply_gets_one_repair_request():
     columns = run(batch, engine, usage=usage)
     assert engine.calls == [["a", "b"], ["a", "b"]]
     assert usage == {"repair_requests": 2, "repaired": 1}
-    assert set(columns["prompt_version"]) - {None} == {"qa-v1+qa-repair-v1"}
+    assert set(columns["prompt_version"]) - {None} == {f"{PROMPT_VERSION}+qa-repair-v1"}
     assert failures(columns) == [("unparsable", None)]
     detail = next(d for d in columns["__failure_detail"] if d)
     assert "after one repair request" in detail and "Nothing to say." in detail and "Still no JSON." in detail
@@ -118,3 +118,10 @@ def test_an_empty_reply_list_fails_the_row_and_counts_every_missing_question():
     columns = run({"image_id": ["a"], "task_types": [TYPES]}, FakeEngine({"a": '{"qa": []}'}))
     assert sorted(failures(columns), key=str) == sorted(
         [("missing_question", TYPES[0]), ("missing_question", TYPES[1]), ("no_valid_qa", None)], key=str)
+
+
+def test_the_schema_asks_for_exactly_the_questions_wanted():
+    # Under a grammar a weak open model otherwise closes the list empty (seen on vLLM: every reply {"qa": []}).
+    qa = json_schema(["A~B", "C~D"], count=4)["properties"]["qa"]
+    assert (qa["minItems"], qa["maxItems"]) == (4, 4)
+    assert "minItems" not in json_schema(["A~B"])["properties"]["qa"]

@@ -141,3 +141,22 @@ def test_every_simulator_line_is_parsed_or_counted():
         assert len(parsed.names) >= 4
         reasons.update(r.reason for r in parsed.rejected)
     assert {"explanation", "duplicate", "wrong_parent", "too_deep", "too_long"} <= reasons
+
+
+@pytest.mark.parametrize("line, why", [
+    ("- Object localization~\ufffdJ\ufffd$0", "U+FFFD"),  # seen from a real vLLM server (random weights)
+    ("- Scene\u200btext reading", "U+200B"),  # zero-width space
+    ("- Sign \u202ereading", "U+202E"),  # right-to-left override
+    ("- X9 #4 !!", "too few letters"),
+    ("- 2D/3D", "too few letters"),
+])
+def test_debris_and_invisible_characters_are_refused(line, why):
+    parent = ("Object localization",) if "Object" in line else ()
+    parsed = parse_reply(line, parent)
+    assert parsed.names == ()
+    assert parsed.rejected[0].reason == "malformed" and why in parsed.rejected[0].detail
+
+
+def test_short_real_names_still_pass():
+    assert parse_reply("- OCR\n- 3D reconstruction\n- Counting (0-9)", ()).names == (
+        "OCR", "3D reconstruction", "Counting (0-9)")

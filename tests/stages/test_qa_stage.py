@@ -23,7 +23,7 @@ from processors.llm.sim_core import SimulatorOptions
 from processors.llm.sim_responders import Responder, message_text
 from processors.llm.sim_thread import SimulatorThread
 from processors.qa import simulate
-from processors.qa.prompt import REPAIR_MARKER
+from processors.qa.prompt import PROMPT_VERSION, REPAIR_MARKER
 from processors.stages.qa import QAStage
 from toy_stages import ToyImages, copy_rows
 
@@ -126,7 +126,7 @@ def test_filter_to_qa_end_to_end_with_the_simulator(tmp_path, pictures, simulato
     for row in output:
         assert row["task_type"] in kept[row["image_id"]]
         assert row["qa_id"] == text_id(row["image_id"], row["task_type"], row["question"])
-        assert row["model"] == "simulator:gpt-4o-2024-08-06" and row["prompt_version"].startswith("qa-v1")
+        assert row["model"] == "simulator:gpt-4o-2024-08-06" and row["prompt_version"].startswith("qa-v")
         assert row["answer"].strip() and not row["question"].startswith("Question:")
     assert len(set(output["qa_id"])) == len(output)
     row_failed = Counter(f["key"] for f in failures if f["item"] is None)
@@ -171,7 +171,7 @@ def test_an_unparsable_reply_gets_exactly_one_repair_request(tmp_path, pictures,
     assert totals["usage"]["repair_requests"] == 7
     if repair_answers:
         assert totals["failed"] == {} and totals["rows_out"] == sum(len(TYPE_SETS[i % 3]) for i in range(7))
-        assert set(load_stage_output(tmp_path / "run", "qa")["prompt_version"]) == {"qa-v1+qa-repair-v1"}
+        assert set(load_stage_output(tmp_path / "run", "qa")["prompt_version"]) == {f"{PROMPT_VERSION}+qa-repair-v1"}
     else:
         assert totals["failed"] == {"unparsable": 7} and totals["rows_out"] == 0
         assert "after one repair request" in load_stage_failures(tmp_path / "run", "qa")[0]["detail"]

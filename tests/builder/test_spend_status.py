@@ -1,0 +1,46 @@
+"""`status` counts what stopped attempts paid: after an exception, after a kill (before any rerun), and after
+a config change replaced the stage's folder."""
+
+from __future__ import annotations
+
+import pytest
+from test_resume import _killed_at_row_10
+from toy_run import make_runner
+
+from builder.runner import StageError
+from builder.status import format_table, stage_summaries
+
+
+def _square(run_dir) -> dict:
+    return next(s for s in stage_summaries(run_dir) if s["stage"] == "square")
+
+
+def test_a_stage_stopped_by_an_exception_shows_its_spend_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    config = {"run": {"name": "toy", "shard_size": 4},
+              "stages": {"numbers": {"count": 24}, "square": {"raise_from": 10}}}
+    with pytest.raises(StageError, match="raise_from"):
+        make_runner(run_dir, config).run()
+    square = _square(run_dir)
+    # shards 0 and 1 (8 requests) finished; shard 2 paid for rows 8-9 and 10-11 before it raised
+    assert square["requests"] == 12 and square["stopped_usage"] == {"requests": 4}
+    assert "includes 4 requests" in format_table(run_dir, stage_summaries(run_dir))
+
+
+def test_a_killed_stage_shows_its_spend_before_any_rerun(tmp_path):
+    run_dir, _, _ = _killed_at_row_10(tmp_path)
+    square = _square(run_dir)  # state.json was last written after shard 1; the live record holds rows 8-9
+    assert square["requests"] == 8 + 2 and square["stopped_usage"] == {"requests": 2}
+
+
+def test_spend_under_a_replaced_config_stays_counted(tmp_path):
+    run_dir, log, config = _killed_at_row_10(tmp_path)
+    config["stages"]["square"].update(offset=1, hold_while=None)  # another config: the stage starts afresh
+    make_runner(run_dir, config).run()
+    square = _square(run_dir)
+    assert square["done"] and square["rows_processed"] == 24
+    assert square["requests"] == 24 + 10 and square["stopped_usage"] == {"requests": 10}
+    # and a further change keeps both earlier configs' spend
+    config["stages"]["square"]["offset"] = 2
+    make_runner(run_dir, config).run()
+    assert _square(run_dir)["requests"] == 24 + 24 + 10
