@@ -302,7 +302,9 @@ class Runner:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{rf.TMP_PREFIX}{path.name}")
         write_arrow_table(tmp, table, features)
+        rf.fsync_file(tmp)  # whole on disk before it carries the name that means "finished"
         tmp.replace(path)
+        rf.fsync_dir(path.parent)
 
     @staticmethod
     def _write_state(folder: Path, base: dict, *, done: bool) -> dict:

@@ -69,7 +69,9 @@ def open_run(
         stages, sections = pipeline_parts()
     config = load_config(config_path, build_config_model(stages, sections))
     folder = Path(run_dir) if run_dir else default_run_dir(config, dry_run=dry_run)
-    from processors.pipeline import check_credentials
+    from processors.pipeline import check_consistency, check_credentials
+
+    check_consistency(config)
 
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
                   preflight=functools.partial(check_credentials, config, dry_run=dry_run))

@@ -55,6 +55,20 @@ def check_credentials(config: Any, stages: list[Stage], *, dry_run: bool) -> Non
                                  + "\nexport them (or set api_key_env: null for servers without authentication)")
 
 
+def check_consistency(config: Any) -> None:
+    """Settings that are each valid but cannot work together; raises ``ConfigError`` before anything runs."""
+    from builder.config import ConfigError
+
+    stages = config.stages
+    problems = []
+    score, final = getattr(stages, "score", None), getattr(stages, "final", None)
+    if score is not None and final is not None and final.threshold > len(score.referees):
+        problems.append(f"stages.final.threshold is {final.threshold}, but stages.score has only "
+                        f"{len(score.referees)} referees: no sample could ever be kept")
+    if problems:
+        raise ConfigError("config error: " + "; ".join(problems) + "; nothing was run")
+
+
 @contextlib.contextmanager
 def start_dry_run_services() -> Iterator[dict[str, Any]]:
     """The OpenAI-compatible simulator, in a background thread, for every LLM endpoint of the run."""

@@ -37,6 +37,9 @@ class SeedPath:
     origin: str
 
 
+SHOWN_CHARS = 200  # of a bad line, in an error message (a 100 KB line is not echoed whole)
+
+
 @dataclass(frozen=True)
 class SeedProblem:
     line: int
@@ -44,7 +47,8 @@ class SeedProblem:
     text: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason.replace('_', ' ')}: {self.text!r}"
+        shown = self.text if len(self.text) <= SHOWN_CHARS else f"{self.text[:SHOWN_CHARS]}... ({len(self.text)} characters)"
+        return f"line {self.line}: {self.reason.replace('_', ' ')}: {shown!r}"
 
 
 @dataclass
@@ -83,6 +87,9 @@ def read_seeds(
         logger.debug("%s: %s", path, note)
     if strict:
         seeds.raise_if_problems()
+        if not seeds.paths:
+            raise SeedError(f"{path}: no task type in the file (it is empty, or only blank lines and comments); "
+                            "nothing was run")
     return seeds
 
 
@@ -95,11 +102,18 @@ def decode_lines(data: bytes, seeds: SeedList) -> list[tuple[int, str]]:
     """Split bytes into numbered text lines; a line that is not UTF-8 becomes a problem, not a guess."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         seeds.notes.append("UTF-16 file (byte-order mark) read as UTF-16")
-        data = data.decode("utf-16").encode("utf-8")
+        try:
+            data = data.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError as exc:  # e.g. an odd number of bytes: a truncated or mislabelled file
+            seeds.problems.append(SeedProblem(0, "not_utf16", f"the file starts with a UTF-16 byte-order mark but "
+                                              f"is not UTF-16 ({exc.reason} at byte {exc.start})"))
+            return []
     elif data.startswith(codecs.BOM_UTF8):
         seeds.notes.append("UTF-8 byte-order mark removed")
         data = data[len(codecs.BOM_UTF8) :]
     lines = []
+    if b"\r" in data and b"\n" not in data:  # classic Mac line endings: CR alone ends each line
+        data = data.replace(b"\r", b"\n")
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         try:

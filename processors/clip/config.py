@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from builder.stage import StageConfig
 
@@ -20,7 +20,8 @@ class ClipMatchConfig(StageConfig):
         "auto", description="auto = bf16 autocast on a GPU, fp32 on the CPU")
     batch_size: int | None = Field(None, ge=1, description="images per forward pass; default 256 GPU, 16 CPU")
     num_workers: int | None = Field(None, ge=0, description="decode+preprocess processes; 0 = main process")
-    top_k: int = Field(10, ge=1, description="candidates kept per image (paper: 10; released code: 5)")
+    top_k: StrictInt = Field(10, ge=1, le=10_000, description="candidates kept per image (paper: 10; released "
+                             "code: 5); a whole number (true/false and 2.5 are refused)")
     text_batch_size: int = Field(256, ge=1, description="task texts per forward pass when embedding them")
     score_chunk: int = Field(65536, ge=1, description="task types per similarity matmul (bounds its memory)")
     task_types: Literal["leaves", "all"] = Field(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "filter-v1"
+PROMPT_VERSION = "filter-v2"  # v2: the schema caps the list at the number of candidates
 MARKER = "Candidate task types for this image:"
 
 SYSTEM = (
@@ -35,9 +35,12 @@ def build_messages(image_path: str, candidates: Sequence[str]) -> list[dict[str,
 
 
 def json_schema(candidates: Sequence[str]) -> dict[str, Any]:
+    """The reply's structured-output schema: a list of the candidates, at most as long as there are of them
+    (under a grammar, a weak open model otherwise repeats one label until max_tokens: seen on vLLM)."""
+    items = {"type": "string", "enum": list(candidates)}
     return {
         "type": "object",
-        "properties": {"task_types": {"type": "array", "items": {"type": "string", "enum": list(candidates)}}},
+        "properties": {"task_types": {"type": "array", "items": items, "maxItems": len(candidates)}},
         "required": ["task_types"],
         "additionalProperties": False,
     }

@@ -44,3 +44,22 @@ def test_spend_under_a_replaced_config_stays_counted(tmp_path):
     config["stages"]["square"]["offset"] = 2
     make_runner(run_dir, config).run()
     assert _square(run_dir)["requests"] == 24 + 24 + 10
+
+
+def test_every_shard_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypatch):
+    from builder import runfolder
+
+    synced, renamed = [], []
+    real_fsync, real_replace = runfolder.fsync_file, type(tmp_path).replace
+    monkeypatch.setattr(runfolder, "fsync_file", lambda path: (synced.append(path.name), real_fsync(path)))
+
+    def replace(self, target):
+        if self.name.startswith(runfolder.TMP_PREFIX) and self.suffix == ".arrow":
+            renamed.append((self.name, self.name in synced))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(type(tmp_path), "replace", replace)
+    make_runner(tmp_path / "run", {"run": {"name": "toy", "shard_size": 8},
+                                   "stages": {"numbers": {"count": 16}, "square": {}}}).run()
+    shards = [(name, ok) for name, ok in renamed if "shard-" in name]
+    assert len(shards) >= 8 and all(ok for _, ok in shards)  # outputs and failure tables of 2 stages x 2 shards

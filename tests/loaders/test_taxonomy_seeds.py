@@ -131,3 +131,38 @@ def test_seeds_with_invisible_characters_or_debris_are_refused_by_line(tmp_path)
     lenient = read_seeds(path, strict=False)
     assert _paths(lenient) == ["Counting"]
     assert [(p.line, p.reason) for p in lenient.problems] == [(1, "bad_name"), (2, "bad_name"), (3, "bad_name")]
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    lines = ["a: &a [OCR, OCR, OCR, OCR, OCR, OCR, OCR, OCR, OCR]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    path = tmp_path / "seeds.yaml"
+    path.write_text("\n".join(lines) + "\n")  # ~400 bytes that would expand to 9^9 names
+    lenient = read_seeds(path, strict=False)
+    assert _paths(lenient) == []
+    assert [(p.line, p.reason) for p in lenient.problems] == [(2, "yaml_alias")]
+    with pytest.raises(SeedError, match="alias"):
+        read_seeds(path)
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "no task type in the file"),
+    (b"  \n\t\n# only a comment\n", "no task type in the file"),
+    (codecs.BOM_UTF16_LE + "OCR\n".encode("utf-16-le") + b"\x00", "not utf16"),
+])
+def test_files_without_usable_seeds_are_errors_not_empty_taxonomies(tmp_path, data, words):
+    path = tmp_path / "seeds.txt"
+    path.write_bytes(data)
+    with pytest.raises(SeedError, match=words):
+        read_seeds(path)
+
+
+def test_cr_only_line_endings_and_a_huge_bad_line(tmp_path):
+    path = tmp_path / "seeds.txt"
+    path.write_bytes(b"OCR\rCounting\rCharts~Bar charts\r")
+    assert _paths(read_seeds(path)) == ["OCR", "Counting", "Charts~Bar charts"]
+    path.write_bytes(b"OCR\n" + b"A\x07" + b"x" * 100_000 + b"\n")
+    with pytest.raises(SeedError) as error:
+        read_seeds(path)
+    assert len(str(error.value)) < 1000 and "(100002 characters)" in str(error.value)
