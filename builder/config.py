@@ -171,4 +171,6 @@ def dump_config(config: BaseModel) -> dict:
 
 
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    """YAML for the run folder's ``config.yaml`` (which the dataset card shows): anything key-shaped masked, a
+    last guard should a secret have reached a free-text field."""
+    return mask_keys(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -105,10 +105,98 @@ def run_states(run_dir: Path) -> list[dict]:
     return states
 
 
+def arrow_rows(path: Path) -> int:
+    """Rows of a `datasets` Arrow file, read from its memory map: only the record-batch headers are parsed
+    (no data is copied), yet a file cut short fails here rather than in the stage that reads it."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
+def shard_problem(folder: Path, index: int, *, fingerprint: str | None = None) -> str | None:
+    """Why finished shard ``index`` of a stage folder cannot be trusted, or None when it can: its stats record
+    is there and parses, was written under ``fingerprint`` (when the record says), and the output and failures
+    files read as Arrow with the row counts it recorded. Cheap: metadata only."""
+    import pyarrow as pa
+
+    stats_path = folder / "stats" / f"shard-{index:05d}.json"
+    try:
+        stats = rf.read_json(stats_path)
+    except rf.CorruptFileError:
+        return f"its stats record {stats_path} does not parse"
+    if not isinstance(stats, dict) or not isinstance(stats.get("rows_out"), int):
+        return f"it has no stats record {stats_path}"
+    if fingerprint is not None and stats.get("fingerprint", fingerprint) != fingerprint:
+        return f"its stats record {stats_path} was written under another config"
+    expected = {
+        folder / rf.shard_name(index): stats["rows_out"],
+        folder / "failures" / rf.shard_name(index):
+            sum(stats.get("failed", {}).values()) + sum(stats.get("item_failures", {}).values()),
+    }
+    for path, rows in expected.items():
+        try:
+            found = arrow_rows(path)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (pa.ArrowException, OSError) as exc:
+            return f"{path} does not read as Arrow ({type(exc).__name__}: {exc})"
+        if found != rows:
+            return f"{path} holds {found} rows where its stats record {rows}"
+    return None
+
+
+def damaged_shards(run_dir: Path, name: str) -> list[tuple[int, str]]:
+    """``(shard index, problem)`` for every finished shard of a stage that does not verify (see
+    ``shard_problem``)."""
+    folder, state = stage_state(run_dir, name)
+    return [(index, problem) for index in range(state.get("shards_total", 0))
+            if (folder / rf.shard_name(index)).exists()
+            and (problem := shard_problem(folder, index, fingerprint=state.get("fingerprint")))]
+
+
+def require_intact_stage(run_dir: Path, name: str) -> None:
+    """Refuse, naming the shard and the fix, to read a stage whose finished shards do not verify: without
+    this a truncated shard surfaces as a bare ``ArrowInvalid`` deep inside a later stage or an export."""
+    damaged = damaged_shards(run_dir, name)
+    if damaged:
+        index, problem = damaged[0]
+        more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
+        raise rf.RunFolderError(
+            f"stage {name!r}: shard {index} in {run_dir} is damaged: {problem}{more}. Rerun `taskgalaxy run` "
+            "with the same config: the resume verifies every finished shard and recomputes the damaged ones.",
+            rf.EXIT_DATA)
+
+
 # Spend records in a stage's stats/ folder besides the finished shards' stats (see builder.runner):
-LIVE_PREFIX = "live-"  # live-NNNNN.json: the running usage of the shard being computed (left by a kill)
-INTERRUPTED_PREFIX = "interrupted-"  # interrupted-NNNNN-<time>-<note>-<n>.json: an attempt that stopped
+LIVE_PREFIX = "live-"  # live-NNNNN.jsonl: the spend journal of the shard being computed (left by a kill)
+INTERRUPTED_PREFIX = "interrupted-"  # interrupted-NNNNN-<time>-<note>-<n>.jsonl: an attempt that stopped
 SUPERSEDED_PREFIX = "superseded-"  # superseded-<time>-<n>.json: what the stage spent under an earlier config
+JOURNAL_SUFFIX = ".jsonl"
+
+
+def read_journal(path: Path) -> dict[str, float]:
+    """The sum of a spend journal's lines (one JSON object of counters each); a torn last line is skipped."""
+    import json
+
+    total: Counter = Counter()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return {}
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the last line of a journal cut by a power loss
+        if isinstance(record, dict):
+            total.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    return dict(total)
+
+
+def read_spend_record(path: Path) -> dict | None:
+    """A journal (``.jsonl``) or a summary (``.json``) spend record as one dict of counters."""
+    return read_journal(path) if path.suffix == JOURNAL_SUFFIX else rf.read_json(path)
 
 
 def stage_totals(folder: Path, shards_total: int) -> dict[str, Any]:
@@ -144,10 +232,10 @@ def stage_totals(folder: Path, shards_total: int) -> dict[str, Any]:
 
 def _stopped_records(folder: Path) -> list[dict]:
     stats = folder / "stats"
-    records = [rf.read_json(p) for p in sorted(stats.glob(f"{INTERRUPTED_PREFIX}*.json"))]
-    records += [rf.read_json(p) for p in sorted(stats.glob(f"{SUPERSEDED_PREFIX}*.json"))]
-    for live in sorted(stats.glob(f"{LIVE_PREFIX}*.json")):  # a kill left it; a finished shard's is stale
-        index = live.stem.removeprefix(LIVE_PREFIX)
+    paths = sorted(stats.glob(f"{INTERRUPTED_PREFIX}*.json*")) + sorted(stats.glob(f"{SUPERSEDED_PREFIX}*.json"))
+    for live in sorted(stats.glob(f"{LIVE_PREFIX}*.json*")):  # a kill left it; a finished shard's is stale
+        index = live.name.removeprefix(LIVE_PREFIX).split(".")[0]
         if index.isdigit() and not (folder / rf.shard_name(int(index))).exists():
-            records.append(rf.read_json(live))
+            paths.append(live)
+    records = [read_spend_record(p) for p in paths]
     return [r for r in records if isinstance(r, dict)]

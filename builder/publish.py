@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 
 from builder.card import render_card
-from builder.export import export_llava
-from builder.outputs import load_stage_failures, load_stage_output, run_states
+from builder.export import export_llava, trusted_resolver
+from builder.outputs import load_stage_failures, load_stage_output, require_intact_stage, run_states
+from builder.runfolder import TMP_PREFIX, plain_mode
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +32,43 @@ MAX_SHARD_BYTES = 500 * 1024 * 1024
 
 
 def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[str], Path]) -> list[dict]:
-    """Write the Hub layout of ``run_dir`` into ``out_dir``; returns what each config holds."""
+    """Write the Hub layout of ``run_dir`` into ``out_dir``; returns what each config holds.
+
+    All or nothing: everything is checked first (a folder of someone else's at ``out_dir``, damaged shards,
+    image roots the run's config does not vouch for), then laid out in a hidden folder beside ``out_dir`` and
+    renamed into place; a refusal or a failure leaves ``out_dir`` as it was and nothing beside it."""
     states = [s for s in run_states(run_dir) if s.get("done")]
     if not states:
         raise ValueError(f"{run_dir} has no finished stage to publish; run `taskgalaxy run` first")
+    _refuse_foreign_folder(out_dir)
+    for state in states:
+        require_intact_stage(run_dir, state["stage"])
+    if any(s["stage"] in EMBED_IMAGES for s in states):
+        resolve_image = trusted_resolver(run_dir, resolve_image)
     datasets.disable_progress_bars()  # to_parquet's bars, one per config, would drown the summary
-    _clear_own_folder(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))
+    try:
+        configs = _lay_out(run_dir, staging, states, resolve_image)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return configs
+
+
+def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image) -> list[dict]:
+    (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
+    scratch = out_dir / SCRATCH  # `datasets` cache files of the embedding step: never in the run folder
     configs = []
     for state in states:
         name = state["stage"]
         dataset = load_stage_output(run_dir, name)
         if name in EMBED_IMAGES:
-            dataset = _with_embedded_images(dataset, EMBED_IMAGES[name], resolve_image)
+            dataset = _with_embedded_images(dataset, EMBED_IMAGES[name], resolve_image, scratch / f"{name}.arrow")
         configs.append(_config_entry(name, dataset, out_dir))
+        del dataset
+        shutil.rmtree(scratch, ignore_errors=True)  # written to Parquet: a second copy of every image no more
     failures = datasets.concatenate_datasets([load_stage_failures(run_dir, s["stage"]) for s in states])
     configs.append(_config_entry("failures", failures, out_dir))
     if any(s["stage"] == "final" for s in states):
@@ -53,22 +80,42 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     return configs
 
 
-MARKER = ".taskgalaxy-repo"  # marks a folder this module laid out, the only kind it will ever clear
+MARKER = ".taskgalaxy-repo"  # marks a folder this module laid out, the only kind it will ever replace
+SCRATCH = ".scratch"
 
 
-def _clear_own_folder(out_dir: Path) -> None:
-    """Empty ``out_dir`` for a new layout — only if it is empty or was laid out by us before."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / MARKER).exists():
-            raise ValueError(f"{out_dir} exists and is not a folder written by `taskgalaxy push`; refusing to "
-                             "overwrite it: give --local-dir a new or empty folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
+def _refuse_foreign_folder(out_dir: Path) -> None:
+    """``out_dir`` may be replaced only if it is missing, empty, or was laid out by us before."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder; give --local-dir a new or empty folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+        raise ValueError(f"{out_dir} exists and is not a folder written by `taskgalaxy push`; refusing to "
+                         "overwrite it: give --local-dir a new or empty folder")
 
 
-def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image) -> datasets.Dataset:
-    """Add an ``image`` column (``datasets.Image``) whose bytes are read from the files, and keep the path."""
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished layout to ``out_dir``; an earlier layout there is moved aside first and removed
+    after, or put back if the rename fails."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    _refuse_foreign_folder(out_dir)  # again, right before replacing it
+    aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{out_dir.name}-", dir=out_dir.parent))
+    os.rename(out_dir, aside / "old")
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(aside / "old", out_dir)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image,
+                          cache_file: Path) -> datasets.Dataset:
+    """Add an ``image`` column (``datasets.Image``) whose bytes are read from the files, and keep the path.
+    The embedded table is written to ``cache_file`` (beside the layout): the run folder is only read, and may
+    be read-only."""
     target = "image"
     if column == target:  # the LLaVA path column keeps its meaning under a clearer name
         dataset = dataset.rename_column(column, "image_path")
@@ -77,7 +124,9 @@ def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image)
     dataset = dataset.add_column(target, files).cast_column(target, datasets.Image())
     from datasets.table import embed_table_storage
 
-    return dataset.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    return dataset.with_format("arrow").map(embed_table_storage, batched=True, cache_file_name=str(cache_file),
+                                            load_from_cache_file=False).with_format(None)
 
 
 def _config_entry(name: str, dataset: datasets.Dataset, out_dir: Path) -> dict:

@@ -11,7 +11,11 @@ Layout (design.md §4)::
         input.arrow             source stages only: the listed input rows, frozen so shards stay stable
         shard-00000.arrow       output rows of shard 0 (a `datasets` Arrow file); present = shard finished
         failures/shard-00000.arrow  rows (and items) of shard 0 that did not make it, with reason codes
-        stats/shard-00000.json  per-shard counts and usage
+        stats/shard-00000.json  per-shard counts and usage, and the fingerprint and shard layout it was
+                                computed under (enough to rebuild a damaged state.json)
+
+What cannot be used (a full disk, a read-only or pseudo file system, a damaged file) raises ``RunFolderError``:
+one paragraph naming what failed, the path, the stage and the fix, with the exit code the command line uses.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,6 +38,126 @@ TMP_PREFIX = ".tmp-"
 
 class RunLockedError(RuntimeError):
     """Another process is running on the same run folder."""
+
+
+EXIT_UNUSABLE = 2  # as for a bad config: nothing ran, fix the folder (or --run-dir) and rerun
+EXIT_IO = 74  # EX_IOERR (sysexits.h): a file of the run folder could not be written or read mid-way
+EXIT_DATA = 65  # EX_DATAERR (sysexits.h): a file of the run folder is damaged or not to be trusted
+
+
+class RunFolderError(RuntimeError):
+    """The run folder, or a file in it, cannot be used: a full disk, a read-only or pseudo file system, no
+    permission, a damaged file. The message is one paragraph naming what failed, the path, the stage (where
+    one was running) and what to do; ``exit_code`` is what the command line exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_IO):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class CorruptFileError(RunFolderError, ValueError):
+    """A JSON file of the run folder that does not parse (a disk fault, a power loss on a non-atomic copy, an
+    edit). A ``ValueError`` too, as ``json.loads`` raised before."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_DATA)
+
+
+# Errors that say "this disk or folder cannot take it", whichever file they hit: never the stage's own fault.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+PSEUDO_FILESYSTEMS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                      "configfs", "bpf", "pstore", "fusectl", "mqueue", "binfmt_misc"}
+
+_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+    errno.ENOENT: "a folder on the way does not exist (or cannot hold files)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EFBIG: "the file is larger than the file system allows",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def _hint(code: int | None, run_dir: Path | None) -> str:
+    where = f" {run_dir}" if run_dir else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"Free space on the disk that holds the run folder{where} (see `df -h{where}`), then rerun the same "
+                "command: finished shards are kept and the resume continues where this stopped.")
+    if code == errno.EROFS:
+        return ("`taskgalaxy run` has to write there (its lock, config.yaml, shards and state): remount it "
+                "writable, or copy the run folder to a writable disk and pass --run-dir; `status`, `export` and "
+                "`push` only read a finished run and work on a read-only one as it is.")
+    if code in (errno.EACCES, errno.EPERM):
+        return "Give this user write access to the run folder, or pass --run-dir a folder it may write."
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return "Pass --run-dir (or set run.run_dir to) a folder on a real disk."
+    return "Check the disk and the folder, then rerun the same command: finished shards are kept."
+
+
+def stage_of(path: Path) -> str | None:
+    """The stage whose folder (``NN_<stage>``) holds ``path``, if any."""
+    for part in reversed(Path(path).parts[:-1]):
+        if len(part) > 3 and part[:2].isdigit() and part[2] == "_":
+            return part[3:]
+    return None
+
+
+def folder_error(exc: OSError, *, doing: str, path: Path, stage: str | None = None, run_dir: Path | None = None,
+                 exit_code: int = EXIT_IO) -> RunFolderError:
+    """Turn an ``OSError`` into a one-paragraph ``RunFolderError``: what failed, the path, the stage, the fix."""
+    where = os.fsdecode(exc.filename) if exc.filename else path
+    cause = _CAUSES.get(exc.errno, exc.strerror or str(exc))
+    during = f"stage {stage!r}: " if stage else ""
+    return RunFolderError(f"{during}could not {doing} ({where}): {cause} [errno {exc.errno}]. "
+                          f"{_hint(exc.errno, run_dir)}", exit_code)
+
+
+def is_run_folder_problem(exc: BaseException, run_dir: Path) -> bool:
+    """An ``OSError`` caused by the disk or the run folder (full, read-only, ...), not by a stage's own work."""
+    if not isinstance(exc, OSError) or isinstance(exc, RunFolderError):
+        return False
+    if exc.errno in ENVIRONMENT_ERRNOS:
+        return True
+    if not exc.filename:
+        return False
+    inside, folder = os.path.abspath(os.fsdecode(exc.filename)), os.path.abspath(run_dir)
+    return inside == folder or inside.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def pseudo_filesystem(path: Path) -> tuple[str, str] | None:
+    """``(fs type, mount point)`` when ``path`` (or the nearest folder of it that exists) lies on a kernel
+    pseudo file system such as /proc or /sys, which cannot hold a run folder; None otherwise or when unknown."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    real = os.path.realpath(probe)
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None  # not Linux, or no /proc: nothing to tell
+    best: tuple[str, str] | None = None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # "\040" is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[1])):
+            best = (fields[2], point)
+    return best if best and best[0] in PSEUDO_FILESYSTEMS else None
+
+
+def refuse_pseudo_filesystem(run_dir: Path) -> None:
+    found = pseudo_filesystem(run_dir)
+    if found:
+        fstype, point = found
+        raise RunFolderError(
+            f"the run folder {run_dir} would lie on the kernel's {fstype!r} pseudo file system (mounted at "
+            f"{point}), which cannot hold files; nothing was run. Pass --run-dir (or set run.run_dir to) a "
+            "folder on a real disk.", EXIT_UNUSABLE)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -49,6 +174,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plain_mode(path: Path) -> Path:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (0600/0700) the permissions ``open``/``mkdir``
+    would have given it: what an export or a push writes is for others to read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+    return Path(path)
 
 
 def fsync_file(path: Path) -> None:
@@ -80,10 +214,27 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def read_json(path: Path) -> Any | None:
+    """The parsed file, None when it does not exist; ``CorruptFileError`` (naming it) when it does not parse."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFileError(_corrupt_message(Path(path), exc)) from None
+
+
+def _corrupt_message(path: Path, exc: ValueError) -> str:
+    stage = stage_of(path)
+    during = f"stage {stage!r}: " if stage else ""
+    if path.name == STATE_FILE:
+        fix = ("Rerun `taskgalaxy run` with the same config: it rebuilds this file from the per-shard stats "
+               "(and says so if it cannot); `status`, `export` and `push` read the stage again once it is rebuilt.")
+    elif path.parent.name == "stats":
+        fix = ("Delete it and rerun `taskgalaxy run` with the same config: the shard it describes is then "
+               "recomputed (what it had paid is no longer known).")
+    else:
+        fix = "Move it aside and rerun the stage that writes it (`taskgalaxy run CONFIG --stages STAGE`)."
+    return f"{during}{path} is damaged: it is not valid JSON ({type(exc).__name__}: {exc}). {fix}"
 
 
 def stage_dir_name(index: int, name: str) -> str:
@@ -125,8 +276,13 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = self.path.parent
+        refuse_pseudo_filesystem(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._unusable(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -137,11 +293,21 @@ class RunLock:
                     f"run folder {self.path.parent} is in use by {holder}; wait for that run to finish "
                     "(or stop it), or pass a different --run-dir"
                 ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            raise self._unusable(exc) from None
+        try:  # who holds it, for the message a second run gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        except OSError as exc:  # a disk too full for 40 bytes cannot take a shard either: stop now
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise self._unusable(exc) from None
         self._fd = fd
         return self
+
+    def _unusable(self, exc: OSError) -> RunFolderError:
+        error = folder_error(exc, doing="create the run lock before any stage ran", path=self.path,
+                             run_dir=self.path.parent, exit_code=EXIT_UNUSABLE)
+        return RunFolderError(f"{error} Nothing was run.", EXIT_UNUSABLE)
 
     def release(self) -> None:
         if self._fd is not None:

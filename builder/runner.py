@@ -3,13 +3,17 @@
 For each stage, in pipeline order: compute its fingerprint from its config and the fingerprints of every
 stage it reads; if the stage folder holds another fingerprint, clear it (the stage and, through their
 fingerprints, every later stage re-run; earlier ones never do); split the input into shards; skip every
-shard whose output file exists; run the rest through the engine; split, check, and commit each shard by
-renaming its output file last. ``state.json`` is rebuilt from the per-shard stats after every shard.
+shard whose output file exists and verifies (readable, the row counts its stats recorded: a damaged one is
+named and recomputed); run the rest through the engine; split, check, and commit each shard by renaming its
+output file last. ``state.json`` is rebuilt from the per-shard stats after every shard, and from them alone
+when it is itself damaged. A full disk or a read-only folder stops a stage with ``RunFolderError``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import math
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 from tqdm import tqdm
 
 from builder import runfolder as rf
@@ -26,8 +31,8 @@ from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import (INTERRUPTED_PREFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, column_values, load_stage_output,
-                             run_states, stage_totals)
+from builder.outputs import (INTERRUPTED_PREFIX, JOURNAL_SUFFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, arrow_rows,
+                             column_values, load_stage_output, require_intact_stage, shard_problem, stage_totals)
 from builder.stage import Stage, StageContext
 
 logger = logging.getLogger(__name__)
@@ -42,24 +47,98 @@ class StageError(RuntimeError):
 
 
 def interrupted_name(folder: Path, index: int, when: float, note: str = "stopped") -> Path:
-    """A new ``stats/interrupted-NNNNN-<time>-<note>-<n>.json`` (never one that exists: each is counted)."""
+    """A new ``stats/interrupted-NNNNN-<time>-<note>-<n>.jsonl`` (never one that exists: each is counted)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
-    names = (folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}.json" for n in itertools.count())
+    names = (folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}{JOURNAL_SUFFIX}"
+             for n in itertools.count())
     return next(path for path in names if not path.exists())
 
 
 def adopt_killed_usage(folder: Path) -> None:
-    """Turn the live usage records that a killed attempt left behind into interrupted ones (counted in the
-    totals), except where the shard did finish: its stats already hold that usage."""
-    for live in sorted((folder / "stats").glob(f"{LIVE_PREFIX}*.json")):
-        index = int(live.stem.removeprefix(LIVE_PREFIX))
+    """Turn the spend journals that a killed attempt left behind into interrupted ones (counted in the
+    totals), except where the shard did finish: its stats already hold that usage. A rename, so it needs no
+    disk space (a run stopped by a full disk resumes with its spend intact)."""
+    for live in sorted((folder / "stats").glob(f"{LIVE_PREFIX}*.json*")):
+        index = int(live.name.removeprefix(LIVE_PREFIX).split(".")[0])
         if (folder / rf.shard_name(index)).exists():
             live.unlink(missing_ok=True)
             continue
-        target = interrupted_name(folder, index, live.stat().st_mtime, "killed")
+        target = interrupted_name(folder, index, live.stat().st_mtime, "killed").with_suffix(live.suffix)
         live.replace(target)
         logger.warning("stage folder %s: shard %d was stopped hard last time; the usage it had recorded is "
                        "counted as spent (%s)", folder.name, index, target.name)
+
+
+RESUME_KEYS = ("fingerprint", "shard_size", "shards_total")  # copied into every shard's stats (see _recover_state)
+
+
+def discard_shard(folder: Path, index: int) -> None:
+    """Remove a finished shard that does not verify, so the resume recomputes it. What its stats say it paid
+    stays counted: first an interrupted record named after those stats (a redo after a kill rewrites the same
+    record rather than adding one), then the output file (its presence meant "finished"), then the rest."""
+    stats_path = folder / "stats" / f"shard-{index:05d}.json"
+    try:
+        data = stats_path.read_bytes()
+        usage = json.loads(data).get("usage") or {}
+    except (OSError, ValueError, AttributeError):  # missing or damaged: what it paid is not known
+        data, usage = b"", {}
+    if usage:
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        record = folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-discarded-{digest}{JOURNAL_SUFFIX}"
+        rf.atomic_write_bytes(record, (json.dumps(usage, sort_keys=True) + "\n").encode())
+    (folder / rf.shard_name(index)).unlink(missing_ok=True)
+    (folder / "failures" / rf.shard_name(index)).unlink(missing_ok=True)
+    stats_path.unlink(missing_ok=True)
+    for live in (folder / "stats").glob(f"{LIVE_PREFIX}{index:05d}.*"):  # its stats held that usage
+        live.unlink(missing_ok=True)
+
+
+def _shard_stats(folder: Path) -> dict[int, dict]:
+    """Every per-shard stats record that parses, by shard index."""
+    records = {}
+    for path in sorted((folder / "stats").glob("shard-*.json")):
+        index = path.stem.removeprefix("shard-")
+        try:
+            record = rf.read_json(path)
+        except rf.CorruptFileError:
+            continue
+        if index.isdigit() and isinstance(record, dict):
+            records[int(index)] = record
+    return records
+
+
+def _spent_in(folder: Path, records: dict[int, dict]) -> dict | None:
+    """What a stage folder recorded as spent, when its state.json is gone: ``stage_totals`` over every shard
+    index that has a record or an output file; None when a damaged record makes it unknown."""
+    indexes = [*records, *(int(p.stem.removeprefix("shard-")) for p in folder.glob("shard-*.arrow")
+                           if p.stem.removeprefix("shard-").isdigit())]
+    try:
+        return stage_totals(folder, max(indexes, default=-1) + 1)["usage"]
+    except rf.CorruptFileError:
+        return None
+
+
+def _clear_keeping_spend(folder: Path, spent: dict) -> None:
+    """Empty a stage folder for a recompute; money paid in it stays counted, as a superseded record."""
+    rf.clear_stage_dir(folder)
+    if any(spent.values()):
+        (folder / "stats").mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        names = (folder / "stats" / f"{SUPERSEDED_PREFIX}{stamp}-{n}.json" for n in itertools.count())
+        rf.atomic_write_json(next(p for p in names if not p.exists()), spent)
+
+
+def _readable_states(run_dir: Path) -> list[dict]:
+    """``run_states`` minus the stages whose state.json is damaged: each one's own turn rebuilds or refuses it."""
+    states = []
+    for folder in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
+        try:
+            state = rf.read_json(folder / rf.STATE_FILE)
+        except rf.CorruptFileError:
+            continue
+        if state is not None:
+            states.append({**state, "folder": folder.name})
+    return states
 
 
 def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +162,7 @@ class Runner:
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         self._by_name = {stage.name: stage for stage in self.stages}
+        self._verified: set[str] = set()  # stages whose finished shards this run has verified
         self._fingerprints = self._compute_fingerprints()
 
     # -- fingerprints -------------------------------------------------------------------------------
@@ -131,17 +211,27 @@ class Runner:
             self.preflight(selected)
         datasets.disable_progress_bars()  # one progress bar per stage: ours
         states = {}
+        self._verified.clear()
         with rf.RunLock(self.run_dir):
             self._refuse_mixing_dry_and_paid()
-            (self.run_dir / "cache").mkdir(parents=True, exist_ok=True)
-            rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config)).encode())
+            self._write_run_files()
             for stage in selected:
                 states[stage.name] = self._run_stage(stage)
+                self._verified.add(stage.name)  # its own run verified (or recomputed) every shard
         return states
+
+    def _write_run_files(self) -> None:
+        try:
+            (self.run_dir / "cache").mkdir(parents=True, exist_ok=True)
+            rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config)).encode())
+        except OSError as exc:
+            raise rf.folder_error(exc, doing="write the run's config.yaml before any stage ran",
+                                  path=self.run_dir / "config.yaml", run_dir=self.run_dir,
+                                  exit_code=rf.EXIT_UNUSABLE) from None
 
     def _refuse_mixing_dry_and_paid(self) -> None:
         """A dry run must never clear a paid run's stages (their fingerprints differ), nor the reverse."""
-        other = [s["stage"] for s in run_states(self.run_dir) if s.get("dry_run", self.dry_run) != self.dry_run]
+        other = [s["stage"] for s in _readable_states(self.run_dir) if s.get("dry_run", self.dry_run) != self.dry_run]
         if other:
             kind = "a paid run" if self.dry_run else "a dry run"
             raise ConfigError(f"run folder {self.run_dir} holds {kind} (stages {other}); "
@@ -149,16 +239,36 @@ class Runner:
                               "pass another --run-dir")
 
     def load_stage(self, name: str) -> datasets.Dataset:
-        """A finished stage's output, refusing one computed under another fingerprint (stale)."""
+        """A finished stage's output, refusing one computed under another fingerprint (stale) or one with a
+        damaged shard (that stage's rerun recomputes it)."""
+        if name not in self._verified:  # once per run: a stage read by several is not re-verified by each
+            require_intact_stage(self.run_dir, name)
+            self._verified.add(name)
         return load_stage_output(self.run_dir, name, expect_fingerprint=self._fingerprints.get(name))
 
     def _run_stage(self, stage: Stage) -> dict:
-        config = self.stage_config(stage)
+        """Run one stage; a full disk, a read-only folder or the like stops it with a ``RunFolderError`` that
+        names the stage, the file and the fix (finished shards are kept either way)."""
         folder = self.stage_dir(stage.name)
+        try:
+            return self._run_stage_in(stage, folder)
+        except StageError as exc:  # the batch function hit the disk's limit, not a bug of its own
+            if exc.__cause__ is None or not rf.is_run_folder_problem(exc.__cause__, self.run_dir):
+                raise
+            raise rf.folder_error(exc.__cause__, doing="write a shard", path=folder, stage=stage.name,
+                                  run_dir=self.run_dir) from exc.__cause__
+        except OSError as exc:
+            if not rf.is_run_folder_problem(exc, self.run_dir):
+                raise
+            raise rf.folder_error(exc, doing="write its results", path=folder, stage=stage.name,
+                                  run_dir=self.run_dir) from exc
+
+    def _run_stage_in(self, stage: Stage, folder: Path) -> dict:
+        config = self.stage_config(stage)
         fp = self._fingerprints[stage.name]
         previous = self._reuse_or_clear(stage.name, folder, fp)
-        if previous and previous.get("done") and all(
-                (folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
+        if previous and previous.get("done") and not self._discard_damaged_shards(stage.name, folder, previous) \
+                and all((folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
             logger.info("stage %s: already done under this config; nothing to do", stage.name)
             return previous
         for name in self.reads(stage):
@@ -195,30 +305,99 @@ class Runner:
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
                 f"rows; the stage folder {folder} is inconsistent: delete it and rerun to recompute the stage")
-        stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
+        try:
+            stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
+        except OSError as exc:
+            if not rf.is_run_folder_problem(exc, self.run_dir):
+                raise
+            raise rf.folder_error(exc, doing="finish the stage (finalize: its summary files) after all its shards "
+                                  "were written", path=folder, stage=stage.name, run_dir=self.run_dir) from exc
         return self._write_state(folder, base, done=True)
 
     def _reuse_or_clear(self, name: str, folder: Path, fp: str) -> dict | None:
         """The stage's previous state when it was computed under the same fingerprint; else an empty folder."""
-        state = rf.read_json(folder / rf.STATE_FILE)
+        try:
+            state = rf.read_json(folder / rf.STATE_FILE)
+        except rf.CorruptFileError as exc:
+            return self._recover_state(name, folder, fp, exc)
         if state is None or state.get("fingerprint") != fp:
             spent = stage_totals(folder, state.get("shards_total", 0))["usage"] if state is not None else {}
             if state is not None:
                 logger.info("stage %s: config or inputs changed; recomputing it", name)
-            rf.clear_stage_dir(folder)
-            if any(spent.values()):  # money paid under the old config stays counted
-                (folder / "stats").mkdir(parents=True, exist_ok=True)
-                stamp = time.strftime("%Y%m%dT%H%M%S")
-                names = (folder / "stats" / f"{SUPERSEDED_PREFIX}{stamp}-{n}.json" for n in itertools.count())
-                rf.atomic_write_json(next(p for p in names if not p.exists()), spent)
+            _clear_keeping_spend(folder, spent)
             return None
         if rf.remove_temporaries(folder):
             logger.info("stage %s: removed the half-written files of an interrupted run", name)
         return state
 
+    def _recover_state(self, name: str, folder: Path, fp: str, damage: rf.CorruptFileError) -> dict | None:
+        """``state.json`` does not parse. Rebuild what a resume needs from the shard stats written under this
+        fingerprint; when there are none, recompute the stage — unless that would throw paid work away."""
+        logger.warning("%s", damage)
+        records = _shard_stats(folder)
+        layouts = {tuple(r.get(k) for k in RESUME_KEYS) for r in records.values() if r.get("fingerprint") == fp}
+        if len(layouts) == 1 and None not in (layout := layouts.pop()):
+            rebuilt = {"stage": name, "done": False, **dict(zip(RESUME_KEYS, layout))}
+            logger.warning("stage %s: rebuilt its state from the stats of its finished shards; every one is "
+                           "verified before it is kept", name)
+            return rebuilt
+        finished = sorted(folder.glob("shard-*.arrow"))
+        spent = _spent_in(folder, records)
+        if finished and (spent is None or spent.get("cost_usd") or spent.get("requests")):
+            paid = "an unknown amount" if spent is None else \
+                f"{spent.get('requests', 0):g} requests (${spent.get('cost_usd', 0):.2f})"
+            raise rf.RunFolderError(
+                f"stage {name!r}: {folder / rf.STATE_FILE} is damaged and cannot be rebuilt: the stats of its "
+                f"{len(finished)} finished shards do not say which config they were computed under (they predate "
+                f"that record), and they paid {paid}. Nothing was recomputed. Restore the file from a backup; or, "
+                f"to recompute the stage (answers in the request cache are not paid again), move {folder} aside "
+                "and rerun the same command.", rf.EXIT_DATA)
+        logger.warning("stage %s: no shard of it can be matched to this config; recomputing it (what it had "
+                       "recorded as spent stays counted)", name)
+        _clear_keeping_spend(folder, spent)
+        return None
+
+    def _discard_damaged_shards(self, name: str, folder: Path, state: dict) -> int:
+        """Verify every finished shard a resume would skip (see ``builder.outputs.shard_problem``); remove each
+        that does not verify, so it is recomputed. Returns how many were removed."""
+        discarded = 0
+        for index in range(state["shards_total"]):
+            if not (folder / rf.shard_name(index)).exists():
+                continue
+            problem = shard_problem(folder, index, fingerprint=state.get("fingerprint"))
+            if problem is not None:
+                logger.warning("stage %s: finished shard %d cannot be trusted (%s); recomputing it", name, index,
+                               problem)
+                discard_shard(folder, index)
+                discarded += 1
+        return discarded
+
+    @staticmethod
+    def _check_frozen_input(name: str, folder: Path, frozen: Path) -> None:
+        """A damaged input listing is listed again when no shard was cut from it yet; else the stage stops."""
+        if not frozen.exists():
+            return
+        try:
+            arrow_rows(frozen)
+            return
+        except (pa.ArrowException, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        finished = list(folder.glob("shard-*.arrow"))
+        if not finished:
+            logger.warning("stage %s: its input listing %s is damaged (%s); listing the inputs again", name,
+                           frozen, problem)
+            frozen.unlink()
+            return
+        raise rf.RunFolderError(
+            f"stage {name!r}: its frozen input listing {frozen} is damaged ({problem}), and {len(finished)} finished "
+            f"shards were cut from it, so it cannot be listed again without moving their boundaries. Move {folder} "
+            "aside and rerun the same command to list and compute the stage afresh.", rf.EXIT_DATA)
+
     def _run_shards(self, stage, config, ctx, inputs, key, features, base) -> dict:
         folder, count = ctx.stage_dir, base["shards_total"]
-        adopt_killed_usage(folder)
+        adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
+        self._discard_damaged_shards(stage.name, folder, base)
+        resume = {name: base[name] for name in RESUME_KEYS}  # in every shard's stats: a lost state.json rebuilds
         state = self._write_state(folder, base, done=False)
         with tqdm(total=len(inputs), initial=state["totals"]["rows_in"], desc=f"{stage.name:>8}", unit="row",
                   disable=not self.progress, dynamic_ncols=True) as bar:
@@ -229,7 +408,7 @@ class Runner:
                 fn = fn or stage.make_batch_fn(config, ctx)
                 shard = inputs.shard(count, index, contiguous=True)
                 try:
-                    self._run_shard(stage, fn, ctx, shard, index, key, features, base["fingerprint"], bar)
+                    self._run_shard(stage, fn, ctx, shard, index, key, features, resume, bar)
                 except BaseException:  # state.json then counts what the stopped attempt paid
                     self._write_state_best_effort(folder, base)
                     raise
@@ -241,6 +420,7 @@ class Runner:
         if stage.upstream:
             return self.load_stage(stage.upstream)
         frozen = folder / "input.arrow"
+        self._check_frozen_input(stage.name, folder, frozen)
         if not frozen.exists():  # list once per fingerprint, so shard boundaries never move on resume
             rows = stage.source_rows(config, ctx)
             tmp = folder / f"{rf.TMP_PREFIX}input.arrow"
@@ -248,10 +428,12 @@ class Runner:
             tmp.replace(frozen)
         return datasets.Dataset.from_file(str(frozen))
 
-    def _run_shard(self, stage, fn, ctx, shard, index, key, features, fp, bar) -> None:
-        folder = ctx.stage_dir
+    def _run_shard(self, stage, fn, ctx, shard, index, key, features, resume, bar) -> None:
+        folder, fp = ctx.stage_dir, resume["fingerprint"]
         ctx.usage.clear()  # usage is counted per shard; the batch function holds this same ctx
-        ctx.live_usage_path, ctx._live_written = folder / "stats" / f"{LIVE_PREFIX}{index:05d}.json", None
+        ctx.unrecorded.clear()
+        ctx.live_usage_path = folder / "stats" / f"{LIVE_PREFIX}{index:05d}{JOURNAL_SUFFIX}"
+        ctx.live_usage_path.unlink(missing_ok=True)  # adopted at the start of the stage if a kill left one
         started = time.monotonic()
         tmp_map = folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow"
         try:
@@ -265,12 +447,17 @@ class Runner:
                 on_batch=bar.update,
             )
         except BaseException as exc:
-            # Requests paid before the stop: their answers are cached, their cost must show. The live record
-            # becomes the interrupted one by a rename, so no moment holds both (or neither).
-            ctx.note_live_usage(force=True)
+            # Requests paid before the stop: their answers are cached, their cost must show. The journal
+            # becomes the interrupted record by a rename, so no moment holds both (or neither), and a full
+            # disk cannot stop it.
+            ctx.close_journal()
             live, ctx.live_usage_path = ctx.live_usage_path, None
             if live.exists():
                 live.replace(interrupted_name(folder, index, time.time()))
+            if ctx.unrecorded:
+                logger.error("stage %s shard %d: %s paid after the spend journal stopped taking writes could "
+                             "not be recorded; `status` under-counts this stage by that much", stage.name, index,
+                             ", ".join(f"{k}={v:g}" for k, v in sorted(ctx.unrecorded.items())))
             if not isinstance(exc, Exception):
                 raise
             raise StageError(
@@ -289,9 +476,11 @@ class Runner:
             "item_failures": dict(split.item_failures),
             "usage": dict(ctx.usage),
             "seconds": round(time.monotonic() - started, 3),
+            **resume,
         }
         rf.atomic_write_json(folder / "stats" / f"shard-{index:05d}.json", stats)
         self._commit(folder / rf.shard_name(index), split.output, features)
+        ctx.close_journal()
         ctx.live_usage_path.unlink(missing_ok=True)  # the stats hold it now (a leftover is dropped, see below)
         ctx.live_usage_path = None
         del raw

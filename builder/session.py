@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from builder.config import build_config_model, load_config
+from builder.config import ConfigError, build_config_model, load_config
 from builder.runner import Runner
 from builder.stage import Stage
 
@@ -72,6 +72,34 @@ def open_run(
     from processors.pipeline import check_consistency, check_credentials
 
     check_consistency(config)
+    credentials = functools.partial(check_credentials, config, dry_run=dry_run)
+
+    def preflight(selected: list[Stage]) -> None:  # the runner calls it before the run folder exists
+        credentials(selected)
+        check_seed_files(config, selected)
 
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
-                  preflight=functools.partial(check_credentials, config, dry_run=dry_run))
+                  preflight=preflight)
+
+
+def check_seed_files(config: Any, selected: Sequence[Stage]) -> None:
+    """Read the seed and task-type files of a selected taxonomy stage now, before the run folder exists: a bad
+    line is then a config error (exit 2) and "nothing was run" holds for the disk too. The stage reads them
+    again when it lists its inputs; they are small, and a file that changes in between changes the fingerprint."""
+    taxonomy = getattr(config.stages, "taxonomy", None)
+    if taxonomy is None or not any(stage.name == "taxonomy" for stage in selected):
+        return
+    from loaders.taxonomy.seeds import SeedError, read_seeds, read_tasktypes
+
+    strict = getattr(taxonomy, "seed_errors", "fail") == "fail"
+    for key, read in (("seeds", read_seeds), ("import_tasktypes", read_tasktypes)):
+        path = getattr(taxonomy, key, None)
+        if path is None:
+            continue
+        try:
+            read(path, strict=strict)
+        except SeedError as exc:
+            raise ConfigError(f"config error: stages.taxonomy.{key}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config error: stages.taxonomy.{key}: cannot read {path} ({exc.strerror or exc}); "
+                              "nothing was run") from None

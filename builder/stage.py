@@ -10,7 +10,6 @@ changes whenever one of them changes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,44 +49,55 @@ class StageContext:
     load_stage: Callable[[str], "datasets.Dataset"]
     usage: dict[str, float] = field(default_factory=dict)  # tokens, requests, cost...: summed into state.json
     services: dict[str, Any] = field(default_factory=dict)  # e.g. the simulator URL under --dry-run
-    # Where the runner keeps the running usage of the shard in progress, so that money spent by an attempt
-    # that is killed (SIGKILL, OOM, power) still shows in the totals after the resume. None: not kept.
+    # The spend journal of the shard in progress (``stats/live-NNNNN.jsonl``): one line per ``add_usage``,
+    # appended before the call returns, so money spent by an attempt that is killed (SIGKILL, OOM, power)
+    # still shows after the resume, to the last reply. None: not kept.
     live_usage_path: Path | None = None
-    live_usage_interval_s: float = 1.0
-    _live_written: float | None = field(default=None, repr=False)
-    _live_warned: bool = field(default=False, repr=False)
+    unrecorded: dict[str, float] = field(default_factory=dict)  # usage the journal could not take (disk full)
+    _journal: Any = field(default=None, repr=False)
+    _journal_warned: bool = field(default=False, repr=False)
 
     def add_usage(self, **counters: float) -> None:
+        """Count usage (requests, tokens, cost, cache hits...) for this shard and journal it on disk at once.
+
+        The LLM engine calls it once per billed reply, after the reply is in the request cache: whatever a
+        kill interrupts, an answer that is cached is also counted."""
         for name, value in counters.items():
             self.usage[name] = self.usage.get(name, 0) + value
-        self.note_live_usage()
+        if self.live_usage_path is not None and counters:
+            self._journal_line(counters)
 
-    def note_live_usage(self, in_flight: dict[str, float] | None = None, *, force: bool = False) -> None:
-        """Record the shard's usage so far, plus ``in_flight`` (counters of a call still running), on disk.
+    def _journal_line(self, counters: dict[str, float]) -> None:
+        import json
+        import os
 
-        At most once per ``live_usage_interval_s`` (the first time at once): cheap enough to call after every
-        reply. The file is replaced atomically, so a kill leaves the last whole record.
-        """
-        if self.live_usage_path is None:
-            return
-        now = time.monotonic()
-        if not force and self._live_written is not None and now - self._live_written < self.live_usage_interval_s:
-            return
-        record = dict(self.usage)
-        for name, value in (in_flight or {}).items():
-            record[name] = record.get(name, 0) + value
-        if record:
-            from builder.runfolder import atomic_write_json
+        line = (json.dumps(counters, separators=(",", ":")) + "\n").encode()
+        try:
+            if self._journal is None or self._journal[0] != self.live_usage_path:
+                self.close_journal()
+                self.live_usage_path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.live_usage_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._journal = (self.live_usage_path, fd)
+            # One write of a short line to an O_APPEND file: in the kernel once it returns, so a killed
+            # process loses nothing; a torn last line (power loss) is skipped by the reader.
+            os.write(self._journal[1], line)
+        except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
+            for name, value in counters.items():
+                self.unrecorded[name] = self.unrecorded.get(name, 0) + value
+            if not self._journal_warned:
+                logger.warning("could not record spend in %s (%s): if this attempt is killed, `status` will not "
+                               "show what it paid from now on", self.live_usage_path, exc)
+                self._journal_warned = True
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            import os
 
             try:
-                atomic_write_json(self.live_usage_path, record)
-            except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
-                if not self._live_warned:
-                    logger.warning("could not record the running usage in %s (%s); a hard kill now would "
-                                   "under-count this shard's cost", self.live_usage_path, exc)
-                self._live_warned = True
-                return
-            self._live_written, self._live_warned = now, False
+                os.close(self._journal[1])
+            except OSError:
+                logger.debug("closing the spend journal %s failed", self._journal[0])
+            self._journal = None
 
 
 class Stage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder import runfolder as rf
-from builder.outputs import run_states, stage_totals, stale_inputs
+from builder.outputs import damaged_shards, run_states, stage_totals, stale_inputs
 
 TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens")
 
@@ -39,6 +39,7 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "stopped_usage": totals.get("stopped_usage", {}),
             "fingerprint": state["fingerprint"],
             "stale_inputs": stale_inputs(run_dir, state),
+            "damaged_shards": [f"shard {index}: {why}" for index, why in damaged_shards(run_dir, state["stage"])],
             "seconds": round(totals.get("seconds", 0.0), 2),
         }
         extra = rf.read_json(Path(run_dir) / state["folder"] / "stats.json")
@@ -59,6 +60,8 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
             f"{s['stage']:<10} {shards:>9} {s['rows_in']:>8} {s['rows_out']:>8} {s['failed']:>7} "
             f"{s['tokens']:>10} {s['cost_usd']:>9.2f}  {_done(s):<5} {s['fingerprint'][:12]}"
         )
+        for damage in s["damaged_shards"]:
+            lines.append(f"{'':<10} damaged: {damage}; a rerun recomputes it")
         if s["stale_inputs"]:
             lines.append(f"{'':<10} stale: computed from an older {', '.join(s['stale_inputs'])}; rerun to update")
         stopped = s["stopped_usage"]
@@ -75,6 +78,8 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
 
 
 def _done(summary: dict) -> str:
+    if summary["damaged_shards"]:
+        return "no"
     if summary["stale_inputs"]:
         return "stale"
     return "yes" if summary["done"] else "no"

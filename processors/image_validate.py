@@ -20,27 +20,45 @@ still read and Huffman-decoded, so truncation and stream errors surface exactly 
 inverse DCT runs at 1/2..1/8 scale. Set ``fast_jpeg: false`` to decode at full size. Other formats decode at
 full size. EXIF orientation is applied to the reported width/height, so they are the upright size that
 ``processors.imageio.open_rgb`` will return.
+
+Memory: what a check holds is the decoded image and little else. Everything after the decode (orientation,
+mode conversion, hash) runs on a copy of at most ``HASH_SIDE`` pixels a side, taken by nearest neighbour from
+the decoded image, so a 9000x9000 RGBA PNG costs its 324 MB of pixels instead of ~1.9 GB of working copies.
+``decode_cost(data, limits)`` estimates those bytes from the header alone (width x height x bytes a pixel
+after any DCT scaling; a progressive JPEG's coefficient buffer; WebP's decoder buffer), before anything is
+decoded: the images stage admits decodes against its ``memory_budget_mb`` with it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
+import logging
 import warnings
 from dataclasses import dataclass, replace
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.ids import bytes_id
 from processors.imageio import DEFAULT_MAX_PIXELS, to_rgb
 
-VALIDATE_VERSION = "1"  # bump when a change here can change a row or a verdict: part of the stage fingerprint
+logger = logging.getLogger(__name__)
+
+VALIDATE_VERSION = "2"  # bump when a change here can change a row or a verdict: part of the stage fingerprint
 
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 _TEXT_STARTS = (b"<!doctype", b"<html", b"<?xml", b"<head", b"<body", b"{", b"[", b"<")
+# The orientation -> transpose table of ImageOps.exif_transpose, applied here to the small hash copy.
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+HASH_SIDE = 1024  # post-decode work (orientation, RGB conversion, dHash) runs on a copy at most this large
+_DRAFT_SIZE = (64, 64)  # fast_jpeg: the smallest DCT scale that keeps both sides >= 64 px
+_ONE_BYTE_MODES = ("1", "L", "P")  # Pillow stores these in 1 byte a pixel, I;16* in 2, every other mode in 4
 
 
 class ImageLimits(BaseModel):
@@ -154,12 +172,11 @@ def _check_open_image(image: Image.Image, limits: ImageLimits, name: str) -> Ima
         return shape
     mode = image.mode
     frames = int(getattr(image, "n_frames", 1) or 1)
-    image.seek(0)
-    if fmt == "JPEG" and limits.fast_jpeg:
-        image.draft(image.mode, (64, 64))  # DCT-scaled decode; still reads every byte of the stream
+    _prepare_decode(image, limits)
     image.load()
-    small = ImageOps.exif_transpose(image)
-    rgb = to_rgb(small)  # the conversion open_rgb will do; an unconvertible mode fails here
+    turn = _TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))  # as open_rgb's exif_transpose
+    small = _hash_copy(image)
+    rgb = to_rgb(small.transpose(turn) if turn is not None else small)  # open_rgb's conversion: bad modes fail here
     return ImageCheck(
         width=width,
         height=height,
@@ -169,6 +186,96 @@ def _check_open_image(image: Image.Image, limits: ImageLimits, name: str) -> Ima
         phash=dhash(rgb),
         ext=EXTENSIONS.get(fmt, fmt.lower()),
     )
+
+
+def _prepare_decode(image: Image.Image, limits: ImageLimits) -> None:
+    """First frame; JPEG at a reduced DCT scale (still reads and Huffman-decodes every byte of the stream)."""
+    image.seek(0)
+    if image.format == "JPEG" and limits.fast_jpeg:
+        image.draft(image.mode, _DRAFT_SIZE)
+
+
+def _hash_copy(image: Image.Image) -> Image.Image:
+    """The decoded image itself when small, else a nearest-neighbour copy of at most HASH_SIDE a side: the rest of
+    the check then never makes a full-size copy (an RGBA one costs 4 bytes a pixel per copy)."""
+    width, height = image.size
+    scale = HASH_SIDE / max(width, height)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST)  # NEAREST: no premultiplied full-size copy for alpha
+
+
+def pixel_bytes(mode: str) -> int:
+    """Bytes Pillow holds per pixel of an image in ``mode``."""
+    if mode in _ONE_BYTE_MODES:
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_cost(data: bytes, limits: ImageLimits) -> int:
+    """Bytes a ``check_image`` of ``data`` will hold at its peak, estimated from the header without decoding.
+
+    0 when the check will fail before decoding (not an image, above a limit): nothing is held then.
+    """
+    if not data or len(data) > limits.max_bytes:
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in limits.formats or image.width * image.height > limits.max_pixels:
+                    return 0
+                full_pixels = image.width * image.height
+                _prepare_decode(image, limits)
+                return _held_bytes(image, full_pixels)
+    except Exception:  # noqa: BLE001 - a header that does not parse fails the check before any decode
+        return 0
+
+
+def _held_bytes(image: Image.Image, full_pixels: int) -> int:
+    decoded = image.width * image.height * pixel_bytes(image.mode)
+    if image.format == "JPEG" and image.info.get("progressive"):
+        decoded += _coefficient_bytes(image, full_pixels)
+    elif image.format == "WEBP":
+        decoded *= 4  # measured: libwebp's canvas, the bytes it returns and Pillow's copy (8000x8000: ~1 GB)
+    # the hash copy and the RGB conversions on it: a few images of at most HASH_SIDE x HASH_SIDE x 4 bytes
+    work = min(image.width * image.height, HASH_SIDE * HASH_SIDE) * 4 * 4
+    return decoded + work
+
+
+def _coefficient_bytes(image: Image.Image, full_pixels: int) -> int:
+    """A progressive JPEG's coefficient buffer: libjpeg keeps every 16-bit DCT coefficient of every component
+    (subsampled chroma counts by its share) until the last scan, whatever the DCT scale of the output."""
+    layers = getattr(image, "layer", None) or []  # (component id, h sampling, v sampling, quantisation table)
+    if not layers:
+        return full_pixels * len(image.getbands()) * 2
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    share = sum(layer[1] * layer[2] for layer in layers) / (h_max * v_max)
+    return int(full_pixels * share * 2)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD_BYTES = 4 * 2**20
+
+
+def return_freed_pixels_to_os() -> bool:
+    """Make glibc serve allocations of 4 MB and more with ``mmap``, so freed pixel memory leaves the process.
+
+    Pillow holds pixels in 16 MB blocks. By default glibc raises its mmap threshold past such a block the first
+    time one is freed; later blocks then come from per-thread heaps that keep freed memory resident, so four
+    workers decoding one 324 MB image at a time still end up holding ~324 MB each: the decode budget bounds
+    what is in use, this makes what is resident follow it. Process-wide (a fixed threshold also stops glibc's
+    adjusting it); does nothing, and returns False, where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    if not done:
+        logger.debug("mallopt(M_MMAP_THRESHOLD) refused: freed pixel memory may stay resident")
+    return done
 
 
 def _orientation(image: Image.Image) -> int:

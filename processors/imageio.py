@@ -9,11 +9,16 @@ turn it into a file with ``loaders.images.paths.resolve_image_path(run_dir, row[
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image, ImageOps
+
+from loaders.images.paths import NotRegularFileError, open_regular_file  # noqa: F401 - NotRegularFileError re-exported
 
 # Decompression-bomb guard: PIL warns above MAX_IMAGE_PIXELS and raises above twice that. We raise at the
 # limit itself, so a hostile file is a failure row instead of a 20 GB allocation.
@@ -35,9 +40,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        # An RGBA image is composited as it is: convert("RGBA") would only copy it (4 bytes a pixel more).
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        composed = Image.alpha_composite(background, rgba)
+        del background, rgba  # freed before the RGB copy is made: the peak is three images, not four
+        return composed.convert("RGB")
     return image.convert("RGB")
 
 
@@ -70,11 +78,11 @@ def open_rgb(
     smallest DCT scale (1/2, 1/4, 1/8) whose *both* sides still reach ``min_side``, with no resize after it:
     what a model that resizes the short side to ``min_side`` needs, at a fraction of the decode cost (the
     pixels differ slightly from a full decode followed by a resize). ``path`` may also be the image's bytes
-    or an open binary file. Raises ``ImageTooLargeError`` above ``max_pixels`` and PIL's own errors
+    or an open binary file. Raises ``ImageTooLargeError`` above ``max_pixels``, ``NotRegularFileError`` (an
+    ``OSError``) for a path that is a FIFO, socket, device or folder, and PIL's own errors
     (``UnidentifiedImageError``, ``OSError`` for truncated data).
     """
-    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray, memoryview)) else path
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _image_source(path) as source:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as image:
             check_pixels(image, max_pixels)
@@ -84,8 +92,23 @@ def open_rgb(
                 image.draft("RGB", (side, side))
             image.seek(0)
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            rgb = to_rgb(upright)
+            # In place: the same pixels as a transposed copy, without a full-size copy when nothing turns.
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = to_rgb(image)
             if max_side and max(rgb.size) > max_side:
                 rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             return rgb.copy() if rgb is image else rgb
+
+
+@contextmanager
+def _image_source(path: str | Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
+    """A binary file for ``Image.open``; a path must be a regular file (``NotRegularFileError`` otherwise), so a
+    FIFO or a device under an image name fails at once instead of blocking the reader."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(path)
+    elif isinstance(path, (str, os.PathLike)):
+        fd, _ = open_regular_file(path)
+        with os.fdopen(fd, "rb") as handle:
+            yield handle
+    else:
+        yield path

@@ -3,7 +3,9 @@
 Used by the named recipes. A download goes to ``<dest>.part``; a rerun continues from the bytes already
 there (``Range: bytes=N-``; a server that ignores Range answers 200 and the file restarts from zero). The
 finished file is checked against its MD5/SHA-256 when one is published, then renamed to ``dest``. Unpacking
-refuses members with absolute paths, ``..`` or links (zip) and uses tarfile's ``data`` filter (tar).
+refuses members with absolute paths, ``..`` or links (zip) and uses tarfile's ``data`` filter (tar, which also
+refuses device and FIFO members). An archive or ``.part`` path that holds a FIFO, socket or device is refused
+before it is opened.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import aiohttp
 
 from loaders.images.download import make_session
 from loaders.images.netguard import BadUrlError, BlockedAddressError, check_url
-from loaders.images.paths import PathEscapeError, safe_join
+from loaders.images.paths import NotRegularFileError, PathEscapeError, require_regular_file, safe_join
 from loaders.images.sources import DownloadConfig
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 class ArchiveError(RuntimeError):
     """A download or an archive that cannot be used; the message says what to do."""
+
+
+def _regular_or_absent(path: Path) -> None:
+    """Refuse a FIFO/device/folder where an archive or its ``.part`` belongs: opening one blocks or never ends."""
+    try:
+        require_regular_file(path)
+    except FileNotFoundError:
+        pass
+    except NotRegularFileError as exc:
+        raise ArchiveError(f"{exc}; remove it and rerun") from None
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -42,10 +54,12 @@ def file_digest(path: Path, algorithm: str) -> str:
 def download_file(url: str, dest: Path, config: DownloadConfig, *, md5: str | None = None,
                   sha256: str | None = None) -> Path:
     """Download ``url`` to ``dest`` unless it is already there; resumes a partial ``.part`` file."""
+    _regular_or_absent(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    _regular_or_absent(part)
     for attempt in range(config.retries + 1):
         try:
             asyncio.run(_download(url, part, config))
@@ -92,6 +106,7 @@ async def _download(url: str, part: Path, config: DownloadConfig) -> None:
 
 def unpack(archive: Path, dest: Path) -> None:
     """Unpack a .zip / .tar / .tar.gz / .tgz into ``dest``, refusing members that would land outside it."""
+    _regular_or_absent(archive)
     dest.mkdir(parents=True, exist_ok=True)
     name = archive.name.lower()
     if name.endswith(".zip"):

@@ -3,8 +3,13 @@
 Two phases so the stage can parallelise safely: ``prefetch`` runs in the calling thread and does what must
 not run in worker threads or is better done for the whole batch at once (all URLs of the batch in one event
 loop; dataset cells); ``read`` runs in a thread pool (file reads, synthetic drawing). Both return ``Blob``s:
-bytes, or a reason code (``image_missing``, ``path_escape``, ``image_too_large``, ``image_unreadable``,
-``download_*``) with a detail naming the file or URL.
+bytes, or a reason code (``image_missing``, ``path_escape``, ``image_not_regular_file``, ``image_too_large``,
+``image_unreadable``, ``download_*``) with a detail naming the file or URL.
+
+Files are read only when they are regular files (``loaders.images.paths.read_regular_file``): a FIFO, socket,
+device or folder under an image name — or a symlink to one — fails with ``image_not_regular_file`` before it
+is opened, so no worker can wait forever for a writer that never comes, and no read is longer than
+``limits.max_bytes``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ from pathlib import Path
 
 from loaders.images.download import fetch_urls
 from loaders.images.hub import HubCellError, cell_bytes, open_hub_dataset
-from loaders.images.paths import PathEscapeError, safe_join
+from loaders.images.paths import (
+    FileTooLargeError,
+    NotRegularFileError,
+    PathEscapeError,
+    read_regular_file,
+    safe_join,
+)
 from loaders.images.sources import DownloadConfig, HubSource, SyntheticSource
 from loaders.images.synthetic import synthetic_image
 
@@ -72,15 +83,7 @@ class Fetcher:
         raise ValueError(f"row {row['ref']!r} has unknown kind {row['kind']!r}")
 
     def _read_file(self, file: Path) -> Blob:
-        try:
-            size = file.stat().st_size
-            if size > self.max_bytes:
-                return Blob(None, "image_too_large", f"{file} has {size} bytes, above limits.max_bytes={self.max_bytes}")
-            return Blob(file.read_bytes())
-        except FileNotFoundError:
-            return Blob(None, "image_missing", f"{file} no longer exists; restore it or rerun with a fresh listing")
-        except (IsADirectoryError, PermissionError, OSError) as exc:
-            return Blob(None, "image_unreadable", f"{file}: {type(exc).__name__}: {exc}")
+        return read_file_blob(file, self.max_bytes)
 
     def _hub_blob(self, row: dict) -> Blob:
         source: HubSource = self.sources[row["source"]]
@@ -88,6 +91,20 @@ class Fetcher:
             self._datasets[source.source_name] = open_hub_dataset(source)
         dataset = self._datasets[source.source_name]
         try:
-            return Blob(cell_bytes(dataset[int(row["locator"])][source.image_column], source))
+            return Blob(cell_bytes(dataset[int(row["locator"])][source.image_column], source, self.max_bytes))
         except HubCellError as exc:
             return Blob(None, exc.reason, f"{row['ref']}: {exc}")
+
+
+def read_file_blob(file: Path, max_bytes: int) -> Blob:
+    """The bytes of an image file, or the reason they cannot be had; never blocks on a non-regular file."""
+    try:
+        return Blob(read_regular_file(file, max_bytes))
+    except FileNotFoundError:
+        return Blob(None, "image_missing", f"{file} no longer exists; restore it or rerun with a fresh listing")
+    except NotRegularFileError as exc:
+        return Blob(None, "image_not_regular_file", f"{exc}; remove it or move it out of the image folder")
+    except FileTooLargeError as exc:
+        return Blob(None, "image_too_large", f"{exc} by limits.max_bytes")
+    except OSError as exc:  # permissions, I/O errors, a link loop
+        return Blob(None, "image_unreadable", f"{file}: {type(exc).__name__}: {exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loaders.images.paths import PathEscapeError, safe_join
+from loaders.images.paths import FileTooLargeError, NotRegularFileError, PathEscapeError, read_regular_file, safe_join
 from loaders.images.sources import HubSource
 
 
@@ -47,8 +47,11 @@ def open_hub_dataset(source: HubSource):
     return ds.select_columns([source.image_column])
 
 
-def cell_bytes(cell: Any, source: HubSource) -> bytes:
-    """The image bytes behind one cell of the image column; raises ``HubCellError`` with a reason code."""
+def cell_bytes(cell: Any, source: HubSource, max_bytes: int | None = None) -> bytes:
+    """The image bytes behind one cell of the image column; raises ``HubCellError`` with a reason code.
+
+    A cell naming a file reads at most ``max_bytes`` of it, and only if it is a regular file (never a FIFO).
+    """
     if isinstance(cell, dict):
         if cell.get("bytes"):
             return bytes(cell["bytes"])
@@ -56,11 +59,11 @@ def cell_bytes(cell: Any, source: HubSource) -> bytes:
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell)
     if isinstance(cell, str) and cell:
-        return _read_path(cell, source)
+        return _read_path(cell, source, max_bytes)
     raise HubCellError("image_missing", f"the {source.image_column!r} cell holds neither bytes nor a path")
 
 
-def _read_path(path: str, source: HubSource) -> bytes:
+def _read_path(path: str, source: HubSource, max_bytes: int | None) -> bytes:
     if source.path is None:
         raise HubCellError("image_missing", f"cell refers to file {path!r} but the dataset has no local folder")
     base = Path(source.path)
@@ -69,6 +72,12 @@ def _read_path(path: str, source: HubSource) -> bytes:
     except (PathEscapeError, ValueError) as exc:
         raise HubCellError("path_escape", f"cell path {path!r} lies outside {base}: {exc}") from None
     try:
-        return file.read_bytes()
+        return read_regular_file(file, max_bytes)
     except FileNotFoundError:
         raise HubCellError("image_missing", f"{file} does not exist") from None
+    except NotRegularFileError as exc:
+        raise HubCellError("image_not_regular_file", str(exc)) from None
+    except FileTooLargeError as exc:
+        raise HubCellError("image_too_large", f"{exc} by limits.max_bytes") from None
+    except OSError as exc:
+        raise HubCellError("image_unreadable", f"{file}: {type(exc).__name__}: {exc}") from None

@@ -11,14 +11,27 @@ the run folder are stored relative to it, so a moved run folder keeps working). 
 
     from loaders.images.paths import resolve_image_path
     file = resolve_image_path(ctx.run_dir, row["path"])   # -> absolute Path, checked to stay in its root
+
+``image_roots.json`` is a file in the run folder like any other, so what leaves the machine (``export``,
+``push``) does not take its word alone: ``trusted_roots`` accepts a root only when it lies inside the run
+folder (the default store, recipe downloads) or is a folder that the images stage's own config, as recorded in
+its ``state.json``, names — otherwise an edited file pointing a root at ``/etc`` would export ``/etc/passwd``.
+
+Reading: image files are opened only through ``read_regular_file`` / ``open_regular_file``, which refuse a
+FIFO, socket, device or folder (or a symlink to one) with ``NotRegularFileError`` before opening it, open with
+``O_NONBLOCK`` and check the open fd again (the path may be swapped in between), and read at most the bytes
+the caller allows: no read of an image waits for a writer or runs without a bound.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+
+from builder.runfolder import EXIT_DATA, STATE_FILE, RunFolderError, read_json
 
 ROOTS_FILE = "image_roots.json"
 STORE_ROOT = "store"
@@ -26,6 +39,14 @@ STORE_ROOT = "store"
 
 class PathEscapeError(ValueError):
     """A relative path that would leave its root (``..``, absolute, or through a symlink)."""
+
+
+class UntrustedRootError(PathEscapeError, RunFolderError):
+    """An image root in ``image_roots.json`` that the run's config does not vouch for (see ``trusted_roots``)."""
+
+    def __init__(self, message: str):
+        PathEscapeError.__init__(self, message)
+        self.exit_code = EXIT_DATA
 
 
 def safe_join(root: Path, relative: str | os.PathLike, *, resolve_links: bool = True) -> Path:
@@ -105,3 +126,129 @@ def resolve_image_path(run_dir: str | os.PathLike, path: str, roots: dict[str, P
     if root_name not in roots or not rest:
         raise PathEscapeError(f"image path {path!r} names no known image root (known: {sorted(roots)})")
     return safe_join(roots[root_name], rest)
+
+
+# ------------------------------------------------------------------------------- regular files only
+class NotRegularFileError(OSError):
+    """A FIFO, socket, device or folder where an image file was expected: opening or reading one can block
+    forever (a FIFO waits for a writer) or never end (``/dev/zero``), so it is refused before it is opened."""
+
+
+class FileTooLargeError(OSError):
+    """A file with more bytes than the caller accepts; the rest is never read."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` describes, in words: 'a named pipe (FIFO)', 'a socket', 'a regular file'..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((words for test, words in _KINDS if test(mode)), "not a regular file")
+
+
+def require_regular_file(path: str | os.PathLike) -> os.stat_result:
+    """The ``stat`` of ``path`` (symlinks followed) if it is a regular file; else ``NotRegularFileError``.
+
+    Only metadata is read (``lstat``/``stat`` never open the file), so this is safe on any path.
+    """
+    link = os.lstat(path)
+    target = os.stat(path) if stat.S_ISLNK(link.st_mode) else link
+    if not stat.S_ISREG(target.st_mode):
+        via = "a symlink to " if stat.S_ISLNK(link.st_mode) else ""
+        raise NotRegularFileError(f"{path} is {via}{file_kind(target.st_mode)}, not a regular file; refused "
+                                  "without opening it (reading one can block forever)")
+    return target
+
+
+def open_regular_file(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """An fd open for reading on ``path`` and its ``fstat``, refusing anything but a regular file.
+
+    Checked twice: before opening (``require_regular_file``: a device is never opened, since opening some has
+    side effects) and on the open fd, because the path may have been swapped for a FIFO in between.
+    ``O_NONBLOCK`` makes that swapped-in FIFO return at once instead of waiting for a writer; for a regular
+    file it changes nothing.
+    """
+    require_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise NotRegularFileError(f"{path} became {file_kind(opened.st_mode)} while being opened; refused")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes`` of them (``FileTooLargeError`` beyond that).
+
+    Raises ``NotRegularFileError`` for FIFOs, sockets, devices and folders (and symlinks to them) without
+    blocking, ``FileNotFoundError`` for a missing file and other ``OSError``s as they come. The read is
+    bounded by ``max_bytes`` even if the file grows while it is read.
+    """
+    fd, info = open_regular_file(path)
+    with os.fdopen(fd, "rb") as handle:
+        if max_bytes is None:
+            return handle.read()
+        if info.st_size > max_bytes:
+            raise FileTooLargeError(f"{path} has {info.st_size} bytes, above the {max_bytes} allowed")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"{path} grew while being read, past the {max_bytes} bytes allowed")
+    return data
+
+
+def trusted_roots(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The run's image roots, each checked against what the run's config named (see the module docstring);
+    ``UntrustedRootError`` names the first root that fails, and what to do."""
+    run_dir = Path(run_dir)
+    roots = load_roots(run_dir)
+    path = roots_file(run_dir)
+    named = _named_folders(path.parent / STATE_FILE)
+    run_real = os.path.realpath(run_dir)
+    for name, folder in sorted(roots.items()):
+        real = os.path.realpath(folder)
+        if (real != run_real and _is_inside(real, run_real)) or real in named:
+            continue
+        raise UntrustedRootError(
+            f"image root {name!r} in {path} points to {real}, which is outside the run folder {run_dir} and is "
+            f"no folder the images stage's config (recorded in {path.parent / STATE_FILE}) names: refusing to read "
+            "images from it — the file was edited, or comes from another run. Rerun the images stage "
+            "(`taskgalaxy run CONFIG --stages images`) to write it again from the config.")
+    return roots
+
+
+def require_under_roots(file: Path, roots: dict[str, Path]) -> Path:
+    """``file`` itself when its real path lies under one of ``roots``; else ``PathEscapeError``."""
+    real = os.path.realpath(file)
+    if not any(_is_inside(real, _real_root(os.path.abspath(root))) for root in roots.values()):
+        raise PathEscapeError(f"{file} resolves to {real}, outside every image root of the run ({sorted(roots)})")
+    return Path(file)
+
+
+def _is_inside(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _named_folders(state_path: Path) -> set[str]:
+    """Real paths of every absolute path that the images stage's recorded config holds (folder roots, recipe
+    roots, ``store_dir``...). Relative ones were resolved when the config was loaded, so none is missed."""
+    state = read_json(state_path) or {}
+    found: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and os.path.isabs(value):
+            found.add(os.path.realpath(value))
+
+    walk(state.get("config") if isinstance(state, dict) else None)
+    return found

@@ -10,13 +10,34 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pathlib import Path
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from builder.config import ConfigPath, ExistingPath
+from loaders.images.paths import NotRegularFileError, require_regular_file
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 RESERVED_NAMES = {"store"}  # the root of every image the stage writes itself
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _must_be_folder(path: Path) -> Path:
+    if not path.is_dir():  # os.walk of a file lists nothing: an empty source instead of an error
+        raise ValueError(f"{path} is not a folder; a folder source's root must be a folder of images")
+    return path
+
+
+def _must_be_regular_file(path: Path) -> Path:
+    try:
+        require_regular_file(path)  # reading a FIFO named urls.txt would block the listing forever
+    except NotRegularFileError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+ExistingFolder = Annotated[ExistingPath, AfterValidator(_must_be_folder)]
+ExistingFile = Annotated[ExistingPath, AfterValidator(_must_be_regular_file)]
 
 
 class _Source(BaseModel):
@@ -37,7 +58,7 @@ class FolderSource(_Source):
     """Image files under a folder, recursively, kept in place (``path`` = ``<name>/<path under root>``)."""
 
     type: Literal["folder"]
-    root: ExistingPath
+    root: ExistingFolder
     extensions: tuple[str, ...] = Field(DEFAULT_EXTENSIONS, description="file name endings taken (case-insensitive)")
 
     def default_name(self) -> str:
@@ -69,7 +90,7 @@ class UrlListSource(_Source):
     """A list of image URLs in a .txt (one per line), .csv, .jsonl or .parquet file; bytes are downloaded."""
 
     type: Literal["urls"]
-    file: ExistingPath
+    file: ExistingFile
     column: str = Field("url", description="the URL column of a csv/jsonl/parquet file")
 
     def default_name(self) -> str:

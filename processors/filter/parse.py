@@ -27,6 +27,8 @@ def parse_labels(text: str) -> list[str]:
     value = _json(body)
     if value is not None:
         return value
+    if body.startswith("{"):  # an object that does not decode is broken JSON, not a bracketed list inside prose
+        raise ValueError(f"the reply starts as a JSON object but does not decode: {body[:120]!r}")
     match = BRACKETS.search(body)
     if match:
         inner = match.group(1).strip()

@@ -66,27 +66,66 @@ def llm_settings(ctx: Any) -> LLMSettings:
     return settings if isinstance(settings, LLMSettings) else LLMSettings()
 
 
+@dataclasses.dataclass
+class RequestGroup:
+    """The requests of one call to one endpoint; ``overrides`` replace settings of that endpoint for it (a
+    referee preset's served model name and image size where the endpoint leaves them unset)."""
+
+    requests: list[LLMRequest]
+    endpoint: str
+    overrides: dict[str, Any] | None = None
+
+
 def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
                  overrides: dict[str, Any] | None = None) -> list[LLMResult]:
     """Answer ``requests`` (results in the same order); per-request failures come back as ``ok=False``.
 
-    ``overrides`` replace settings of the endpoint for this call (a referee preset's served model name and
-    image size where the endpoint leaves them unset). Raises ``CircuitOpenError`` when the endpoint keeps
-    failing and ``MissingApiKeyError`` when the key's env var is unset. Usage (requests, cache_hits, retries,
-    prompt/completion tokens, cost_usd) goes to ``ctx``.
+    Raises ``CircuitOpenError`` when the endpoint keeps failing and ``MissingApiKeyError`` when the key's env
+    var is unset. Usage (requests, cache_hits, retries, prompt/completion tokens, cost_usd) goes to ``ctx``,
+    journalled reply by reply.
     """
-    settings = with_overrides(llm_settings(ctx), endpoint, overrides)
-    ep = settings.endpoint(endpoint)
+    return run_request_groups([RequestGroup(requests, endpoint, overrides)], ctx=ctx)[0]
+
+
+def run_request_groups(groups: list[RequestGroup], *, ctx: Any) -> list[list[LLMResult]]:
+    """Several calls at once, on one event loop: every endpoint is kept busy at the same time (the score
+    stage's referees, each on its own servers). Results per group, in order. If an endpoint's breaker opens,
+    the other calls still finish (their answers are cached for the rerun), then its ``CircuitOpenError`` is
+    raised."""
+    calls = [_call(group, ctx) for group in groups]  # a missing key fails here, before anything is sent
+
+    async def all_calls() -> list[Any]:
+        return await asyncio.gather(*(execute(group.requests, settings, group.endpoint, connection,
+                                              cache_path=cache_path, state_dir=Path(ctx.stage_dir), tally=tally)
+                                      for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
+                                    return_exceptions=True)
+
+    try:
+        outcomes = run_sync(all_calls())
+    finally:  # the counters that cost nothing, once per call (zeros keep every key present)
+        for *_, tally in calls:
+            ctx.add_usage(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
+                          cache_hits=tally.cache_hits, retries=tally.retries)
+    failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    if failed:
+        raise failed[0]
+    return outcomes
+
+
+def _call(group: RequestGroup, ctx: Any) -> tuple[LLMSettings, Connection, Path | None, Tally]:
+    settings = with_overrides(llm_settings(ctx), group.endpoint, group.overrides)
+    ep = settings.endpoint(group.endpoint)
     connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
     cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
     tally = Tally()
-    tally.on_billed = lambda: ctx.note_live_usage(usage_counters(tally, settings, ep))
-    try:
-        return run_sync(execute(requests, settings, endpoint, connection, cache_path=cache_path,
-                                state_dir=Path(ctx.stage_dir), tally=tally))
-    finally:
-        ctx.add_usage(**usage_counters(tally, settings, ep))
-        ctx.note_live_usage(force=True)  # the throttled snapshots may lag by up to a second: not at the end
+
+    def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
+        ctx.add_usage(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                      cost_usd=cost_usd(settings, ep.model, usage.prompt_tokens, usage.completion_tokens,
+                                        batch=batch))
+
+    tally.on_billed = billed
+    return settings, connection, cache_path, tally
 
 
 def with_overrides(settings: LLMSettings, endpoint: str, overrides: dict[str, Any] | None) -> LLMSettings:
@@ -96,21 +135,6 @@ def with_overrides(settings: LLMSettings, endpoint: str, overrides: dict[str, An
     ep = settings.endpoint(endpoint)
     changed = EndpointSettings.model_validate({**ep.model_dump(exclude_unset=True), **overrides})
     return settings.model_copy(update={"endpoints": {**settings.endpoints, endpoint: changed}})
-
-
-def usage_counters(tally: Tally, settings: LLMSettings, ep: EndpointSettings) -> dict[str, float]:
-    online_prompt = tally.usage.prompt_tokens - tally.batch_usage.prompt_tokens
-    online_completion = tally.usage.completion_tokens - tally.batch_usage.completion_tokens
-    dollars = cost_usd(settings, ep.model, online_prompt, online_completion, batch=False) + cost_usd(
-        settings, ep.model, tally.batch_usage.prompt_tokens, tally.batch_usage.completion_tokens, batch=True)
-    return {
-        "requests": tally.requests,
-        "cache_hits": tally.cache_hits,
-        "retries": tally.retries,
-        "prompt_tokens": tally.usage.prompt_tokens,
-        "completion_tokens": tally.usage.completion_tokens,
-        "cost_usd": dollars,
-    }
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -198,7 +222,7 @@ async def _send(todo: list[Prepared], settings: LLMSettings, endpoint: str, conn
 
             runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
             return await runner.run(todo, call_id)
-        return await online.run(todo)
+        return await online.run(todo, call_id)
 
 
 def _in_order(prepared: list[Prepared], results: dict[str, LLMResult]) -> list[LLMResult]:

@@ -151,13 +151,18 @@ class BatchRunner:
                 continue
             try:
                 reply = rp.normalise(response["body"])
-                self.tally.billed(Usage(**reply["usage"]), batch=True)
-                value = rp.interpret(reply, p.request)
             except AttemptError as exc:
                 failed.append((p, f"{exc.reason}: {exc.detail}"))
                 continue
-            if self.cache is not None:
+            try:
+                value = rp.interpret(reply, p.request)
+            except AttemptError as exc:
+                self.tally.billed(Usage(**reply["usage"]), batch=True)  # paid for, though unusable
+                failed.append((p, f"{exc.reason}: {exc.detail}"))
+                continue
+            if self.cache is not None:  # cached before counted, as online (engine.OnlineEngine._attempt)
                 self.cache.put(p.cache_key, reply)
+            self.tally.billed(Usage(**reply["usage"]), batch=True)
             results[p.cache_key] = LLMResult(key=p.request.key, ok=True, value=value, raw_text=reply["text"],
                                              usage=Usage(**reply["usage"]), logprobs=reply["logprobs"],
                                              finish_reason=reply["finish_reason"], attempts=1)

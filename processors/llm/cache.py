@@ -2,8 +2,9 @@
 
 It maps a request's cache key (``processors.llm.prepare``) to the reply the API gave: text, finish reason,
 usage and logprobs, never the request itself, the URL, the key or any header. Only replies that passed the
-request's ``parse`` are stored, so a hit is always usable. Writes are buffered and committed every
-``FLUSH_EVERY`` replies or ``FLUSH_SECONDS``; a crash loses at most that window of answers.
+request's ``parse`` are stored, so a hit is always usable. Each reply is committed when it is put (WAL,
+``synchronous=NORMAL``: ~20 us, durable against a killed process; a power loss may lose the last ones), and
+the engine puts it before it counts the reply as paid, so no answer that was counted is ever asked again.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FLUSH_EVERY = 64
-FLUSH_SECONDS = 0.5
 _SELECT_CHUNK = 500
 
 _SCHEMA = """
@@ -29,6 +28,18 @@ CREATE TABLE IF NOT EXISTS replies (
     created REAL NOT NULL
 )
 """
+# Paid replies that were unusable (did not parse, cut by max_tokens), by the call that asked: a resumed call
+# counts them against each request's retry budget instead of paying for all of its attempts again.
+_UNUSABLE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS unusable (
+    call TEXT NOT NULL,
+    key TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+_UNUSABLE_INDEX = "CREATE INDEX IF NOT EXISTS unusable_by_call ON unusable (call, key)"
 
 
 class RequestCache:
@@ -40,8 +51,9 @@ class RequestCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
-        self._pending: list[tuple[str, str, float]] = []
-        self._last_flush = time.monotonic()
+        self._db.execute(_UNUSABLE_SCHEMA)
+        self._db.execute(_UNUSABLE_INDEX)
+        self._warned = False
 
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         keys = list(dict.fromkeys(keys))
@@ -54,25 +66,40 @@ class RequestCache:
         return found
 
     def put(self, key: str, reply: dict[str, Any]) -> None:
-        self._pending.append((key, json.dumps(reply, ensure_ascii=False), time.time()))
-        if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._last_flush > FLUSH_SECONDS:
-            self.flush()
+        """Commit one reply now. A write that fails (disk full, a locked file past the timeout) is logged once
+        and skipped: the answer was paid for and is used; a resume would only ask it again."""
+        try:
+            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)",
+                             (key, json.dumps(reply, ensure_ascii=False), time.time()))
+        except sqlite3.Error as exc:
+            if not self._warned:
+                logger.warning("request cache %s: could not store a reply (%s); replies not stored are asked "
+                               "(and paid for) again if this run is resumed", self.path, exc)
+                self._warned = True
+
+    def unusable(self, call: str, keys: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+        """(reason, text) of the unusable replies already paid for, per key, in the call ``call``."""
+        wanted = set(keys)
+        found: dict[str, list[tuple[str, str]]] = {}
+        rows = self._db.execute("SELECT key, reason, text FROM unusable WHERE call = ? ORDER BY created", (call,))
+        for key, reason, text in rows:
+            if key in wanted:
+                found.setdefault(key, []).append((reason, text))
+        return found
+
+    def add_unusable(self, call: str, key: str, record: tuple[str, str]) -> None:
+        try:
+            self._db.execute("INSERT INTO unusable VALUES (?, ?, ?, ?, ?)", (call, key, *record, time.time()))
+        except sqlite3.Error as exc:
+            logger.warning("request cache %s: could not note an unusable reply (%s)", self.path, exc)
 
     def flush(self) -> None:
-        if self._pending:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", self._pending)
-            logger.debug("request cache: committed %d replies", len(self._pending))
-            self._pending.clear()
-        self._last_flush = time.monotonic()
+        """Nothing to do: ``put`` commits at once (kept for callers that flush before reading elsewhere)."""
 
     def __len__(self) -> int:
-        self.flush()
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
     def close(self) -> None:
-        self.flush()
         self._db.close()
 
     def __enter__(self) -> "RequestCache":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,16 +41,18 @@ class Tally:
     failed: int = 0
     usage: Usage = field(default_factory=Usage)  # everything billed
     batch_usage: Usage = field(default_factory=Usage)  # the part billed at the Batch API discount
-    on_billed: Callable[[], None] | None = field(default=None, repr=False)  # after each billed reply
+    # Called with each billed reply's usage (and whether the Batch API discount applies): the stage
+    # journals its spend there, reply by reply (``StageContext.add_usage``).
+    on_billed: Callable[[Usage, bool], None] | None = field(default=None, repr=False)
 
     def billed(self, usage: Usage, *, batch: bool = False) -> None:
-        """Count one billed reply (and let the stage record its running cost)."""
+        """Count one billed reply (and let the stage record its cost)."""
         self.requests += 1
         self.usage.add(usage)
         if batch:
             self.batch_usage.add(usage)
         if self.on_billed is not None:
-            self.on_billed()
+            self.on_billed(usage, batch)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -66,6 +69,11 @@ class OnlineEngine:
         self.tally = tally
         self._secret = secret
         self.admission = Admission(endpoint)
+        # cache key -> (reason, text) of every paid reply that was unusable (did not parse, cut by max_tokens),
+        # this run's and those a killed attempt of the same call paid for (kept in the request cache): they
+        # count against the retry budget, so a resume never pays for more attempts than one run would
+        self._unusable: dict[str, list[tuple[str, str]]] = {}
+        self._call_id: str | None = None
         # Attempts 2..N go through tenacity; the first attempt runs bare (see ``one``).
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, endpoint.max_retries)), wait=self._wait,
@@ -89,8 +97,14 @@ class OnlineEngine:
         exc = state.outcome.exception() if state.outcome else None
         return self.backoff(state.attempt_number + 1, exc)  # tenacity's attempt 1 is our attempt 2
 
-    async def run(self, prepared: list[Prepared]) -> dict[str, LLMResult]:
-        """Results by cache key. Raises ``CircuitOpenError`` (after cancelling the rest) if the breaker opens."""
+    async def run(self, prepared: list[Prepared], call_id: str | None = None) -> dict[str, LLMResult]:
+        """Results by cache key. Raises ``CircuitOpenError`` (after cancelling the rest) if the breaker opens.
+
+        ``call_id`` (stable across a restart) names the call whose earlier unusable replies count against
+        each request's retry budget."""
+        self._call_id = call_id
+        if self.cache is not None and call_id is not None:
+            self._unusable = self.cache.unusable(call_id, [p.cache_key for p in prepared])
         tasks = [asyncio.ensure_future(self.one(p)) for p in prepared]
         if not tasks:
             return {}
@@ -108,25 +122,45 @@ class OnlineEngine:
 
     async def one(self, p: Prepared) -> LLMResult:
         attempts = [0]
+        budget = 1 + self.endpoint.max_retries - len(self._unusable.get(p.cache_key, ()))
         try:
+            if budget <= 0:  # a killed attempt already paid for every try this request had
+                reason, text = Counter(self._unusable[p.cache_key]).most_common(1)[0][0]
+                raise AttemptError(reason, "every attempt allowed was made before the run was stopped",
+                                   retryable=False, breaker=False, raw_text=text)
             try:  # the common case, one attempt, without tenacity's ~0.3 ms of bookkeeping
                 reply, value = await self._attempt(p, attempts)
             except AttemptError as first:
-                if not first.retryable or self.endpoint.max_retries == 0:
+                if not first.retryable or budget <= 1:
                     raise
                 await asyncio.sleep(self.backoff(1, first))
-                reply, value = await self._retrying.copy()(self._attempt, p, attempts)
+                retrying = self._retrying.copy(stop=stop_after_attempt(budget - 1))
+                reply, value = await retrying(self._attempt, p, attempts)
         except AttemptError as exc:
             self.tally.failed += 1
             self._count(attempts[0])
-            return LLMResult(key=p.request.key, ok=False, reason=exc.reason, detail=redact(exc.detail, self._secret),
-                             raw_text=exc.raw_text, attempts=attempts[0])
+            reason, detail, raw_text = self._verdict(exc, p.cache_key)
+            return LLMResult(key=p.request.key, ok=False, reason=reason, detail=redact(detail, self._secret),
+                             raw_text=raw_text, attempts=attempts[0])
         self._count(attempts[0])
-        if self.cache is not None:
-            self.cache.put(p.cache_key, reply)
+        self._unusable.pop(p.cache_key, None)
         return LLMResult(key=p.request.key, ok=True, value=value, raw_text=reply["text"],
                          usage=Usage(**reply["usage"]), logprobs=reply["logprobs"],
                          finish_reason=reply["finish_reason"], attempts=attempts[0])
+
+    def _verdict(self, exc: AttemptError, cache_key: str) -> tuple[str, str, str | None]:
+        """(reason, detail, reply text) of a request whose attempts ran out.
+
+        When the model's replies were unusable, that is the verdict, whatever transient error (a 429, a 5xx)
+        ended the last attempt: the stage's repair turn acts on it. The reply kept is the one the model gave
+        most often, so a fault that spoiled one attempt's text cannot change what is repaired."""
+        unusable = self._unusable.pop(cache_key, [])
+        if not unusable:
+            return exc.reason, exc.detail, exc.raw_text
+        (reason, text), _ = Counter(unusable).most_common(1)[0]
+        if exc.reason in (UNPARSABLE, TRUNCATED):
+            return exc.reason, exc.detail, text
+        return reason, f"{len(unusable)} replies were unusable ({reason}); the last attempt: {exc.detail}", text
 
     def _count(self, attempts: int) -> None:
         self.tally.attempts += attempts
@@ -154,5 +188,19 @@ class OnlineEngine:
         self.breaker.success()
         self.admission.concurrency.on_success()
         reply = rp.normalise(completion)
+        try:
+            value = rp.interpret(reply, p.request)
+        except AttemptError as exc:
+            if exc.reason in (UNPARSABLE, TRUNCATED):  # paid for, though unusable: remembered, never cached
+                record = (exc.reason, exc.raw_text or "")
+                self._unusable.setdefault(p.cache_key, []).append(record)
+                if self.cache is not None and self._call_id is not None:
+                    self.cache.add_unusable(self._call_id, p.cache_key, record)
+            self.tally.billed(Usage(**reply["usage"]))
+            raise
+        # The answer is committed to the cache *before* it is counted as paid: a kill between the two can then
+        # only under-count one reply, never make a resume pay for an answer it already has.
+        if self.cache is not None:
+            self.cache.put(p.cache_key, reply)
         self.tally.billed(Usage(**reply["usage"]))
-        return reply, rp.interpret(reply, p.request)
+        return reply, value

@@ -48,6 +48,7 @@ class SimulatorOptions:
     trust_request_mm_kwargs: bool = False  # vllm: per-request mm_processor_kwargs -> 400 unless set
     json_whitespace: bool = False  # structured output padded with free whitespace (vLLM's default grammar)
     digit_spread: float = 0.0  # share of one-digit replies whose other digit is not among the top logprobs
+    echo_auth: bool = False  # a hostile server: its 401 repeats the Authorization header it was sent
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -64,6 +65,7 @@ class SimStats:
     outcomes: collections.Counter = field(default_factory=collections.Counter)
     per_key: collections.Counter = field(default_factory=collections.Counter)
     ok_per_key: collections.Counter = field(default_factory=collections.Counter)
+    answered_at: dict = field(default_factory=lambda: collections.defaultdict(list))  # key -> wall times of clean answers
     arrivals_peak_1s: int = 0
     accepted_peak_1s: int = 0
     files_uploaded: int = 0
@@ -74,7 +76,8 @@ class SimStats:
 
     def as_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data = {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in data.items()}
+        data = {k: dict(v) if isinstance(v, (collections.Counter, collections.defaultdict)) else v
+                for k, v in data.items()}
         data["duplicates"] = sum(1 for n in self.ok_per_key.values() if n > 1)
         data["keys"] = len(self.per_key)
         return data

@@ -105,7 +105,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stats.outcomes["401"] += 1
         if options.flavor == "vllm":  # vLLM's --api-key middleware answers with a bare string
             return web.json_response({"error": "Unauthorized"}, status=401)
-        return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        echoed = f" You sent: {request.headers.get('Authorization', '')}" if options.echo_auth else ""
+        return _error(401, f"Incorrect API key provided.{echoed}", "invalid_request_error")
     try:
         body = json.loads(raw)
     except ValueError:
@@ -168,8 +169,9 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
         return web.Response(status=500)  # never written: aiohttp drops it quietly on a closed transport
     if fault == "bad_body":
         return web.Response(text="<html>502 Bad Gateway</html>", content_type="application/json")
-    if fault not in ("malformed", "length"):
+    if fault not in ("malformed", "length", "timeout"):  # a timed-out client never gets the answer
         stats.ok_per_key[key] += 1
+        stats.answered_at[key].append(time.time())
     return web.json_response(completion(body, state.responders, options.seed, fault, options))
 
 

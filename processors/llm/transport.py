@@ -120,13 +120,27 @@ class OpenAITransport:
         except openai.APIStatusError as exc:
             raise errors.from_status(exc.status_code, exc.response.text, exc.response.headers,
                                      self._key.reveal()) from None
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
+            refused = _connection_cause(exc)  # the SDK's aiohttp client reports a refused connection as a timeout
+            if refused is not None:
+                raise errors.connection_error(refused, self._key.reveal()) from None
             raise errors.timeout_error(self._timeout_s) from None
         except openai.APIConnectionError as exc:
             raise errors.connection_error(exc, self._key.reveal()) from None
         except (openai.APIError, ValueError) as exc:  # a 200 whose body is not a chat completion
             raise bad_body(errors.redact(str(exc), self._key.reveal())) from None
         return completion.model_dump()
+
+
+def _connection_cause(exc: BaseException) -> BaseException | None:
+    """The connection failure (refused, unreachable, DNS) somewhere in ``exc``'s chain of causes, if any."""
+    seen = 0
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 10:
+        if isinstance(cause, (aiohttp.ClientConnectorError, ConnectionError)) and not isinstance(cause, TimeoutError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
 
 
 def make_sdk_client(base_url: str, api_key: Secret, timeout_s: float) -> Any:

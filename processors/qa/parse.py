@@ -9,6 +9,10 @@ the whole text:
   with prose around them; each is unwrapped as above and the items are concatenated;
 - the same with trailing commas (``[{...},]``) removed, a common slip.
 
+A text that itself starts as JSON but does not decode (cut off, or broken in the middle) is not mined for the
+objects that happen to decode: that reply is asked again (or repaired), because its pieces depend on where it
+broke and a retry gives the whole answer.
+
 ``parse_reply`` raises ``ValueError`` only when no array of objects (nor a QA-shaped object, nor an empty
 array meaning "no questions") can be found at all: that is the one verdict the engine's retry loop and the
 repair turn act on. Items that are not objects are passed on, so that validation records each as an item
@@ -51,7 +55,10 @@ def items_in(text: str) -> list[Any] | None:
     try:
         values = [json.loads(text)]
     except ValueError:
-        values = list(_embedded_values(text))
+        try:
+            values = list(_embedded_values(text, whole_document=bool(JSON_START.match(text))))
+        except ValueError:  # a broken document: the caller may try a repaired variant, else asks again
+            return None
     found: list[Any] | None = None
     for value in values:
         items = unwrap(value)
@@ -83,18 +90,26 @@ def unwrap(value: Any, depth: int = 0) -> list[Any] | None:
     return None
 
 
-def _embedded_values(text: str):
-    """JSON values that start at a ``[`` or ``{`` in ``text``, left to right, not overlapping."""
+def _embedded_values(text: str, *, whole_document: bool = False):
+    """JSON values that start at a ``[`` or ``{`` in ``text``, left to right, not overlapping.
+
+    With ``whole_document`` (the text itself starts as JSON) a value must begin where the previous one ended
+    (only whitespace between): a broken or truncated document (``{"oops": {"qa": [...]} ,,``) is not mined
+    for the pieces that happen to decode, it is a reply to ask again."""
     decoder = json.JSONDecoder()
     position, attempts = 0, 0
     while attempts < MAX_SCAN_STARTS:
         match = JSON_START.search(text, position)
         if match is None:
             return
+        if whole_document and text[position:match.start()].strip():
+            raise ValueError(f"the reply starts as JSON but does not decode: {text[:120]!r}")
         attempts += 1
         try:
             value, end = decoder.raw_decode(text, match.start())
         except ValueError:
+            if whole_document:
+                raise ValueError(f"the reply starts as JSON but does not decode: {text[:120]!r}") from None
             position = match.start() + 1
             continue
         yield value

@@ -59,6 +59,17 @@ def constraint_body(constraint: str) -> dict[str, Any]:
     return {}
 
 
+def one_digit(text: str) -> str:
+    """A constrained reply is one digit; anything else is a broken reply, asked again (the engine retries)."""
+    if text.strip() not in DIGITS:
+        raise ValueError(f"the vote was constrained to 0 or 1 but the reply is {text[:40]!r}")
+    return text
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
 @dataclass(frozen=True)
 class DigitReading:
     """What the first token's logprobs say about the digits: each digit's probability where listed, and the
@@ -119,26 +130,43 @@ class EndpointReferee:
             extra["mm_processor_kwargs"] = dict(self.preset.mm_processor_kwargs)
         return LLMRequest(key=item.qa_id, messages=messages, prompt_version=PROMPT_VERSION, max_tokens=1,
                           temperature=0.0, logprobs=True, top_logprobs=self.settings.endpoint.top_logprobs,
-                          accept_truncated=True, extra_body=extra)
+                          accept_truncated=True, extra_body=extra,
+                          parse=one_digit if constraint != "none" else _as_is)
 
-    def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
-        from processors.llm.api import llm_settings, run_requests
+    def plan(self, items: Sequence[RefereeItem]) -> list[tuple[Any, str]]:
+        """The calls that score ``items``: one ``RequestGroup`` per endpoint serving this referee (each image
+        to one of them, so its questions share that server's prefix cache), with the constraint used."""
+        from processors.llm.api import RequestGroup, llm_settings
 
         llm = llm_settings(self.ctx)
         names = endpoint_names(self.settings)
         by_endpoint: dict[str, list[RefereeItem]] = {name: [] for name in names}
         for item in items:  # one image -> one endpoint, deterministically
             by_endpoint[names[int(text_id(item.image_path), 16) % len(names)]].append(item)
-        votes: dict[str, Vote] = {}
+        plan = []
         for name, share in by_endpoint.items():
             if share:
                 endpoint = llm.endpoint(name)
                 constraint = resolved_constraint(self.settings, endpoint.base_url)
-                results = run_requests([self._request(item, constraint) for item in share], endpoint=name,
-                                       ctx=self.ctx, overrides=self.settings.endpoint_overrides(endpoint))
-                asked = self.settings.endpoint.top_logprobs
-                votes.update((result.key, _vote(result, asked, constraint)) for result in results)
+                group = RequestGroup([self._request(item, constraint) for item in share], name,
+                                     self.settings.endpoint_overrides(endpoint))
+                plan.append((group, constraint))
+        return plan
+
+    def votes(self, items: Sequence[RefereeItem], plan: list[tuple[Any, str]], results: list[list]) -> list[Vote]:
+        """The votes of ``items``, in order, from the results of ``plan``'s calls."""
+        asked = self.settings.endpoint.top_logprobs
+        votes: dict[str, Vote] = {}
+        for (_, constraint), group_results in zip(plan, results):
+            votes.update((result.key, _vote(result, asked, constraint)) for result in group_results)
         return [votes[item.qa_id] for item in items]
+
+    def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
+        """Score ``items``, every endpoint of this referee at once (``ScoreStage`` runs all referees at once)."""
+        from processors.llm.api import run_request_groups
+
+        plan = self.plan(items)
+        return self.votes(items, plan, run_request_groups([group for group, _ in plan], ctx=self.ctx))
 
 
 def _vote(result, asked: int, constraint: str) -> Vote:

@@ -8,6 +8,19 @@ images in a thread pool), validate with a full decode (``processors.image_valida
 ``duplicate`` (same bytes as an earlier ref, named in the detail), ``near_duplicate`` (``drop`` mode only),
 or a fetch/validation reason code.
 
+Memory: every decode is admitted against ``memory_budget_mb`` with its cost estimated from the header
+(``processors.image_validate.decode_cost``), first come first served; one image above the whole budget waits
+until nothing else is held and then decodes alone. The pixels held at once thus stay below
+max(``memory_budget_mb``, the largest single image ``limits.max_pixels`` lets through), whatever ``workers``
+is and whatever the input. The budget only orders the work: rows and verdicts are the same for any budget.
+
+Stopping: Ctrl-C / SIGTERM (a ``KeyboardInterrupt`` in the main thread) drops the batch's queued rows and
+releases the decodes waiting for the budget, so the stage stops after at most one image per worker; files
+are read only when they are regular files (``loaders.images.paths``), so no worker waits on a FIFO.
+
+The listing's counts (references per source, entries passed over and why: hidden files, hidden or linked
+folders, other endings) go to ``stats.json`` in the stage folder, shown by ``taskgalaxy status --json``.
+
 Storage: files of folder and recipe sources stay in place; bytes that came from elsewhere (URLs, datasets,
 the generator) are written once under the store folder by content id. A row's ``path`` is
 ``<root>/<relative path>``; ``loaders.images.paths.resolve_image_path(run_dir, path)`` gives the file.
@@ -24,7 +37,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -33,20 +49,29 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from builder.config import ConfigPath
 from builder.rows import BatchOutput
+from builder.runfolder import atomic_write_json
 from builder.stage import Stage, StageConfig, StageContext
 from loaders.images.dedup import Ledger
 from loaders.images.fetch import Blob, Fetcher
 from loaders.images.listing import COLUMNS as INPUT_COLUMNS
-from loaders.images.listing import list_sources, source_roots
+from loaders.images.listing import list_sources_with_report, source_roots
 from loaders.images.paths import ROOTS_FILE, STORE_ROOT, row_path, store_relpath, write_roots
 from loaders.images.sources import RESERVED_NAMES, DownloadConfig, SourceConfig
 from loaders.images.synthetic import SYNTHETIC_VERSION
-from processors.image_validate import VALIDATE_VERSION, ImageCheck, ImageLimits, check_image
+from processors.image_validate import (
+    VALIDATE_VERSION,
+    ImageCheck,
+    ImageLimits,
+    check_image,
+    decode_cost,
+    return_freed_pixels_to_os,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGE_VERSION = "1"
 LEDGER_FILE = "dedup.sqlite"
+STATS_FILE = "stats.json"  # the listing report; builder.status shows it as the stage's "stats"
 OUTPUT_COLUMNS = (
     "image_id", "path", "width", "height", "format", "mode", "frames", "bytes", "phash", "near_dup_of",
     "source", "ref", "url",
@@ -69,6 +94,9 @@ class ImagesConfig(StageConfig):
     download: DownloadConfig = DownloadConfig()
     near_duplicates: NearDuplicates = NearDuplicates()
     workers: int = Field(4, ge=1, le=64, description="threads decoding/reading images")
+    memory_budget_mb: int = Field(
+        512, ge=16, description="decoded pixels all workers may hold at once (estimated from each header); "
+        "larger images wait their turn, one above the budget decodes alone")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ImagesConfig":
@@ -101,15 +129,16 @@ class ImagesStage(Stage):
         return datasets.Features({c: datasets.Value(ints.get(c, "string")) for c in OUTPUT_COLUMNS})
 
     def fingerprint_config(self, config: ImagesConfig) -> dict:
-        # Parallelism only: more threads or connections fetch and check the same images.
-        return config.model_dump(mode="json", exclude={"workers": True,
+        # Parallelism only: more threads, connections or memory fetch and check the same images.
+        return config.model_dump(mode="json", exclude={"workers": True, "memory_budget_mb": True,
                                                        "download": {"concurrency", "per_host", "user_agent"}})
 
     def fingerprint_parts(self, config: ImagesConfig) -> dict:
         return {"stage": STAGE_VERSION, "validate": VALIDATE_VERSION, "synthetic": SYNTHETIC_VERSION}
 
     def source_rows(self, config: ImagesConfig, ctx: StageContext) -> datasets.Dataset:
-        columns = list_sources(config.sources, ctx.run_dir, config.download)
+        columns, report = list_sources_with_report(config.sources, ctx.run_dir, config.download)
+        atomic_write_json(ctx.stage_dir / STATS_FILE, {"listing": report})  # what every source gave and passed over
         self._write_roots(config, ctx)
         features = datasets.Features({c: datasets.Value("string") for c in INPUT_COLUMNS})
         return datasets.Dataset.from_dict(columns, features=features)
@@ -127,6 +156,7 @@ class ImagesStage(Stage):
         fetcher = Fetcher({s.source_name: s for s in config.sources}, roots, config.download, config.limits.max_bytes)
         worker = _Worker(fetcher, config.limits, roots, store)
         ledger_path = ctx.stage_dir / LEDGER_FILE
+        return_freed_pixels_to_os()  # else each worker thread's heap keeps the largest image it ever decoded
 
         def batch(columns: dict[str, list]) -> dict[str, list]:
             rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
@@ -135,8 +165,8 @@ class ImagesStage(Stage):
                 resumed = _resumed_downloads(rows, ledger, roots)
                 prefetched = fetcher.prefetch(rows, resumed)
                 ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
-                with ThreadPoolExecutor(max_workers=config.workers) as pool:
-                    results = list(pool.map(lambda row: worker.run(row, prefetched), rows))
+                budget = DecodeBudget(config.memory_budget_mb * 2**20)
+                results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget)
                 for row, (verdict, path) in zip(rows, results):
                     _emit(out, row, verdict, path, ledger, config, ctx)
             return out.to_columns()
@@ -157,17 +187,89 @@ def _resumed_downloads(rows: list[dict], ledger: Ledger, roots: dict[str, Path])
     return found
 
 
+def _run_workers(rows: list[dict], work, workers: int, budget: "DecodeBudget") -> list:
+    """``work(row)`` for every row on ``workers`` threads, results in row order.
+
+    On a stop (Ctrl-C/SIGTERM, or a crash) the rows not started are dropped and the decodes waiting for the
+    budget released: ``with ThreadPoolExecutor`` would instead run the whole rest of the batch before letting
+    the stop through. An interrupt does not wait even for the rows in progress (the CLI bounds that wait).
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images-worker")
+    try:
+        results = list(pool.map(work, rows))
+    except BaseException as exc:
+        budget.close()
+        pool.shutdown(wait=isinstance(exc, Exception), cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+class DecodeStopped(Exception):
+    """The stage is stopping: a decode that was waiting for the memory budget is not started."""
+
+
+class DecodeBudget:
+    """Bytes of decoded pixels the workers may hold at once, handed out first come, first served.
+
+    A cost above the whole budget is capped to it, so such an image waits until nothing else is held and then
+    decodes alone: the total held never exceeds max(budget, the largest single image).
+    """
+
+    def __init__(self, total_bytes: int):
+        self.total = total_bytes
+        self._free = total_bytes
+        self._queue: deque[object] = deque()  # tickets of the waiting decodes, oldest first (no starvation)
+        self._changed = threading.Condition()
+        self._closed = False
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        cost = min(cost, self.total)
+        if cost <= 0:  # a check that fails on the header decodes nothing
+            yield
+            return
+        self._acquire(cost)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += cost
+                self._changed.notify_all()
+
+    def _acquire(self, cost: int) -> None:
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+            try:
+                while not self._closed and (self._queue[0] is not ticket or self._free < cost):
+                    self._changed.wait()
+                if self._closed:
+                    raise DecodeStopped("the images stage is stopping")
+                self._free -= cost
+            finally:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Release every waiting decode with ``DecodeStopped`` (the stage is stopping)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
 class _Worker:
     """Fetch + validate + store one row; runs in worker threads, touches no shared mutable state."""
 
     def __init__(self, fetcher: Fetcher, limits: ImageLimits, roots: dict[str, Path], store: Path):
         self.fetcher, self.limits, self.roots, self.store = fetcher, limits, roots, store
 
-    def run(self, row: dict, prefetched: dict[str, Blob]) -> tuple[ImageCheck, str]:
+    def run(self, row: dict, prefetched: dict[str, Blob], budget: DecodeBudget) -> tuple[ImageCheck, str]:
         blob = self.fetcher.read(row, prefetched)
         if blob.reason:
             return ImageCheck(reason=blob.reason, detail=blob.detail), ""
-        check = check_image(blob.data, self.limits, name=self._label(row))
+        with budget.hold(decode_cost(blob.data, self.limits)):
+            check = check_image(blob.data, self.limits, name=self._label(row))
         if not check.ok:
             return check, ""
         if row["kind"] == "folder":
@@ -184,7 +286,7 @@ class _Worker:
 
 def _write_once(dest: Path, data: bytes) -> None:
     """Content-addressed write: skip if present, else temp file + rename (never a half-written image)."""
-    if dest.exists():
+    if dest.is_file():  # a FIFO planted under the name is replaced by the rename, never opened
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{threading.get_ident()}")

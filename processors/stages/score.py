@@ -114,13 +114,36 @@ class ScoreStage(Stage):
                 )
                 for i, qa_id in enumerate(batch["qa_id"])
             ]
-            ballots = {}
-            for settings, referee in zip(config.referees, referees):
-                shown = items if settings.see_answer else [_without_answer(item) for item in items]
-                ballots[settings.name] = {vote.qa_id: vote for vote in referee.score(shown)}
+            shown = {s.name: items if s.see_answer else [_without_answer(item) for item in items]
+                     for s in config.referees}
+            ballots = score_all(config.referees, referees, shown, ctx)
             return _join(batch, ballots, config.missing_vote, columns)
 
         return score
+
+
+def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, list[RefereeItem]],
+              ctx) -> dict[str, dict]:
+    """Every referee at once: the endpoint referees' calls (all their servers) on one event loop in a
+    helper thread, while the local referees run on this thread (the GPU); votes by referee and qa_id."""
+    import concurrent.futures
+
+    from processors.llm.api import run_request_groups
+    from processors.referees.endpoint import EndpointReferee
+
+    remote = [(s.name, r, r.plan(shown[s.name])) for s, r in zip(settings, referees) if isinstance(r, EndpointReferee)]
+    groups = [group for _, _, plan in remote for group, _ in plan]
+    ballots: dict[str, dict] = {}
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints") as pool:
+        pending = pool.submit(run_request_groups, groups, ctx=ctx) if groups else None
+        for s, referee in zip(settings, referees):
+            if not isinstance(referee, EndpointReferee):
+                ballots[s.name] = {vote.qa_id: vote for vote in referee.score(shown[s.name])}
+        results = pending.result() if pending is not None else []
+    for name, referee, plan in remote:
+        mine, results = results[:len(plan)], results[len(plan):]
+        ballots[name] = {vote.qa_id: vote for vote in referee.votes(shown[name], plan, mine)}
+    return {s.name: ballots[s.name] for s in settings}
 
 
 def _without_answer(item: RefereeItem) -> RefereeItem:

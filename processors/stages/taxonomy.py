@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from builder.config import ExistingPath
 from builder.ids import text_id
@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 TAXONOMY_VERSION = "1"  # bump when growth or merging changes what the same replies produce
 COLUMNS = ("task_id", "path", "level", "parent", "name", "origin", "round")
-DEFAULT_SEEDS = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "vision_tasks.yaml"
+# Package data, so an installed wheel has it too (configs/seeds/vision_tasks.yaml links here in a checkout).
+DEFAULT_SEEDS = Path(__file__).resolve().parents[1] / "taxonomy" / "data" / "vision_tasks.yaml"
 SEEDS_REPORT = "seeds-report.json"  # read back by processors.taxonomy.finish
 GROWTH_DIR = "growth"
 _DEDUPERS: dict[float, "SemanticDeduper"] = {}
@@ -87,6 +88,12 @@ class TaxonomyConfig(StageConfig):
             data = {**data, "seeds": str(DEFAULT_SEEDS)}
         return data
 
+    @field_serializer("seeds")
+    def _shipped_seeds_as_default(self, seeds: Path | None) -> str | None:
+        # The shipped seeds are written as null (= the default), never as this machine's install path: the
+        # run folder's config.yaml and the dataset card show no absolute path of the checkout or the venv.
+        return None if seeds is None or seeds == DEFAULT_SEEDS else str(seeds)
+
 
 class TaxonomyStage(Stage):
     name = "taxonomy"
@@ -114,6 +121,11 @@ class TaxonomyStage(Stage):
         from processors.llm.settings import endpoint_parts
 
         return {"endpoint": endpoint_parts(settings, config.endpoint, key=f"stages.{self.name}.endpoint")}
+
+    def fingerprint_config(self, config: TaxonomyConfig) -> dict:
+        # The seed files count by their content (fingerprint_parts), not by where they lie: a config copied to
+        # another folder, or a checkout moved, re-runs nothing.
+        return config.model_dump(mode="json", exclude={"seeds", "import_tasktypes"})
 
     def fingerprint_parts(self, config: TaxonomyConfig) -> dict:
         from processors.taxonomy.dedup import MODEL_ID

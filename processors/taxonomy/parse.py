@@ -25,6 +25,7 @@ tree (``processors.taxonomy.merge``).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -190,6 +191,12 @@ def parse_or_raise(text: str, parent: Sequence[str], limits: NameLimits) -> Pars
     A reply whose lines were all rejected for other reasons is kept: the rejections are counted, and a retry
     of the same prompt would not be cheaper than recording them.
     """
+    body = text.strip()
+    if body.startswith("{"):  # a list was asked for; an object that does not even decode is a broken reply
+        try:
+            json.loads(body)
+        except ValueError:
+            raise ValueError(f"the reply starts as a JSON object but does not decode: {body[:120]!r}") from None
     parsed = parse_reply(text, parent, limits)
     if not parsed.names and all(r.reason == "explanation" for r in parsed.rejected):
         raise ValueError(f"no list of names in the reply ({len(parsed.rejected)} lines of prose)")

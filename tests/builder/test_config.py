@@ -161,3 +161,10 @@ def test_top_k_must_be_a_plain_whole_number_in_range(tmp_path, value, words):
     path = _demo_config(tmp_path, lambda d: d["stages"]["match"].update(top_k=value))
     with pytest.raises(ConfigError, match=f"stages.match.top_k: Input should be (a )?{words}"):
         open_run(path, run_dir=tmp_path / "run", dry_run=True)
+
+
+def test_a_key_in_a_free_text_field_never_reaches_the_written_config():
+    from builder.config import dump_yaml
+
+    text = dump_yaml({"run": {"name": "demo"}, "notes": "token sk-proj-AbCdEf0123456789xyzXYZ here"})
+    assert "sk-proj-AbCdEf0123456789xyzXYZ" not in text and "***" in text

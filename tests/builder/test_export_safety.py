@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.export import _place_image
-from builder.publish import _clear_own_folder
+from builder.publish import MARKER, _refuse_foreign_folder, _swap_into_place
 
 
 def test_an_image_root_that_holds_the_source_itself_is_left_alone(tmp_path):
@@ -33,15 +33,19 @@ def test_a_foreign_file_at_the_target_is_refused_and_our_link_is_replaced(tmp_pa
     assert target.resolve() == source.resolve()
 
 
-def test_push_refuses_to_clear_a_folder_it_did_not_lay_out(tmp_path):
+def test_push_refuses_to_replace_a_folder_it_did_not_lay_out(tmp_path):
     precious = tmp_path / "data"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        _clear_own_folder(precious)
+        _refuse_foreign_folder(precious)
     assert (precious / "keep.txt").read_text() == "mine"
-    ours = tmp_path / "hub"
-    _clear_own_folder(ours)
-    (ours / "old.parquet").write_text("x")
-    _clear_own_folder(ours)  # a folder we laid out before is ours to replace
-    assert not (ours / "old.parquet").exists()
+    ours, staging = tmp_path / "hub", tmp_path / "staging"
+    for folder, name in ((ours, "old.parquet"), (staging, "new.parquet")):
+        folder.mkdir()
+        (folder / MARKER).write_text("laid out by taskgalaxy push")
+        (folder / name).write_text("x")
+    _refuse_foreign_folder(ours)  # a folder we laid out before is ours to replace
+    _swap_into_place(staging, ours)
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "new.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hub"]  # nothing left beside it

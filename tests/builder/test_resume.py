@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 
-from builder.outputs import load_stage_output
+from builder.outputs import load_stage_output, read_journal
 from builder.runfolder import find_stage_dir
 from toy_run import make_runner
 
@@ -93,11 +93,11 @@ def test_usage_of_a_shard_killed_mid_way_is_counted_after_the_resume(tmp_path):
     # committed (8 rows), shard 2 had finished its batch of rows 8-9 and recorded it as live usage.
     run_dir, _, config = _killed_at_row_10(tmp_path)
     stats = find_stage_dir(run_dir, "square") / "stats"
-    assert json.loads((stats / "live-00002.json").read_text()) == {"requests": 2}
+    assert read_journal(stats / "live-00002.jsonl") == {"requests": 2}
     state = make_runner(run_dir, config).run()["square"]
     assert state["totals"]["usage"]["requests"] == 24 + 2  # every row once, plus the killed attempt's 2
-    assert not list(stats.glob("live-*.json"))
-    assert [json.loads(p.read_text()) for p in stats.glob("interrupted-00002-*-killed-*.json")] == [{"requests": 2}]
+    assert not list(stats.glob("live-*"))
+    assert [read_journal(p) for p in stats.glob("interrupted-00002-*-killed-*.jsonl")] == [{"requests": 2}]
     again = make_runner(run_dir, config).run()["square"]  # counted once, not again on every rerun
     assert again["totals"]["usage"]["requests"] == 26
 

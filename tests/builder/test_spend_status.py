@@ -63,3 +63,27 @@ def test_every_shard_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypa
                                    "stages": {"numbers": {"count": 16}, "square": {}}}).run()
     shards = [(name, ok) for name, ok in renamed if "shard-" in name]
     assert len(shards) >= 8 and all(ok for _, ok in shards)  # outputs and failure tables of 2 stages x 2 shards
+
+
+def test_spend_paid_before_a_full_disk_stopped_the_stage_is_counted_exactly(tmp_path, monkeypatch):
+    import errno
+
+    from builder.runner import Runner
+
+    run_dir = tmp_path / "run"
+    config = {"run": {"name": "toy", "shard_size": 4}, "stages": {"numbers": {"count": 24}, "square": {}}}
+    real_commit, calls = Runner._commit, []
+
+    def commit(path, table, features):
+        if "01_square" in str(path) and path.name == "shard-00002.arrow" and not calls:
+            calls.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_commit(path, table, features)
+
+    monkeypatch.setattr(Runner, "_commit", staticmethod(commit))
+    with pytest.raises(RuntimeError, match="disk is full"):  # the runner's message names the folder and the cure
+        make_runner(run_dir, config).run()
+    assert _square(run_dir)["requests"] == 12  # shards 0-1 (8) and the 4 the stopped shard paid for
+    make_runner(run_dir, config).run()
+    square = _square(run_dir)
+    assert square["done"] and square["requests"] == 24 + 4 and square["stopped_usage"] == {"requests": 4}

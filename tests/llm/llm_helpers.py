@@ -55,6 +55,7 @@ def worker(argv: list[str]) -> None:
     run_dir, base_url, count = Path(argv[0]), argv[1], int(argv[2])
     overrides = json.loads(argv[3]) if len(argv) > 3 else {}
     ctx = make_ctx(run_dir, fast_settings(base_url, **overrides))
+    ctx.live_usage_path = run_dir / "live.jsonl"  # the spend journal, as the runner keeps it per shard
     results = run_requests(json_requests(count), endpoint="sim", ctx=ctx)
     print(json.dumps({"ok": sum(r.ok for r in results), "usage": ctx.usage}), flush=True)
 

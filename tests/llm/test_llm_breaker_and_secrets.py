@@ -57,3 +57,18 @@ def test_api_key_appears_in_no_file_log_message_or_repr(simulator, ctx_for, tmp_
     assert not [t for t in texts if TEST_KEY in t]
     assert _files_containing(tmp_path, TEST_KEY.encode()) == []
     assert any(tmp_path.rglob("*.sqlite"))  # the grep did look at the cache
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "openai"])
+def test_a_key_echoed_by_a_hostile_server_is_masked_everywhere(simulator, ctx_for, caplog, capfd, transport):
+    import gc
+
+    caplog.set_level(logging.DEBUG)
+    hostile = simulator(api_key="sk-the-server-wants-another-key", echo_auth=True)
+    with pytest.raises(CircuitOpenError) as caught:
+        run_requests(json_requests(12), endpoint="sim", ctx=ctx_for(hostile, breaker=4, transport=transport))
+    gc.collect()  # any unretrieved task exception would be logged now, with its message
+    captured = capfd.readouterr()
+    texts = [str(caught.value), caplog.text, captured.out, captured.err]
+    assert "HTTP 401" in str(caught.value) and "You sent: ***" in str(caught.value)
+    assert not [t for t in texts if TEST_KEY in t or TEST_KEY[:12] in t]

@@ -116,3 +116,47 @@ def test_a_missing_or_broken_image_fails_its_request_only(simulator, ctx_for, tm
     assert [(r.key, r.ok, r.reason) for r in results] == [
         ("gone", False, "image_missing"), ("ok", True, None), ("broken", False, "image_unreadable")]
     assert sim.stats()["received"] == 1
+
+
+def test_answers_received_before_a_sigkill_are_never_paid_again_and_all_are_counted(simulator, tmp_path, api_key):
+    # The simulator runs here and outlives the killed client; its ok_per_key counts every answer it sent.
+    import os
+    import signal
+    import time
+
+    from builder.outputs import read_journal
+
+    sim = simulator(latency_ms=3)
+    run_dir = tmp_path / "run"
+    concurrency = 4
+    args = [sys.executable, str(HELPERS), str(run_dir), sim.base_url, "300", json.dumps({"max_concurrency": concurrency})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while sim.stats()["received"] < 80 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    journal = run_dir / "live.jsonl"
+    killed_paid = read_journal(journal).get("requests", 0)
+    journal.replace(run_dir / "killed.jsonl")
+    answered_before_resume = sum(sim.stats()["ok_per_key"].values())
+    resumed = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    stats = sim.stats()
+    assert resumed["ok"] == 300
+    # At most the requests in flight at the kill were paid twice (before: up to 64 buffered answers)
+    assert stats["duplicates"] <= concurrency
+    # ... and what was paid shows: the killed attempt's journal plus the resumed run, to the request, except
+    # the answers the server sent while the kill landed, which the client never received (paid twice)
+    assert sum(stats["ok_per_key"].values()) - (killed_paid + resumed["usage"]["requests"]) == stats["duplicates"]
+    assert answered_before_resume - killed_paid <= concurrency  # answered but unrecorded: only those in flight
+
+
+def test_a_fifo_in_place_of_an_image_fails_its_request_at_once(simulator, ctx_for, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    request = LLMRequest(key="f", prompt_version="v1", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_path", "path": str(fifo)}]}])
+    [result] = run_requests([request], endpoint="sim", ctx=ctx_for(simulator()))
+    assert result.reason == "image_unreadable" and "FIFO" in result.detail.upper()

@@ -25,43 +25,42 @@ def test_round_trip_keeps_order_and_counts_usage(simulator, ctx_for):
     assert sim.stats()["received"] == 40
 
 
-def test_running_cost_is_recorded_on_disk_while_a_call_is_in_flight(simulator, ctx_for, tmp_path):
-    # What a hard kill mid-call would leave: the live record written after billed replies, before the call
-    # returns and adds its usage (the runner turns a leftover record into counted spend on the resume).
+def test_every_billed_reply_is_journalled_after_it_is_cached_and_before_the_call_returns(simulator, ctx_for,
+                                                                                         tmp_path):
+    # What a hard kill mid-call would leave: one journal line per billed reply, each written only once that
+    # reply was in the request cache (the runner turns a leftover journal into counted spend on the resume).
+    from builder.outputs import read_journal
+    from processors.llm.cache import RequestCache
+
     sim = simulator(latency_ms=2)
     ctx = ctx_for(sim, max_concurrency=4)
-    ctx.live_usage_path, ctx.live_usage_interval_s = tmp_path / "live.json", 0.0
-    seen: list[tuple[int, float]] = []
-    write = ctx.note_live_usage
+    ctx.live_usage_path = tmp_path / "live.jsonl"
+    cached_when_counted: list[bool] = []
+    count = ctx.add_usage
 
-    def spy(in_flight=None, *, force=False):
-        if in_flight is not None and not ctx.usage:  # only snapshots taken during the call
-            seen.append((in_flight["requests"], in_flight["cost_usd"]))
-        write(in_flight, force=force)
+    def spy(**counters):
+        if counters.get("requests") == 1:  # a billed reply: the cache must already hold as many answers
+            with RequestCache(ctx.cache_dir / "llm-requests.sqlite") as cache:
+                cached_when_counted.append(len(cache) >= int(ctx.usage.get("requests", 0)) + 1)
+        count(**counters)
 
-    ctx.note_live_usage = spy
+    ctx.add_usage = spy
     run_requests(json_requests(12), endpoint="sim", ctx=ctx)
-    assert [n for n, _ in seen] == list(range(1, 13))  # one snapshot per billed reply, growing
-    assert all(later > earlier > 0 for (_, earlier), (_, later) in zip(seen, seen[1:]))
-    assert json.loads(ctx.live_usage_path.read_text())["requests"] == 12 == ctx.usage["requests"]
+    assert cached_when_counted == [True] * 12
+    lines = ctx.live_usage_path.read_text().splitlines()
+    assert sum(json.loads(line).get("requests", 0) for line in lines) == 12 == ctx.usage["requests"]
+    assert read_journal(ctx.live_usage_path) == pytest.approx(ctx.usage)
 
 
-def test_the_running_cost_on_disk_is_complete_when_a_call_returns(simulator, ctx_for, tmp_path):
-    sim = simulator(latency_ms=1)
-    ctx = ctx_for(sim, max_concurrency=8)
-    ctx.live_usage_path = tmp_path / "live.json"  # default throttle: at most one snapshot a second
-    run_requests(json_requests(40), endpoint="sim", ctx=ctx)
-    assert json.loads(ctx.live_usage_path.read_text()) == pytest.approx(ctx.usage)
-
-
-def test_a_running_cost_that_cannot_be_written_never_stops_paid_work(simulator, ctx_for, tmp_path, caplog):
+def test_a_spend_journal_that_cannot_be_written_never_stops_paid_work(simulator, ctx_for, tmp_path, caplog):
     sim = simulator(latency_ms=1)
     ctx = ctx_for(sim, max_concurrency=8)
     (tmp_path / "full").write_text("a file where the stats folder should be")
-    ctx.live_usage_path = tmp_path / "full" / "live.json"  # every write fails (NotADirectoryError)
+    ctx.live_usage_path = tmp_path / "full" / "live.jsonl"  # every write fails (NotADirectoryError)
     results = run_requests(json_requests(10), endpoint="sim", ctx=ctx)
     assert all(r.ok for r in results) and ctx.usage["requests"] == 10
-    assert "could not record the running usage" in caplog.text
+    assert ctx.unrecorded["requests"] == 10  # said plainly, and reported by the runner if the shard stops
+    assert "could not record spend" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["500", "429", "timeout", "drop", "bad_body", "malformed", "length"])
@@ -140,3 +139,55 @@ def test_json_schema_is_sent_and_answered(simulator, ctx_for):
                          messages=[{"role": "user", "content": "labels please"}])
     [result] = run_requests([request], endpoint="sim", ctx=ctx)
     assert result.ok and isinstance(result.value["labels"], list)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "openai"])
+def test_a_refused_connection_is_reported_as_one_not_as_a_timeout(tmp_path, api_key, transport):
+    import socket
+
+    from llm_helpers import fast_settings, make_ctx
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = make_ctx(tmp_path / "run", fast_settings(f"http://127.0.0.1:{port}/v1", transport=transport, max_retries=0))
+    [result] = run_requests(json_requests(1), endpoint="sim", ctx=ctx)
+    assert result.reason == "api_error" and "connection error" in result.detail
+    assert "no reply within" not in result.detail
+
+
+def test_replies_that_never_parse_fail_as_unparsable_even_when_a_429_ended_the_last_attempt(simulator, ctx_for):
+    # The stage's repair turn acts on "unparsable"; a transient error at the end must not hide it, and the
+    # reply kept is the model's usual one, not a fault-spoiled one.
+    def never(text: str):
+        raise ValueError("not what was asked")
+
+    requests = [LLMRequest(key=f"k{i}", prompt_version="v1", parse=never,
+                           messages=[{"role": "user", "content": f"Reply in JSON about item {i}."}]) for i in range(12)]
+    stormy = simulator(rate_429=0.3, retry_after_s=0.01, seed=4)
+    results = run_requests(requests, endpoint="sim", ctx=ctx_for(stormy, max_retries=10))
+    assert [r.reason for r in results] == ["unparsable"] * 12, [(r.reason, r.attempts, r.detail) for r in results]
+    spoiled_first = simulator(fail_kind="malformed", fail_first=1, seed=4)  # every request's 1st reply is broken
+    results = run_requests(requests, endpoint="sim", ctx=ctx_for(spoiled_first, max_retries=3, cache=False))
+    clean = run_requests(requests, endpoint="sim", ctx=ctx_for(simulator(seed=4), max_retries=1, cache=False))
+    assert [r.raw_text for r in results] == [r.raw_text for r in clean]
+    assert not any(r.raw_text.startswith('{"oops"') for r in results)
+
+
+def test_unusable_replies_paid_by_an_earlier_attempt_of_the_call_count_against_its_retry_budget(simulator,
+                                                                                               ctx_for):
+    # A resume after a kill makes the same call again: the attempts a killed process paid for are not
+    # paid for a second time (the budget is 1 + max_retries attempts, over all attempts of the call).
+    def never(text: str):
+        raise ValueError("not what was asked")
+
+    requests = [LLMRequest(key=f"k{i}", prompt_version="v1", parse=never,
+                           messages=[{"role": "user", "content": f"Reply in JSON about item {i}."}]) for i in range(3)]
+    sim = simulator()
+    first = run_requests(requests, endpoint="sim", ctx=ctx_for(sim, max_retries=2))
+    assert [r.reason for r in first] == ["unparsable"] * 3 and sim.stats()["received"] == 9
+    again = run_requests(requests, endpoint="sim", ctx=ctx_for(sim, max_retries=2))  # the same call, resumed
+    assert sim.stats()["received"] == 9  # nothing left to try: nothing paid again
+    assert [(r.reason, r.raw_text) for r in again] == [(r.reason, r.raw_text) for r in first]
+    more = run_requests(requests, endpoint="sim", ctx=ctx_for(sim, max_retries=4))  # a larger budget: 2 more each
+    assert sim.stats()["received"] == 15 and all(r.reason == "unparsable" for r in more)

@@ -196,7 +196,7 @@ def test_no_task_exception_is_left_unretrieved_when_the_breaker_opens(caplog):
 
     class Failing(OnlineEngine):
         def __init__(self):  # only ``run`` is under test
-            pass
+            self.cache = None
 
         async def one(self, p):
             await asyncio.sleep(0)

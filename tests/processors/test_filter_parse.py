@@ -51,3 +51,12 @@ def test_normalisation_is_stable():
 def test_ambiguous_leaf_is_not_guessed():
     index = CandidateIndex(["A~Counting", "B~Counting"])
     assert match_labels(["Counting"], index) == ([], ["Counting"])
+
+
+def test_a_broken_json_object_is_asked_again_not_read_as_a_list():
+    from processors.filter.parse import parse_labels
+
+    with pytest.raises(ValueError, match="does not decode"):
+        parse_labels('{"oops": {"task_types": ["OCR~Scene text", "Counting~ ,,')
+    with pytest.raises(ValueError, match="does not decode"):
+        parse_labels('{"oops": No ,,')

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from processors.image_validate import ImageLimits, check_image, dhash, hamming
+from processors.image_validate import HASH_SIDE, ImageLimits, check_image, decode_cost, dhash, hamming
 from processors.imageio import ImageTooLargeError, open_rgb
 
 LIMITS = ImageLimits()
@@ -135,3 +138,57 @@ def test_dhash_sees_reencoded_copies_as_near():
     assert a.image_id != b.image_id
     assert hamming(a.phash, b.phash) <= 4 < hamming(a.phash, other.phash)
     assert dhash(Image.new("RGB", (10, 10))) == 0
+
+
+def gradient(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    grey = Image.linear_gradient("L").resize(size)
+    return Image.merge(mode, [grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grey, grey][: len(mode)])
+
+
+PEAK_OF_ONE_CHECK = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+from processors.image_validate import ImageLimits, check_image
+data = open({path!r}, "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert check_image(data, ImageLimits()).ok
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_large_rgba_png_costs_about_its_pixels_not_six_copies(tmp_path):
+    # 4000x4000 RGBA: 64 MB of pixels. Checked with full-size copies (orientation, RGBA copy, white background,
+    # composite, RGB) it used ~6x that; the check now works on a small copy after the decode. Measured in a fresh
+    # process: peak RSS is per process.
+    path = tmp_path / "big.png"
+    gradient((4000, 4000), "RGBA").save(path)
+    pixels = 4000 * 4000 * 4
+    script = PEAK_OF_ONE_CHECK.format(repo=str(Path(__file__).resolve().parents[2]), path=str(path))
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               timeout=120).stdout)
+    assert grown < 1.6 * pixels, f"peak grew by {grown / 2**20:.0f} MB for {pixels / 2**20:.0f} MB of pixels"
+    assert decode_cost(path.read_bytes(), LIMITS) >= pixels
+
+
+def test_decode_cost_is_read_from_the_header():
+    assert decode_cost(png_header_only(3000, 2000), LIMITS) >= 3000 * 2000  # L: one byte a pixel
+    assert decode_cost(png_header_only(100_000, 100_000), LIMITS) == 0  # refused before decoding: costs nothing
+    assert decode_cost(b"<html>", LIMITS) == 0
+    jpeg = encode(gradient((2400, 1600)), "JPEG")
+    scaled = decode_cost(jpeg, LIMITS)  # DCT-scaled to 300x200
+    assert scaled < 2400 * 1600 < decode_cost(jpeg, ImageLimits(fast_jpeg=False))
+    progressive = encode(gradient((2400, 1600)), "JPEG", progressive=True)
+    assert decode_cost(progressive, LIMITS) > scaled + 2400 * 1600  # every DCT coefficient is kept
+
+
+def test_images_above_the_hash_side_keep_near_duplicates_and_orientation():
+    image = photo((3 * HASH_SIDE, 2 * HASH_SIDE))
+    big = check_image(encode(image, "PNG"), LIMITS)
+    small = check_image(encode(image.resize((600, 400)), "JPEG", quality=90), LIMITS)
+    assert (big.width, big.height) == image.size and hamming(big.phash, small.phash) <= 4
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    turned = check_image(encode(image, "JPEG", exif=exif, quality=90), ImageLimits(fast_jpeg=False))
+    upright = check_image(encode(image.transpose(Image.Transpose.ROTATE_270), "PNG"), LIMITS)
+    assert (turned.width, turned.height) == (2 * HASH_SIDE, 3 * HASH_SIDE)
+    assert hamming(turned.phash, upright.phash) <= 4 < hamming(turned.phash, big.phash)

@@ -46,9 +46,11 @@ def test_items_that_are_not_objects_are_passed_on_for_validation():
     assert parse_reply(json.dumps([ITEMS[0], "stray text", 7])) == [ITEMS[0], "stray text", 7]
 
 
-def test_a_cut_off_array_keeps_the_complete_objects():
-    text = json.dumps({"qa": ITEMS})[:-30]
-    assert parse_reply(text) == [ITEMS[0]]
+def test_a_cut_off_or_broken_document_is_asked_again_not_mined_for_pieces():
+    # Which objects survive depends on where it broke; a retry (or the repair turn) gives the whole answer.
+    for text in (json.dumps({"qa": ITEMS})[:-30], '{"oops": ' + json.dumps({"qa": ITEMS}) + " ,,"):
+        with pytest.raises(ValueError, match="starts as JSON but does not decode|no JSON array"):
+            parse_reply(text)
 
 
 @pytest.mark.parametrize("text", [

@@ -160,3 +160,8 @@ def test_debris_and_invisible_characters_are_refused(line, why):
 def test_short_real_names_still_pass():
     assert parse_reply("- OCR\n- 3D reconstruction\n- Counting (0-9)", ()).names == (
         "OCR", "3D reconstruction", "Counting (0-9)")
+
+
+def test_a_broken_json_reply_is_asked_again_not_read_line_by_line():
+    with pytest.raises(ValueError, match="does not decode"):
+        parse_or_raise('{"oops": - Scene text\n- Poster r ,,', ("Optical character recognition",), NameLimits())

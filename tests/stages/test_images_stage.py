@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sys
+import threading
 from pathlib import Path
 
 import datasets
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loaders"))  # the 
 from builder.config import build_config_model, validate_config  # noqa: E402
 from builder.outputs import load_stage_failures, load_stage_output  # noqa: E402
 from builder.runner import Runner, StageError  # noqa: E402
+from builder.status import stage_summaries  # noqa: E402
 from loaders.images.paths import resolve_image_path  # noqa: E402
 from loaders.images.synthetic import synthetic_image  # noqa: E402
 from local_http import LocalServer  # noqa: E402
@@ -152,3 +155,51 @@ def test_near_duplicates_reported_or_dropped(tmp_path):
             assert rows["photos/3.png"]["near_dup_of"] is None
         else:
             assert "photos/2.jpg" not in rows and state["totals"]["failed"] == {"near_duplicate": 1}
+
+
+def folder_config(base: Path, **images):
+    return validate_config({"run": {"name": "t"}, "stages": {"images": {
+        "sources": [{"type": "folder", "root": "photos"}], **images}}}, build_config_model(STAGES), base_dir=base)
+
+
+def test_memory_budget_lets_large_images_decode_one_at_a_time(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):  # 9 MB of pixels each (+16 MB of hash work): above a 16 MB budget, so one at a time
+        Image.new("L", (3000, 3000), 30 * i).save(folder / f"{i}.png")
+    real, lock, active = images_module.check_image, threading.Lock(), {"now": 0, "most": 0}
+
+    def counting(data, limits, name="image"):
+        with lock:
+            active["now"] += 1
+            active["most"] = max(active["most"], active["now"])
+        try:
+            return real(data, limits, name=name)
+        finally:
+            with lock:
+                active["now"] -= 1
+
+    monkeypatch.setattr(images_module, "check_image", counting)
+    Runner(STAGES, folder_config(tmp_path, workers=4, memory_budget_mb=16), tmp_path / "tight", progress=False).run()
+    assert active["most"] == 1
+    Runner(STAGES, folder_config(tmp_path, workers=4, memory_budget_mb=4096), tmp_path / "roomy", progress=False).run()
+    assert outcome(tmp_path / "tight") == outcome(tmp_path / "roomy")  # it orders the work, never a verdict
+    stage = ImagesStage()
+    assert stage.fingerprint_config(folder_config(tmp_path, memory_budget_mb=16).stages.images) == \
+        stage.fingerprint_config(folder_config(tmp_path).stages.images)
+
+
+def test_listing_counts_hidden_files_and_everything_else_it_passes_over(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / ".thumbnails").mkdir(parents=True)
+    (folder / "a.png").write_bytes(encode(picture(1)))
+    (folder / ".hidden.png").write_bytes(encode(picture(2)))
+    (folder / "._a.png").write_bytes(b"AppleDouble")
+    (folder / ".thumbnails" / "a.png").write_bytes(encode(picture(1)))
+    (folder / "notes.txt").write_text("not an image")
+    Runner(STAGES, folder_config(tmp_path), tmp_path / "run", progress=False).run()
+    expected = {"type": "folder", "references": 1, "cut_by_limit": 0,
+                "skipped": {"hidden_file": 2, "hidden_folder": 1, "other_extension": 1}}
+    stats = json.loads(next((tmp_path / "run").glob("*_images/stats.json")).read_text())
+    assert stats == {"listing": {"photos": expected}}
+    assert stage_summaries(tmp_path / "run")[0]["stats"] == stats  # what `taskgalaxy status --json` shows
