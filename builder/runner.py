@@ -11,9 +11,6 @@ when it is itself damaged. A full disk or a read-only folder stops a stage with 
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import logging
 import math
 import time
@@ -31,8 +28,10 @@ from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import (INTERRUPTED_PREFIX, JOURNAL_SUFFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, arrow_rows,
+from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, arrow_rows,
                              column_values, load_stage_output, require_intact_stage, shard_problem, stage_totals)
+from builder.recovery import (RESUME_KEYS, adopt_killed_usage, clear_keeping_spend, discard_shard, interrupted_name,
+                              readable_states, shard_stats, spent_in)
 from builder.stage import Stage, StageContext
 
 logger = logging.getLogger(__name__)
@@ -44,101 +43,6 @@ class StageError(RuntimeError):
     """A stage could not finish; finished shards are kept and a rerun resumes."""
 
 
-
-
-def interrupted_name(folder: Path, index: int, when: float, note: str = "stopped") -> Path:
-    """A new ``stats/interrupted-NNNNN-<time>-<note>-<n>.jsonl`` (never one that exists: each is counted)."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
-    names = (folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-{stamp}-{note}-{n}{JOURNAL_SUFFIX}"
-             for n in itertools.count())
-    return next(path for path in names if not path.exists())
-
-
-def adopt_killed_usage(folder: Path) -> None:
-    """Turn the spend journals that a killed attempt left behind into interrupted ones (counted in the
-    totals), except where the shard did finish: its stats already hold that usage. A rename, so it needs no
-    disk space (a run stopped by a full disk resumes with its spend intact)."""
-    for live in sorted((folder / "stats").glob(f"{LIVE_PREFIX}*.json*")):
-        index = int(live.name.removeprefix(LIVE_PREFIX).split(".")[0])
-        if (folder / rf.shard_name(index)).exists():
-            live.unlink(missing_ok=True)
-            continue
-        target = interrupted_name(folder, index, live.stat().st_mtime, "killed").with_suffix(live.suffix)
-        live.replace(target)
-        logger.warning("stage folder %s: shard %d was stopped hard last time; the usage it had recorded is "
-                       "counted as spent (%s)", folder.name, index, target.name)
-
-
-RESUME_KEYS = ("fingerprint", "shard_size", "shards_total")  # copied into every shard's stats (see _recover_state)
-
-
-def discard_shard(folder: Path, index: int) -> None:
-    """Remove a finished shard that does not verify, so the resume recomputes it. What its stats say it paid
-    stays counted: first an interrupted record named after those stats (a redo after a kill rewrites the same
-    record rather than adding one), then the output file (its presence meant "finished"), then the rest."""
-    stats_path = folder / "stats" / f"shard-{index:05d}.json"
-    try:
-        data = stats_path.read_bytes()
-        usage = json.loads(data).get("usage") or {}
-    except (OSError, ValueError, AttributeError):  # missing or damaged: what it paid is not known
-        data, usage = b"", {}
-    if usage:
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        record = folder / "stats" / f"{INTERRUPTED_PREFIX}{index:05d}-discarded-{digest}{JOURNAL_SUFFIX}"
-        rf.atomic_write_bytes(record, (json.dumps(usage, sort_keys=True) + "\n").encode())
-    (folder / rf.shard_name(index)).unlink(missing_ok=True)
-    (folder / "failures" / rf.shard_name(index)).unlink(missing_ok=True)
-    stats_path.unlink(missing_ok=True)
-    for live in (folder / "stats").glob(f"{LIVE_PREFIX}{index:05d}.*"):  # its stats held that usage
-        live.unlink(missing_ok=True)
-
-
-def _shard_stats(folder: Path) -> dict[int, dict]:
-    """Every per-shard stats record that parses, by shard index."""
-    records = {}
-    for path in sorted((folder / "stats").glob("shard-*.json")):
-        index = path.stem.removeprefix("shard-")
-        try:
-            record = rf.read_json(path)
-        except rf.CorruptFileError:
-            continue
-        if index.isdigit() and isinstance(record, dict):
-            records[int(index)] = record
-    return records
-
-
-def _spent_in(folder: Path, records: dict[int, dict]) -> dict | None:
-    """What a stage folder recorded as spent, when its state.json is gone: ``stage_totals`` over every shard
-    index that has a record or an output file; None when a damaged record makes it unknown."""
-    indexes = [*records, *(int(p.stem.removeprefix("shard-")) for p in folder.glob("shard-*.arrow")
-                           if p.stem.removeprefix("shard-").isdigit())]
-    try:
-        return stage_totals(folder, max(indexes, default=-1) + 1)["usage"]
-    except rf.CorruptFileError:
-        return None
-
-
-def _clear_keeping_spend(folder: Path, spent: dict) -> None:
-    """Empty a stage folder for a recompute; money paid in it stays counted, as a superseded record."""
-    rf.clear_stage_dir(folder)
-    if any(spent.values()):
-        (folder / "stats").mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        names = (folder / "stats" / f"{SUPERSEDED_PREFIX}{stamp}-{n}.json" for n in itertools.count())
-        rf.atomic_write_json(next(p for p in names if not p.exists()), spent)
-
-
-def _readable_states(run_dir: Path) -> list[dict]:
-    """``run_states`` minus the stages whose state.json is damaged: each one's own turn rebuilds or refuses it."""
-    states = []
-    for folder in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
-        try:
-            state = rf.read_json(folder / rf.STATE_FILE)
-        except rf.CorruptFileError:
-            continue
-        if state is not None:
-            states.append({**state, "folder": folder.name})
-    return states
 
 
 def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +135,7 @@ class Runner:
 
     def _refuse_mixing_dry_and_paid(self) -> None:
         """A dry run must never clear a paid run's stages (their fingerprints differ), nor the reverse."""
-        other = [s["stage"] for s in _readable_states(self.run_dir) if s.get("dry_run", self.dry_run) != self.dry_run]
+        other = [s["stage"] for s in readable_states(self.run_dir) if s.get("dry_run", self.dry_run) != self.dry_run]
         if other:
             kind = "a paid run" if self.dry_run else "a dry run"
             raise ConfigError(f"run folder {self.run_dir} holds {kind} (stages {other}); "
@@ -324,7 +228,7 @@ class Runner:
             spent = stage_totals(folder, state.get("shards_total", 0))["usage"] if state is not None else {}
             if state is not None:
                 logger.info("stage %s: config or inputs changed; recomputing it", name)
-            _clear_keeping_spend(folder, spent)
+            clear_keeping_spend(folder, spent)
             return None
         if rf.remove_temporaries(folder):
             logger.info("stage %s: removed the half-written files of an interrupted run", name)
@@ -334,7 +238,7 @@ class Runner:
         """``state.json`` does not parse. Rebuild what a resume needs from the shard stats written under this
         fingerprint; when there are none, recompute the stage — unless that would throw paid work away."""
         logger.warning("%s", damage)
-        records = _shard_stats(folder)
+        records = shard_stats(folder)
         layouts = {tuple(r.get(k) for k in RESUME_KEYS) for r in records.values() if r.get("fingerprint") == fp}
         if len(layouts) == 1 and None not in (layout := layouts.pop()):
             rebuilt = {"stage": name, "done": False, **dict(zip(RESUME_KEYS, layout))}
@@ -342,7 +246,7 @@ class Runner:
                            "verified before it is kept", name)
             return rebuilt
         finished = sorted(folder.glob("shard-*.arrow"))
-        spent = _spent_in(folder, records)
+        spent = spent_in(folder, records)
         if finished and (spent is None or spent.get("cost_usd") or spent.get("requests")):
             paid = "an unknown amount" if spent is None else \
                 f"{spent.get('requests', 0):g} requests (${spent.get('cost_usd', 0):.2f})"
@@ -354,7 +258,7 @@ class Runner:
                 "and rerun the same command.", rf.EXIT_DATA)
         logger.warning("stage %s: no shard of it can be matched to this config; recomputing it (what it had "
                        "recorded as spent stays counted)", name)
-        _clear_keeping_spend(folder, spent)
+        clear_keeping_spend(folder, spent)
         return None
 
     def _discard_damaged_shards(self, name: str, folder: Path, state: dict) -> int:

@@ -17,8 +17,9 @@ def test_short_chaos_run(tmp_path):
                           "--quick", "--work", str(tmp_path / "chaos")], capture_output=True, text=True,
                          timeout=400, cwd=ROOT)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    logs = "".join(f"\n--- {log.name}:\n{log.read_text()[-2000:]}" for log in sorted((tmp_path / "chaos").glob("*.log")))
     figures = dict(pair.split("=") for pair in last.split())
-    assert figures.get("kills") == "2", (last, out.stderr[-3000:])
+    assert figures.get("kills") == "2", (last, out.stderr[-3000:], logs)
     assert (figures["identical"], figures["unaccounted"], figures["paid_twice"], figures["leaks"]) == (
         "1", "0", "0", "0"), (last, out.stderr[-3000:])
     assert out.returncode == 0

@@ -66,11 +66,19 @@ class RequestCache:
         return found
 
     def put(self, key: str, reply: dict[str, Any]) -> None:
-        """Commit one reply now. A write that fails (disk full, a locked file past the timeout) is logged once
-        and skipped: the answer was paid for and is used; a resume would only ask it again."""
+        """Commit one reply now (see ``put_many``)."""
+        self.put_many([(key, reply)])
+
+    def put_many(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Commit replies now, in one transaction. A write that fails (disk full, a locked file past the
+        timeout) is logged once and skipped: the answers were paid for and are used; a resume would only ask
+        them again."""
+        now = time.time()
+        rows = [(key, json.dumps(reply, ensure_ascii=False), now) for key, reply in items]
         try:
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)",
-                             (key, json.dumps(reply, ensure_ascii=False), time.time()))
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", rows)
         except sqlite3.Error as exc:
             if not self._warned:
                 logger.warning("request cache %s: could not store a reply (%s); replies not stored are asked "

@@ -74,6 +74,7 @@ class OnlineEngine:
         # count against the retry budget, so a resume never pays for more attempts than one run would
         self._unusable: dict[str, list[tuple[str, str]]] = {}
         self._call_id: str | None = None
+        self._to_commit: list[tuple[str, dict[str, Any], asyncio.Future]] = []  # replies awaiting their commit
         # Attempts 2..N go through tenacity; the first attempt runs bare (see ``one``).
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, endpoint.max_retries)), wait=self._wait,
@@ -201,6 +202,25 @@ class OnlineEngine:
         # The answer is committed to the cache *before* it is counted as paid: a kill between the two can then
         # only under-count one reply, never make a resume pay for an answer it already has.
         if self.cache is not None:
-            self.cache.put(p.cache_key, reply)
+            await self._committed(p.cache_key, reply)
         self.tally.billed(Usage(**reply["usage"]))
         return reply, value
+
+    async def _committed(self, key: str, reply: dict[str, Any]) -> None:
+        """Returns once ``reply`` is committed. Replies that arrive in the same turn of the event loop share
+        one transaction (a commit per reply cost ~15% of the engine's throughput at zero latency)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self._to_commit:
+            loop.call_soon(self._commit_pending)
+        self._to_commit.append((key, reply, done))
+        await done
+
+    def _commit_pending(self) -> None:
+        batch, self._to_commit = self._to_commit, []
+        try:
+            self.cache.put_many([(key, reply) for key, reply, _ in batch])
+        finally:  # a reply that could not be stored is still used (put_many logs why): never leave one waiting
+            for *_, done in batch:
+                if not done.done():
+                    done.set_result(None)
