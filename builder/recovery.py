@@ -64,8 +64,11 @@ def discard_shard(folder: Path, index: int) -> None:
     (folder / rf.shard_name(index)).unlink(missing_ok=True)
     (folder / "failures" / rf.shard_name(index)).unlink(missing_ok=True)
     stats_path.unlink(missing_ok=True)
-    for live in (folder / "stats").glob(f"{LIVE_PREFIX}{index:05d}.*"):  # its stats held that usage
-        live.unlink(missing_ok=True)
+    for live in (folder / "stats").glob(f"{LIVE_PREFIX}{index:05d}.*"):
+        if usage:  # its stats held that usage (now in the record above)
+            live.unlink(missing_ok=True)
+        else:  # the stats were unreadable: the journal is the only record of what the shard paid
+            live.replace(interrupted_name(folder, index, live.stat().st_mtime, "discarded").with_suffix(live.suffix))
 
 
 def shard_stats(folder: Path) -> dict[int, dict]:

@@ -80,7 +80,10 @@ class StageContext:
                 self._journal = (self.live_usage_path, fd)
             # One write of a short line to an O_APPEND file: in the kernel once it returns, so a killed
             # process loses nothing; a torn last line (power loss) is skipped by the reader.
-            os.write(self._journal[1], line)
+            written = os.write(self._journal[1], line)
+            if written != len(line):  # a nearly full disk: end the fragment so the next line stands alone
+                os.write(self._journal[1], b"\n")
+                raise OSError(f"short write to the spend journal ({written} of {len(line)} bytes)")
         except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
             for name, value in counters.items():
                 self.unrecorded[name] = self.unrecorded.get(name, 0) + value

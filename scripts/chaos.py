@@ -170,8 +170,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="a smaller demo (the test suite's short run)")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new one under runs/)")
-    parser.add_argument("--in-flight-s", type=float, default=2.0,
-                        help="an answer sent this close before a kill counts as in flight (timeouts are 1.5 s)")
+    parser.add_argument("--in-flight-s", type=float, default=0.25,
+                        help="an answer sent this close before a kill counts as in flight: it can only have been "
+                             "lost on the wire (the old cache buffered up to 0.5 s of answers, which this catches)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = args.work or ROOT / "runs" / f"chaos-{args.seed}-{int(time.time())}"

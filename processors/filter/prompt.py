@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "filter-v2"  # v2: the schema caps the list at the number of candidates
+PROMPT_VERSION = "filter-v1"
+# The structured-output schema, apart: it is part of the request (and so of its cache key) only when a
+# schema is sent, so only the stage fingerprint needs it (v2: the list is capped at the candidates).
+SCHEMA_VERSION = "filter-schema-v2"
 MARKER = "Candidate task types for this image:"
 
 SYSTEM = (

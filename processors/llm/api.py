@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,18 +88,28 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
     return run_request_groups([RequestGroup(requests, endpoint, overrides)], ctx=ctx)[0]
 
 
-def run_request_groups(groups: list[RequestGroup], *, ctx: Any) -> list[list[LLMResult]]:
+STOP_POLL_S = 0.05  # how often a call running in a helper thread looks at its ``stop`` event
+
+
+def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.Event | None = None
+                       ) -> list[list[LLMResult]]:
     """Several calls at once, on one event loop: every endpoint is kept busy at the same time (the score
     stage's referees, each on its own servers). Results per group, in order. If an endpoint's breaker opens,
     the other calls still finish (their answers are cached for the rerun), then its ``CircuitOpenError`` is
-    raised."""
+    raised. Setting ``stop`` (from another thread) cancels every call: nothing more is sent."""
     calls = [_call(group, ctx) for group in groups]  # a missing key fails here, before anything is sent
 
     async def all_calls() -> list[Any]:
-        return await asyncio.gather(*(execute(group.requests, settings, group.endpoint, connection,
-                                              cache_path=cache_path, state_dir=Path(ctx.stage_dir), tally=tally)
-                                      for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
-                                    return_exceptions=True)
+        work = asyncio.gather(*(execute(group.requests, settings, group.endpoint, connection,
+                                        cache_path=cache_path, state_dir=Path(ctx.stage_dir), tally=tally)
+                                for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
+                              return_exceptions=True)
+        watcher = asyncio.ensure_future(_cancel_on(stop, work)) if stop is not None else None
+        try:
+            return await work
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     try:
         outcomes = run_sync(all_calls())
@@ -110,6 +121,12 @@ def run_request_groups(groups: list[RequestGroup], *, ctx: Any) -> list[list[LLM
     if failed:
         raise failed[0]
     return outcomes
+
+
+async def _cancel_on(stop: threading.Event, work: asyncio.Future) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(STOP_POLL_S)
+    work.cancel()
 
 
 def _call(group: RequestGroup, ctx: Any) -> tuple[LLMSettings, Connection, Path | None, Tally]:

@@ -194,21 +194,31 @@ class OnlineEngine:
         except AttemptError as exc:
             if exc.reason in (UNPARSABLE, TRUNCATED):  # paid for, though unusable: remembered, never cached
                 record = (exc.reason, exc.raw_text or "")
-                self._unusable.setdefault(p.cache_key, []).append(record)
+                seen = self._unusable.setdefault(p.cache_key, [])
+                repeated = record in seen
+                seen.append(record)
                 if self.cache is not None and self._call_id is not None:
                     self.cache.add_unusable(self._call_id, p.cache_key, record)
+                if repeated and p.params.get("temperature") == 0 and exc.retryable:
+                    # Greedy decoding gave the same unusable reply twice: a third try would pay for it again.
+                    self.tally.billed(Usage(**reply["usage"]))
+                    raise AttemptError(exc.reason, f"{exc.detail} (the same reply twice at temperature 0: not "
+                                       "asked again)", retryable=False, breaker=False, raw_text=exc.raw_text) from None
             self.tally.billed(Usage(**reply["usage"]))
             raise
         # The answer is committed to the cache *before* it is counted as paid: a kill between the two can then
         # only under-count one reply, never make a resume pay for an answer it already has.
         if self.cache is not None:
-            await self._committed(p.cache_key, reply)
-        self.tally.billed(Usage(**reply["usage"]))
+            await self._committed(p.cache_key, reply)  # counted there, right after the commit
+        else:
+            self.tally.billed(Usage(**reply["usage"]))
         return reply, value
 
     async def _committed(self, key: str, reply: dict[str, Any]) -> None:
-        """Returns once ``reply`` is committed. Replies that arrive in the same turn of the event loop share
-        one transaction (a commit per reply cost ~15% of the engine's throughput at zero latency)."""
+        """Returns once ``reply`` is committed and counted as paid. Replies that arrive in the same turn of the
+        event loop share one transaction (a commit per reply cost ~15% of the engine's throughput at zero
+        latency), and are counted in the same synchronous step, so a kill can fall between the commit and the
+        count of at most that batch, and only for the microseconds the counting takes."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         if not self._to_commit:
@@ -221,6 +231,7 @@ class OnlineEngine:
         try:
             self.cache.put_many([(key, reply) for key, reply, _ in batch])
         finally:  # a reply that could not be stored is still used (put_many logs why): never leave one waiting
-            for *_, done in batch:
+            for _, reply, done in batch:
+                self.tally.billed(Usage(**reply["usage"]))
                 if not done.done():
                     done.set_result(None)

@@ -63,7 +63,7 @@ def from_status(status: int, body: str, headers: Mapping[str, str], secret: str 
     """Classify an HTTP error reply the way the OpenAI SDK does: 408, 409, 429 and 5xx are retried.
 
     The detail keeps the server's message (redacted of ``secret`` and of anything shaped like an API key)."""
-    detail = redact(f"HTTP {status}: {server_message(body)}", secret)
+    detail = f"HTTP {status}: {server_message(redact(body, secret))}"  # masked before it is cut
     if status == 429:
         if "insufficient_quota" in body:  # out of money, not out of rate: retrying cannot help
             return AttemptError(rq.RATE_LIMITED, detail, retryable=False, breaker=True, what="HTTP 429 quota")
@@ -80,7 +80,7 @@ def timeout_error(timeout_s: float) -> AttemptError:
 
 
 def connection_error(exc: BaseException, secret: str | None = None) -> AttemptError:
-    return AttemptError(rq.API_ERROR, redact(f"connection error: {type(exc).__name__}: {exc}"[:1000], secret),
+    return AttemptError(rq.API_ERROR, redact(f"connection error: {type(exc).__name__}: {exc}", secret)[:1000],
                         retryable=True, breaker=True, what="connection error")
 
 

@@ -50,6 +50,7 @@ class Transport(Protocol):
 
 
 def bad_body(text: str) -> errors.AttemptError:
+    text = errors.redact(text, None)  # key-shaped strings masked before the cut, so no prefix survives
     return errors.AttemptError(rq.API_ERROR, f"reply body is not a chat completion: {text[:200]!r}",
                                retryable=True, breaker=True, what="malformed reply body")
 

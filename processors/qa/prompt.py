@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "qa-v2"  # v2: the schema asks for exactly as many items as questions wanted
+PROMPT_VERSION = "qa-v1"
+# The structured-output schema, apart: it is part of the request (and so of its cache key) only when a
+# schema is sent, so only the stage fingerprint needs it (v2: exactly as many items as questions wanted).
+SCHEMA_VERSION = "qa-schema-v2"
 REPAIR_VERSION = "qa-repair-v1"
 MARKER = "Task types to write questions for (levels joined by ~):"
 COUNT_PHRASE = "question(s) per task type:"

@@ -45,7 +45,17 @@ def resolved_constraint(settings: RefereeSettings, base_url: str) -> str:
     constraint = settings.endpoint.vote_constraint
     if constraint != "auto":
         return constraint
-    return "logit_bias" if "api.openai.com" in base_url else "structured_outputs"
+    host = base_url.split("//", 1)[-1].split("/", 1)[0].lower()
+    openai_like = host == "api.openai.com" or host.endswith(".openai.azure.com")  # reject unknown fields
+    return "logit_bias" if openai_like else "structured_outputs"
+
+
+class ConstraintIgnoredError(RuntimeError):
+    """The server answered constrained votes with text that is no digit: it ignores the constraint (vLLM
+    before 0.12 ignores ``structured_outputs``); every further row would fail the same way."""
+
+
+IGNORED_AT = 8  # constrained replies that were no digit, in one call, before the stage is stopped
 
 
 def constraint_body(constraint: str) -> dict[str, Any]:
@@ -157,9 +167,21 @@ class EndpointReferee:
         """The votes of ``items``, in order, from the results of ``plan``'s calls."""
         asked = self.settings.endpoint.top_logprobs
         votes: dict[str, Vote] = {}
-        for (_, constraint), group_results in zip(plan, results):
+        for (group, constraint), group_results in zip(plan, results):
+            if constraint != "none":
+                self._check_constraint_applied(group.endpoint, constraint, group_results)
             votes.update((result.key, _vote(result, asked, constraint)) for result in group_results)
         return [votes[item.qa_id] for item in items]
+
+    def _check_constraint_applied(self, endpoint: str, constraint: str, results: list) -> None:
+        ignored = [r for r in results if r.reason == "unparsable" and (r.raw_text or "").strip() not in DIGITS]
+        if len(ignored) >= min(IGNORED_AT, max(1, len(results) // 2)):
+            raise ConstraintIgnoredError(
+                f"referee {self.name!r}: the server of llm.endpoints.{endpoint} answered {len(ignored)} of "
+                f"{len(results)} votes with text that is no digit (e.g. {ignored[0].raw_text!r:.40}) although "
+                f"the vote was constrained ({constraint}): it ignores that constraint. Set the referee's "
+                "endpoint.vote_constraint to one the server applies (vLLM >= 0.12: structured_outputs, SGLang: "
+                "regex, OpenAI: logit_bias) or to none (the vote is then read from the logprobs alone)")
 
     def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
         """Score ``items``, every endpoint of this referee at once (``ScoreStage`` runs all referees at once)."""

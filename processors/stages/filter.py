@@ -15,7 +15,7 @@ from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.filter.labels import CandidateIndex, match_labels
 from processors.filter.parse import parse_labels
-from processors.filter.prompt import PROMPT_VERSION, build_messages, json_schema
+from processors.filter.prompt import PROMPT_VERSION, SCHEMA_VERSION, build_messages, json_schema
 
 COLUMNS = ("image_id", "task_types")
 
@@ -40,7 +40,7 @@ class FilterStage(Stage):
         return "image_id"
 
     def fingerprint_parts(self, config: FilterConfig) -> dict:
-        return {"prompt_version": PROMPT_VERSION}
+        return {"prompt_version": PROMPT_VERSION, "schema_version": SCHEMA_VERSION if config.use_json_schema else None}
 
     def llm_endpoints(self, config) -> list[str]:
         return [config.endpoint]

@@ -23,7 +23,7 @@ from builder.outputs import image_paths_by_id
 from builder.stage import BatchFn, Stage, StageContext
 from processors.qa.config import QAConfig
 from processors.qa.generate import COLUMNS, ImageUnavailable, run_batch
-from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION
+from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, SCHEMA_VERSION
 from processors.qa.validate import VALIDATE_VERSION
 
 
@@ -48,7 +48,8 @@ class QAStage(Stage):
 
     def fingerprint_parts(self, config: QAConfig) -> dict:
         return {"prompt_version": PROMPT_VERSION, "repair_version": REPAIR_VERSION,
-                "validate_version": VALIDATE_VERSION}
+                "validate_version": VALIDATE_VERSION,
+                "schema_version": SCHEMA_VERSION if config.use_json_schema else None}
 
     def features(self, config: QAConfig):
         import datasets

@@ -122,11 +122,18 @@ class ScoreStage(Stage):
         return score
 
 
+STOP_WAIT_S = 5.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take to unwind before the stop goes on
+
+
 def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, list[RefereeItem]],
               ctx) -> dict[str, dict]:
     """Every referee at once: the endpoint referees' calls (all their servers) on one event loop in a
-    helper thread, while the local referees run on this thread (the GPU); votes by referee and qa_id."""
+    helper thread, while the local referees run on this thread (the GPU); votes by referee and qa_id.
+
+    A stop on this thread (Ctrl-C, SIGTERM, a local referee failing) cancels the endpoint calls at once:
+    nothing more is sent or paid for, and what was answered is cached and journalled."""
     import concurrent.futures
+    import threading
 
     from processors.llm.api import run_request_groups
     from processors.referees.endpoint import EndpointReferee
@@ -134,12 +141,21 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     remote = [(s.name, r, r.plan(shown[s.name])) for s, r in zip(settings, referees) if isinstance(r, EndpointReferee)]
     groups = [group for _, _, plan in remote for group, _ in plan]
     ballots: dict[str, dict] = {}
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints") as pool:
-        pending = pool.submit(run_request_groups, groups, ctx=ctx) if groups else None
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints")
+    pending = pool.submit(run_request_groups, groups, ctx=ctx, stop=stop) if groups else None
+    try:
         for s, referee in zip(settings, referees):
             if not isinstance(referee, EndpointReferee):
                 ballots[s.name] = {vote.qa_id: vote for vote in referee.score(shown[s.name])}
         results = pending.result() if pending is not None else []
+    except BaseException:
+        stop.set()
+        if pending is not None:  # let the calls unwind (caches closed, spend journalled), but not for long
+            concurrent.futures.wait([pending], timeout=STOP_WAIT_S)
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     for name, referee, plan in remote:
         mine, results = results[:len(plan)], results[len(plan):]
         ballots[name] = {vote.qa_id: vote for vote in referee.votes(shown[name], plan, mine)}

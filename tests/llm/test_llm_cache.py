@@ -146,8 +146,10 @@ def test_answers_received_before_a_sigkill_are_never_paid_again_and_all_are_coun
     # At most the requests in flight at the kill were paid twice (before: up to 64 buffered answers)
     assert stats["duplicates"] <= concurrency
     # ... and what was paid shows: the killed attempt's journal plus the resumed run, to the request, except
-    # the answers the server sent while the kill landed, which the client never received (paid twice)
-    assert sum(stats["ok_per_key"].values()) - (killed_paid + resumed["usage"]["requests"]) == stats["duplicates"]
+    # the answers the server sent while the kill landed: never received (paid twice), or received and cached
+    # in the microseconds before they were journalled (at most one commit batch: the requests in flight)
+    unrecorded = sum(stats["ok_per_key"].values()) - (killed_paid + resumed["usage"]["requests"])
+    assert stats["duplicates"] <= unrecorded <= stats["duplicates"] + concurrency
     assert answered_before_resume - killed_paid <= concurrency  # answered but unrecorded: only those in flight
 
 

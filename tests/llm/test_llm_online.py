@@ -191,3 +191,49 @@ def test_unusable_replies_paid_by_an_earlier_attempt_of_the_call_count_against_i
     assert [(r.reason, r.raw_text) for r in again] == [(r.reason, r.raw_text) for r in first]
     more = run_requests(requests, endpoint="sim", ctx=ctx_for(sim, max_retries=4))  # a larger budget: 2 more each
     assert sim.stats()["received"] == 15 and all(r.reason == "unparsable" for r in more)
+
+
+def test_the_same_unusable_reply_twice_at_temperature_zero_is_not_paid_for_again(simulator, ctx_for):
+    def never(text: str):
+        raise ValueError("not what was asked")
+
+    sim = simulator()
+    greedy = [LLMRequest(key=f"g{i}", prompt_version="v1", parse=never, temperature=0.0,
+                         messages=[{"role": "user", "content": f"Reply in JSON about {i}."}]) for i in range(3)]
+    results = run_requests(greedy, endpoint="sim", ctx=ctx_for(sim, max_retries=6))
+    assert [r.reason for r in results] == ["unparsable"] * 3 and all("twice at temperature 0" in r.detail for r in results)
+    assert sim.stats()["received"] == 6  # two tries each, not seven
+    sampled = [LLMRequest(key=f"s{i}", prompt_version="v1", parse=never, temperature=0.7,
+                          messages=[{"role": "user", "content": f"Reply in JSON about {i}."}]) for i in range(3)]
+    run_requests(sampled, endpoint="sim", ctx=ctx_for(sim, max_retries=6))
+    assert sim.stats()["received"] == 6 + 21  # sampling may do better: every try is made
+
+
+def test_replies_committed_in_a_turn_whose_tasks_are_cancelled_are_still_counted():
+    # The breaker opening (or Ctrl-C) cancels every pending task; replies already handed to the commit are in
+    # the cache, so they must be counted as paid too.
+    import asyncio
+
+    from processors.llm.engine import OnlineEngine, Tally
+
+    class Cache:
+        def __init__(self):
+            self.rows = []
+
+        def put_many(self, items):
+            self.rows.extend(items)
+
+    engine = OnlineEngine.__new__(OnlineEngine)
+    engine.cache, engine.tally, engine._to_commit = Cache(), Tally(), []
+    reply = {"text": "{}", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine._committed(f"k{i}", reply)) for i in range(2)]
+        await asyncio.sleep(0)  # both replies wait for the commit scheduled for the next turn
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert len(engine.cache.rows) == 2 and engine.tally.requests == 2 and engine.tally.usage.prompt_tokens == 6

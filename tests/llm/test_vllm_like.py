@@ -207,3 +207,18 @@ def test_no_task_exception_is_left_unretrieved_when_the_breaker_opens(caplog):
         asyncio.run(Failing().run(prepared))
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_server_that_ignores_the_vote_constraint_stops_the_stage_with_advice():
+    from processors.llm.api import RequestGroup
+    from processors.referees.endpoint import ConstraintIgnoredError, resolved_constraint
+
+    referee = EndpointReferee.__new__(EndpointReferee)
+    referee.name, referee.settings = "r", RefereeSettings(name="r", preset="internvl2-26b")
+    items = [RefereeItem(f"q{i}", "x.png", "OCR", "q?") for i in range(10)]
+    ignored = [LLMResult(key=f"q{i}", ok=False, reason="unparsable", raw_text="l") for i in range(10)]
+    with pytest.raises(ConstraintIgnoredError, match="vote_constraint"):
+        referee.votes(items, [(RequestGroup([], "vllm_a"), "structured_outputs")], [ignored])
+    assert referee.votes(items, [(RequestGroup([], "vllm_a"), "none")], [ignored])[0].error == "unparsable"
+    assert resolved_constraint(referee.settings, "https://x.openai.azure.com/openai/v1") == "logit_bias"
+    assert resolved_constraint(referee.settings, "http://gpu1:8000/v1") == "structured_outputs"

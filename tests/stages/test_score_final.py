@@ -57,3 +57,42 @@ def test_p_yes_from_logprobs_sums_every_spelling_of_each_digit():
     p0, p1 = digit_probabilities([{"token": " 1", "logprob": math.log(0.5), "top_logprobs": top}])
     assert p0 == pytest.approx(0.2) and p1 == pytest.approx(0.6)
     assert digit_probabilities([{"token": "x", "logprob": 0.0, "top_logprobs": [{"token": "x", "logprob": 0.0}]}]) is None
+
+
+def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
+    # Ctrl-C / SIGTERM lands while a local referee runs: the endpoint referees' calls on the helper thread
+    # must be cancelled, not waited for (they would keep paying).
+    import threading
+    import time
+
+    from processors.llm import api
+    from processors.referees.endpoint import EndpointReferee
+    from processors.referees.settings import RefereeSettings
+    from processors.stages.score import score_all
+
+    stopped = threading.Event()
+
+    def slow_calls(groups, *, ctx, stop=None):
+        assert stop is not None and stop.wait(timeout=20)  # returns as soon as the stop is set
+        stopped.set()
+        return [[] for _ in groups]
+
+    class Remote(EndpointReferee):
+        def __init__(self):
+            self.name = "remote"
+
+        def plan(self, items):
+            return [(api.RequestGroup([], "x"), "none")]
+
+    class Local:
+        name = "local"
+
+        def score(self, items):
+            raise KeyboardInterrupt  # the signal, delivered to the main thread mid-scoring
+
+    monkeypatch.setattr(api, "run_request_groups", slow_calls)
+    settings = [RefereeSettings(name="remote", preset="internvl2-26b"), RefereeSettings(name="local", preset="tiny-random-llava")]
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        score_all(settings, [Remote(), Local()], {"remote": [], "local": []}, ctx=None)
+    assert stopped.is_set() and time.monotonic() - started < 5
