@@ -68,7 +68,7 @@ class TaskGalaxy(datasets.GeneratorBasedBuilder):
 
 # --------------------------------------------------------------------------------------------- CLI
 def _cmd_run(args: argparse.Namespace) -> int:
-    from builder.session import dry_run_services, open_run
+    from processors.session import dry_run_services, open_run
 
     only = {s.strip() for s in args.stages.split(",") if s.strip()} if args.stages else None
     with dry_run_services(args.dry_run) as services:
@@ -96,7 +96,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from builder.outputs import StageNotReadyError
-    from builder.session import default_run_dir, load_run_config
+    from processors.session import default_run_dir, load_run_config
     from processors.estimate import Assumptions, estimate, format_estimate
 
     config = load_run_config(args.config)
@@ -123,10 +123,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _image_resolver(run_dir: Path):
-    from loaders.images.paths import load_roots, resolve_image_path
+    from loaders.images.paths import trusted_image_resolver
 
-    roots = load_roots(run_dir)
-    return lambda path: resolve_image_path(run_dir, path, roots)
+    return trusted_image_resolver(run_dir)  # only files under the roots the run's config named
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

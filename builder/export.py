@@ -48,15 +48,6 @@ def llava_records(run_dir: Path) -> list[dict]:
     return sorted(records, key=lambda r: r["id"])
 
 
-def trusted_resolver(run_dir: Path, resolve_image: Callable[[str], Path]) -> Callable[[str], Path]:
-    """``resolve_image``, refusing any file that does not lie under an image root the run's config named: the
-    resolver's roots come from a file in the run folder, which alone is not to be believed."""
-    from loaders.images.paths import require_under_roots, trusted_roots
-
-    roots = trusted_roots(run_dir)
-    return lambda image: require_under_roots(resolve_image(image), roots)
-
-
 def export_llava(
     run_dir: Path,
     out_json: Path,
@@ -66,13 +57,16 @@ def export_llava(
     copy_images: bool = False,
     place_images: bool = True,
 ) -> ExportResult:
-    """``place_images=False`` writes the JSON only (the Hub copy, whose images travel inside Parquet)."""
+    """``place_images=False`` writes the JSON only (the Hub copy, whose images travel inside Parquet).
+
+    ``resolve_image`` decides which files may be read: the command line passes
+    ``loaders.images.paths.trusted_image_resolver``, which refuses files outside the roots the config named."""
     records = llava_records(run_dir)
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the final stage of {run_dir} holds duplicate ids; rerun the final stage")
     image_root = image_root or out_json.parent / "images"
-    sources = _checked_sources(records, trusted_resolver(run_dir, resolve_image))
+    sources = _checked_sources(records, resolve_image)
     tasktype_text = _tasktype(run_dir)
     tasktype = out_json.parent / "tasktype.txt" if tasktype_text is not None else None
     writes = _Writes()

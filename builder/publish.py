@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 
 from builder.card import render_card
-from builder.export import export_llava, trusted_resolver
+from builder.export import export_llava
 from builder.outputs import load_stage_failures, load_stage_output, require_intact_stage, run_states
 from builder.runfolder import TMP_PREFIX, plain_mode
 
@@ -43,8 +43,6 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     _refuse_foreign_folder(out_dir)
     for state in states:
         require_intact_stage(run_dir, state["stage"])
-    if any(s["stage"] in EMBED_IMAGES for s in states):
-        resolve_image = trusted_resolver(run_dir, resolve_image)
     datasets.disable_progress_bars()  # to_parquet's bars, one per config, would drown the summary
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))

@@ -45,7 +45,7 @@ def test_an_installed_wheel_runs_a_copy_of_the_demo_config_from_any_folder(insta
 
 
 def test_a_config_copied_to_another_folder_keeps_every_fingerprint(tmp_path):
-    from builder.session import open_run
+    from processors.session import open_run
 
     shutil.copy(ROOT / "configs" / "demo.yaml", tmp_path / "demo.yaml")
     here = open_run(ROOT / "configs" / "demo.yaml", run_dir=tmp_path / "a", dry_run=True, progress=False)

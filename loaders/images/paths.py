@@ -252,3 +252,12 @@ def _named_folders(state_path: Path) -> set[str]:
 
     walk(state.get("config") if isinstance(state, dict) else None)
     return found
+
+
+def trusted_image_resolver(run_dir: Path):
+    """``path -> file`` for the images of a run folder, refusing any file that does not lie under an image
+    root the run's config named (``trusted_roots``): ``image_roots.json`` alone is a file in the run folder,
+    not to be believed. What ``taskgalaxy export`` and ``push`` read images through."""
+    roots = load_roots(run_dir)
+    trusted = trusted_roots(run_dir)
+    return lambda path: require_under_roots(resolve_image_path(run_dir, path, roots), trusted)

@@ -166,7 +166,7 @@ def pad_json(text: str, rng: random.Random) -> str:
 
 
 def completion(body: dict[str, Any], responders: list[Responder], seed: int, fault: str | None = None,
-               options: Any = None) -> dict:
+               options: Any = None, nonce: int = 0) -> dict:
     """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed" spoil it."""
     rng = request_rng(body, seed)
     text = reply_text(responders, body, rng)
@@ -181,8 +181,8 @@ def completion(body: dict[str, Any], responders: list[Responder], seed: int, fau
         text, finish = text[: max_tokens * 4], "length"
     if fault == "length":
         text, finish = text[: max(1, len(text) // 2)], "length"
-    elif fault == "malformed":
-        text = "{\"oops\": " + text[: len(text) // 2] + " ,,"
+    elif fault == "malformed":  # a glitch, not the model's answer: no two are alike (nonce per attempt)
+        text = f"{{\"oops-{nonce:08x}\": " + text[: len(text) // 2] + " ,,"
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
                               "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None}
     if body.get("logprobs"):

@@ -172,7 +172,8 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
     if fault not in ("malformed", "length", "timeout"):  # a timed-out client never gets the answer
         stats.ok_per_key[key] += 1
         stats.answered_at[key].append(time.time())
-    return web.json_response(completion(body, state.responders, options.seed, fault, options))
+    return web.json_response(completion(body, state.responders, options.seed, fault, options,
+                                         state.rng.getrandbits(32)))
 
 
 async def stats_handler(request: web.Request) -> web.Response:

@@ -15,3 +15,17 @@ def test_column_values_equal_row_iteration_and_follow_selections():
     kept = ds.filter(lambda row: row["image_id"] != "i2")
     assert column_values(kept, "image_id") == ["i0", "i1", "i3", "i4", "i5"]
     assert image_paths_by_id(picked) == {"i4": "r/4.jpg", "i1": "r/1.jpg", "i5": "r/5.jpg"}
+
+
+def test_builder_imports_nothing_above_it():
+    # The framework knows no stage, model or loader: the composition root is processors/session.py.
+    import ast
+    from pathlib import Path
+
+    offending = []
+    for path in sorted((Path(__file__).resolve().parents[2] / "builder").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offending += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("processors", "loaders")]
+    assert offending == []

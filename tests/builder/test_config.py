@@ -146,7 +146,7 @@ def _demo_config(tmp_path: Path, edit) -> Path:
 
 
 def test_a_threshold_no_sample_can_reach_is_refused_before_anything_runs(tmp_path):
-    from builder.session import open_run
+    from processors.session import open_run
 
     path = _demo_config(tmp_path, lambda d: d["stages"]["final"].update(threshold=5))
     with pytest.raises(ConfigError, match="threshold is 5, but stages.score has only 3 referees"):
@@ -156,7 +156,7 @@ def test_a_threshold_no_sample_can_reach_is_refused_before_anything_runs(tmp_pat
 
 @pytest.mark.parametrize("value, words", [(True, "valid integer"), (2.5, "valid integer"), (10**6, "less than or equal")])
 def test_top_k_must_be_a_plain_whole_number_in_range(tmp_path, value, words):
-    from builder.session import open_run
+    from processors.session import open_run
 
     path = _demo_config(tmp_path, lambda d: d["stages"]["match"].update(top_k=value))
     with pytest.raises(ConfigError, match=f"stages.match.top_k: Input should be (a )?{words}"):

@@ -80,7 +80,7 @@ def test_malformed_json_is_retried_then_recorded_unparsable_with_raw_text(simula
     ctx = ctx_for(sim, max_retries=2)
     [result] = run_requests(json_requests(1), endpoint="sim", ctx=ctx)
     assert not result.ok and result.reason == "unparsable" and result.attempts == 3
-    assert result.raw_text and result.raw_text.startswith('{"oops"')
+    assert result.raw_text and result.raw_text.startswith('{"oops')
     assert "JSONDecodeError" in result.detail
     assert sim.stats()["received"] == 3
     assert ctx.usage["requests"] == 3  # billed replies count even when they did not parse
@@ -171,7 +171,7 @@ def test_replies_that_never_parse_fail_as_unparsable_even_when_a_429_ended_the_l
     results = run_requests(requests, endpoint="sim", ctx=ctx_for(spoiled_first, max_retries=3, cache=False))
     clean = run_requests(requests, endpoint="sim", ctx=ctx_for(simulator(seed=4), max_retries=1, cache=False))
     assert [r.raw_text for r in results] == [r.raw_text for r in clean]
-    assert not any(r.raw_text.startswith('{"oops"') for r in results)
+    assert not any(r.raw_text.startswith('{"oops') for r in results)
 
 
 def test_unusable_replies_paid_by_an_earlier_attempt_of_the_call_count_against_its_retry_budget(simulator,
