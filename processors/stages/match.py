@@ -97,9 +97,9 @@ class Match(Stage):
         roots = load_roots(ctx.run_dir)
         taxonomy = ctx.load_stage("taxonomy")
         tasks = matcher.select_tasks(column_values(taxonomy, "task_id"), column_values(taxonomy, "path"))
-        if config.top_k > len(taxonomy):
-            logger.warning("match: top_k %d is more than the %d task types of the taxonomy; each image gets all %d "
-                           "as candidates", config.top_k, len(taxonomy), len(taxonomy))
+        if config.top_k > len(tasks[0]):
+            logger.warning("match: top_k %d is more than the %d task types to match against; each image gets all "
+                           "%d as candidates", config.top_k, len(tasks[0]), len(tasks[0]))
 
         def fn(batch: dict[str, list]) -> dict[str, list]:
             matcher.set_tasks(*tasks)  # loads the model and embeds the texts on first use; then a cache hit

@@ -124,3 +124,12 @@ def test_unknown_model_fails_with_the_key_named(run_dir):
 
     with pytest.raises(StageError, match="stages.match.model"):
         run(run_dir, model="no-such-clip")
+
+
+def test_a_top_k_above_the_number_of_task_types_is_clamped_with_a_warning(run_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="processors.stages.match"):
+        run(run_dir, top_k=50)
+    assert "top_k 50 is more than the 6 task types" in caplog.text
+    assert all(len(c) == 6 for c in load_stage_output(run_dir, "match")["candidates"])
