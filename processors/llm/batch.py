@@ -79,10 +79,10 @@ class BatchRunner:
             await self._submit(state, state_path)
             await asyncio.gather(*(self._wait(part, state, state_path) for part in state["parts"]))
             replies = await self._download(state)
-        results, failed = self._map_back(todo, replies)
+        results, failed = self._map_back(todo, replies, call_id)
         if failed and self.ep.batch_retry_failed_online:
             logger.info("retrying %d request(s) the batch did not answer online", len(failed))
-            results.update(await self.online.run([p for p, _ in failed]))
+            results.update(await self.online.run([p for p, _ in failed], call_id))
         else:
             for p, why in failed:
                 self.tally.failed += 1
@@ -139,9 +139,12 @@ class BatchRunner:
                             lines[item["custom_id"]] = item
         return lines
 
-    def _map_back(self, todo: list[Prepared], items: dict[str, dict]):
+    def _map_back(self, todo: list[Prepared], items: dict[str, dict], call_id: str):
         results: dict[str, LLMResult] = {}
         failed: list[tuple[Prepared, str]] = []
+        # Unusable items were billed (and noted) the first time this batch's output was read: a resume that
+        # reads it again must not count them again.
+        noted = self.cache.unusable(call_id, [p.cache_key for p in todo]) if self.cache is not None else {}
         for p in todo:
             item = items.get(p.cache_key)
             response = (item or {}).get("response") or {}
@@ -157,7 +160,10 @@ class BatchRunner:
             try:
                 value = rp.interpret(reply, p.request)
             except AttemptError as exc:
-                self.tally.billed(Usage(**reply["usage"]), batch=True)  # paid for, though unusable
+                if p.cache_key not in noted:  # paid for, though unusable: counted once, and against its retries
+                    if self.cache is not None:
+                        self.cache.add_unusable(call_id, p.cache_key, (exc.reason, exc.raw_text or ""))
+                    self.tally.billed(Usage(**reply["usage"]), batch=True)
                 failed.append((p, f"{exc.reason}: {exc.detail}"))
                 continue
             if self.cache is not None:  # cached before counted, as online (engine.OnlineEngine._attempt)

@@ -127,8 +127,10 @@ class OnlineEngine:
         try:
             if budget <= 0:  # a killed attempt already paid for every try this request had
                 reason, text = Counter(self._unusable[p.cache_key]).most_common(1)[0][0]
-                raise AttemptError(reason, "every attempt allowed was made before the run was stopped",
-                                   retryable=False, breaker=False, raw_text=text)
+                raise AttemptError(reason, "every attempt allowed for this request was already paid for by an "
+                                   "earlier attempt of this call (its replies were unusable); raise max_retries "
+                                   "or change the prompt version to ask again", retryable=False, breaker=False,
+                                   raw_text=text)
             try:  # the common case, one attempt, without tenacity's ~0.3 ms of bookkeeping
                 reply, value = await self._attempt(p, attempts)
             except AttemptError as first:

@@ -84,3 +84,21 @@ def test_split_jsonl_respects_count_and_byte_limits():
     by_bytes = split_jsonl(lines, max_requests=100, max_bytes=len(lines[0]) * 4 + 1)
     assert [f.count(b"\n") for f in by_bytes] == [4, 4, 2]
     assert b"".join(by_bytes) == b"".join(lines)
+
+
+def test_an_unusable_batch_item_is_counted_once_however_often_the_batch_is_read(simulator, ctx_for):
+    # A resume reads the same batch output again; what it paid for unusable items was counted the first time.
+    from processors.llm import LLMRequest
+
+    def never(text: str):
+        raise ValueError("not what was asked")
+
+    requests = [LLMRequest(key=f"n{i}", prompt_version="v1", parse=never,
+                           messages=[{"role": "user", "content": f"Reply in JSON about {i}."}]) for i in range(4)]
+    sim = simulator(batch_duration_s=0.2)
+    first = ctx_for(sim, mode="batch", batch_retry_failed_online=False)
+    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=first)] == ["batch_failed"] * 4
+    assert first.usage["requests"] == 4
+    again = ctx_for(sim, mode="batch", batch_retry_failed_online=False)  # the same call: the batch is resumed
+    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=again)] == ["batch_failed"] * 4
+    assert again.usage["requests"] == 0 and sim.stats()["batches_created"] == 1
