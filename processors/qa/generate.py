@@ -25,6 +25,7 @@ from builder.rows import BatchOutput
 from processors.llm.request import UNPARSABLE, LLMRequest, LLMResult
 from processors.qa.config import QAConfig
 from processors.qa.parse import parse_reply
+from processors.image_locator import IMAGE_MISSING, ImageUnavailable
 from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, build_messages, json_schema, repair_messages
 from processors.qa.validate import QA, validate_items
 
@@ -32,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("qa_id", "image_id", "task_type", "question", "answer", "model", "prompt_version")
 RAW_TEXT_SHOWN = 300
-
-
-class ImageUnavailable(LookupError):
-    """The image of an input row cannot be found (not in the images stage, or its file is gone)."""
 
 
 @dataclass
@@ -96,7 +93,7 @@ def _jobs(batch: dict[str, list], config: QAConfig, image_file: Callable[[str], 
         try:
             path = image_file(image_id)
         except ImageUnavailable as exc:
-            out.fail(image_id, "image_missing", str(exc))
+            out.fail(image_id, IMAGE_MISSING, str(exc))
             continue
         jobs.append(Job(image_id, task_types, build_request(image_id, str(path), task_types, config)))
     return jobs

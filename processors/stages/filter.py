@@ -10,14 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from builder.outputs import image_paths_by_id
-from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
-from processors.filter.labels import CandidateIndex, match_labels
-from processors.filter.parse import parse_labels
-from processors.filter.prompt import PROMPT_VERSION, SCHEMA_VERSION, build_messages, json_schema
-
-COLUMNS = ("image_id", "task_types")
+from processors.filter.prompt import PROMPT_VERSION, SCHEMA_VERSION
 
 
 class FilterConfig(StageConfig):
@@ -57,50 +51,16 @@ class FilterStage(Stage):
                                   "task_types": datasets.List(datasets.Value("string"))})
 
     def make_batch_fn(self, config: FilterConfig, ctx):
-        from loaders.images.paths import load_roots, resolve_image_path
+        from processors.filter.keep import run_batch
+        from processors.image_locator import image_locator
         from processors.llm.api import run_requests
-        from processors.llm.request import LLMRequest
 
-        images = ctx.load_stage("images")
-        path_of = image_paths_by_id(images)
-        roots = load_roots(ctx.run_dir)
+        image_file = image_locator(ctx)
 
-        def request(image_id: str, candidates: list[str]) -> LLMRequest:
-            path = str(resolve_image_path(ctx.run_dir, path_of[image_id], roots))
-            return LLMRequest(
-                key=image_id, messages=build_messages(path, candidates), prompt_version=PROMPT_VERSION,
-                parse=parse_labels, json_schema=json_schema(candidates) if config.use_json_schema else None,
-                schema_name="kept_task_types", max_tokens=config.max_tokens, temperature=config.temperature,
-            )
+        def send(requests):
+            return run_requests(requests, endpoint=config.endpoint, ctx=ctx)
 
         def keep(batch: dict[str, list]) -> dict[str, list]:
-            out = BatchOutput(COLUMNS)
-            candidates = {
-                image_id: [c["task_type"] for c in found[: config.max_candidates]]
-                for image_id, found in zip(batch["image_id"], batch["candidates"])
-            }
-            todo = [image_id for image_id, found in candidates.items() if found]
-            for image_id in candidates.keys() - set(todo):
-                out.fail(image_id, "no_candidates", "the match stage gave this image no candidate task types")
-            results = run_requests([request(i, candidates[i]) for i in todo], endpoint=config.endpoint, ctx=ctx)
-            for result in results:
-                _record(out, result, candidates[result.key])
-            return out.to_columns()
+            return run_batch(batch, config, image_file=image_file, send=send).to_columns()
 
         return keep
-
-
-def _record(out: BatchOutput, result, candidates: list[str]) -> None:
-    image_id = result.key
-    if not result.ok:
-        out.fail(image_id, *result.failure())
-        return
-    kept, rejected = match_labels(result.value, CandidateIndex(candidates))
-    for label in rejected:
-        out.fail(image_id, "label_not_in_candidates", f"{label!r} is not one of the {len(candidates)} candidates",
-                 item=label[:200])
-    if kept:
-        out.add(image_id, {"image_id": image_id, "task_types": kept})
-    else:
-        said = ", ".join(result.value) if result.value else "none"
-        out.fail(image_id, "no_match", f"the model kept none of the candidates (it said: {said[:300]})")

@@ -17,12 +17,10 @@ Example::
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from builder.outputs import image_paths_by_id
 from builder.stage import BatchFn, Stage, StageContext
+from processors.image_locator import image_locator
 from processors.qa.config import QAConfig
-from processors.qa.generate import COLUMNS, ImageUnavailable, run_batch
+from processors.qa.generate import COLUMNS, run_batch
 from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, SCHEMA_VERSION
 from processors.qa.validate import VALIDATE_VERSION
 
@@ -81,25 +79,3 @@ def model_label(config: QAConfig, ctx: StageContext) -> str:
     except KeyError as exc:
         raise ValueError(f"stages.qa.endpoint: {exc.args[0]}") from None
     return f"simulator:{model}" if ctx.dry_run else model
-
-
-def image_locator(ctx: StageContext):
-    """``image_id -> Path`` over the images stage's rows, raising ``ImageUnavailable`` with the reason."""
-    from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path
-
-    images = ctx.load_stage("images")
-    path_of = image_paths_by_id(images)
-    roots = load_roots(ctx.run_dir)
-
-    def locate(image_id: str) -> Path:
-        if image_id not in path_of:
-            raise ImageUnavailable(f"image {image_id} is not in the images stage output")
-        try:
-            path = resolve_image_path(ctx.run_dir, path_of[image_id], roots)
-        except PathEscapeError as exc:
-            raise ImageUnavailable(str(exc)) from None
-        if not path.is_file():
-            raise ImageUnavailable(f"the file of image {image_id} is gone: {path}")
-        return path
-
-    return locate

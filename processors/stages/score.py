@@ -18,7 +18,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from builder.outputs import image_paths_by_id
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.referees.protocol import RefereeItem
@@ -93,33 +92,38 @@ class ScoreStage(Stage):
         )
 
     def make_batch_fn(self, config: ScoreConfig, ctx):
-        from loaders.images.paths import load_roots, resolve_image_path
-        from processors.referees.factory import build_referee
+        from processors.image_locator import image_locator
         from processors.referees.endpoint import endpoint_factory
+        from processors.referees.factory import build_referee
 
-        images = ctx.load_stage("images")
-        path_of = image_paths_by_id(images)
-        roots = load_roots(ctx.run_dir)
+        image_file = image_locator(ctx)
         referees = [build_referee(s, endpoint_factory=endpoint_factory(ctx)) for s in config.referees]
         columns = list(self.features(config))
 
         def score(batch: dict[str, list]) -> dict[str, list]:
-            items = [
-                RefereeItem(
-                    qa_id=qa_id,
-                    image_path=str(resolve_image_path(ctx.run_dir, path_of[batch["image_id"][i]], roots)),
-                    task_type=batch["task_type"][i],
-                    question=batch["question"][i],
-                    answer=batch["answer"][i],
-                )
-                for i, qa_id in enumerate(batch["qa_id"])
-            ]
+            items, unavailable = _items(batch, image_file)
             shown = {s.name: items if s.see_answer else [_without_answer(item) for item in items]
                      for s in config.referees}
             ballots = score_all(config.referees, referees, shown, ctx)
-            return _join(batch, ballots, config.missing_vote, columns)
+            return _join(batch, ballots, config.missing_vote, columns, unavailable)
 
         return score
+
+
+def _items(batch: dict[str, list], image_file) -> tuple[list[RefereeItem], dict[str, str]]:
+    """The rows to judge, and why the others cannot be (their image is not to be found: they fail alone)."""
+    from processors.image_locator import ImageUnavailable
+
+    items, unavailable = [], {}
+    for i, qa_id in enumerate(batch["qa_id"]):
+        try:
+            path = image_file(batch["image_id"][i])
+        except ImageUnavailable as exc:
+            unavailable[qa_id] = str(exc)
+            continue
+        items.append(RefereeItem(qa_id=qa_id, image_path=str(path), task_type=batch["task_type"][i],
+                                 question=batch["question"][i], answer=batch["answer"][i]))
+    return items, unavailable
 
 
 STOP_WAIT_S = 5.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take to unwind before the stop goes on
@@ -166,9 +170,15 @@ def _without_answer(item: RefereeItem) -> RefereeItem:
     return RefereeItem(item.qa_id, item.image_path, item.task_type, item.question, None)
 
 
-def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns: list[str]) -> dict[str, list]:
+def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns: list[str],
+          unavailable: dict[str, str] | None = None) -> dict[str, list]:
+    from processors.image_locator import IMAGE_MISSING
+
     out = BatchOutput(columns)
     for i, qa_id in enumerate(batch["qa_id"]):
+        if unavailable and qa_id in unavailable:
+            out.fail(qa_id, IMAGE_MISSING, unavailable[qa_id])
+            continue
         votes, p_yes, missing, errors = {}, {}, [], []
         for name, by_qa in ballots.items():
             vote = by_qa.get(qa_id)

@@ -96,3 +96,18 @@ def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         score_all(settings, [Remote(), Local()], {"remote": [], "local": []}, ctx=None)
     assert stopped.is_set() and time.monotonic() - started < 5
+
+
+def test_a_row_whose_image_cannot_be_found_fails_alone_as_image_missing():
+    from processors.image_locator import ImageUnavailable
+    from processors.stages.score import _items
+
+    def image_file(image_id):
+        if image_id == "i2":
+            raise ImageUnavailable("path '../../etc/passwd' escapes the image root")
+        return f"/images/{image_id}.jpg"
+
+    items, unavailable = _items(BATCH, image_file)
+    assert [item.qa_id for item in items] == ["q1", "q2"] and set(unavailable) == {"q3"}
+    rows = _rows(_join(BATCH, {"first": {q: Vote(q, 1, 0.9) for q in ("q1", "q2")}}, "fail", COLUMNS, unavailable))
+    assert rows["q3"]["reason"] == "image_missing" and rows["q1"]["reason"] is None
