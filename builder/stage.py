@@ -111,6 +111,8 @@ class Stage:
     key: ClassVar[str]  # the key column of this stage's output rows (e.g. "image_id")
     upstream: ClassVar[str | None] = None  # primary input; None = a source stage (implements source_rows)
     side_inputs: ClassVar[tuple[str, ...]] = ()  # other stages it reads; part of its fingerprint
+    # An LLM stage's answers under --dry-run: "module:attribute" of the simulator Responder for its prompt.
+    sim_responder: ClassVar[str | None] = None
     batch_size: ClassVar[int | None] = 64  # rows per batch-function call; None = the whole shard at once
 
     def features(self, config: StageConfig) -> "datasets.Features":
@@ -145,6 +147,11 @@ class Stage:
 
     def llm_endpoints(self, config: StageConfig) -> list[str]:
         """The ``llm.endpoints`` this stage calls, so their credentials are checked before anything runs."""
+        return []
+
+    def estimate(self, config: StageConfig, run_config: Any, assumptions: Any) -> list[tuple[str, Any]]:
+        """What this stage will request and cost, before anything runs (``taskgalaxy estimate``): rows of
+        (label, ``processors.llm.estimate.Projection``). A stage that calls no LLM has none."""
         return []
 
     def close(self, config: StageConfig) -> None:

@@ -9,19 +9,9 @@ unless the config prices their model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from processors.llm.estimate import Projection, project
-from processors.llm.settings import LLMSettings
-
-TAXONOMY_PROMPT_CHARS = 1_600  # instruction + the parent's existing children
-TAXONOMY_REPLY_TOKENS_PER_CHILD = 14
-FILTER_PROMPT_CHARS_PER_CANDIDATE = 48
-FILTER_PROMPT_BASE_CHARS = 900
-FILTER_REPLY_TOKENS = 60
-REFEREE_PROMPT_CHARS = 700
-
+from processors.llm.estimate import Projection
 
 @dataclass
 class Assumptions:
@@ -31,51 +21,15 @@ class Assumptions:
     notes: list[str] = field(default_factory=list)
 
 
-def taxonomy_requests(config) -> int:
-    """Order of magnitude of the taxonomy's requests: rounds x parents per level (growth depends on replies)."""
-    if not config.expand:
-        return 0
-    first = min(config.max_first_level, 30 + config.new_first_level_per_round * config.rounds_per_level)
-    children = min(config.max_children, config.children_per_request * config.rounds_per_level)
-    requests, parents = (config.rounds_per_level if config.new_first_level else 0), first
-    for _ in range(2, config.levels + 1):
-        requests += parents * config.rounds_per_level
-        parents *= children
-    return requests
+def estimate(run_config, assumptions: Assumptions, stages=None) -> list[tuple[str, Projection]]:
+    """Every stage's own projection (``Stage.estimate``), in pipeline order."""
+    if stages is None:
+        from processors.pipeline import default_stages
 
-
-def estimate(run_config, assumptions: Assumptions) -> list[tuple[str, Projection]]:
-    llm: LLMSettings = getattr(run_config, "llm", None) or LLMSettings()
-    stages = run_config.stages
+        stages = default_stages()
     rows: list[tuple[str, Projection]] = []
-    tax = stages.taxonomy
-    rows.append(("taxonomy", project(
-        llm, tax.endpoint, requests=taxonomy_requests(tax), prompt_text_chars=TAXONOMY_PROMPT_CHARS,
-        completion_tokens=tax.children_per_request * TAXONOMY_REPLY_TOKENS_PER_CHILD)))
-    flt = stages.filter
-    candidates = min(flt.max_candidates, stages.match.top_k)
-    rows.append(("filter", project(
-        llm, flt.endpoint, requests=assumptions.images, images_per_request=1,
-        prompt_text_chars=FILTER_PROMPT_BASE_CHARS + candidates * FILTER_PROMPT_CHARS_PER_CANDIDATE,
-        completion_tokens=FILTER_REPLY_TOKENS)))
-    from processors.qa.estimate import estimate_per_image
-
-    passing = assumptions.images * assumptions.filter_pass
-    per_image = estimate_per_image(stages.qa, llm, types_per_image=assumptions.kept_per_image)
-    rows.append(("qa", Projection(math.ceil(passing * per_image.requests), round(passing * per_image.prompt_tokens),
-                                  round(passing * per_image.completion_tokens), passing * per_image.cost_usd)))
-    questions = round(passing * assumptions.kept_per_image * stages.qa.questions_per_type)
-    for referee in stages.score.referees:
-        if referee.resolved_preset().backend != "endpoint":
-            assumptions.notes.append(f"referee {referee.name} runs locally: GPU time, no API requests")
-            continue
-        from processors.referees.endpoint import endpoint_names
-
-        name = endpoint_names(referee)[0]
-        if name in llm.endpoints:
-            rows.append((f"score:{referee.name}", project(
-                llm, name, requests=questions, images_per_request=1, prompt_text_chars=REFEREE_PROMPT_CHARS,
-                completion_tokens=1)))
+    for stage in stages:
+        rows += stage.estimate(getattr(run_config.stages, stage.name), run_config, assumptions)
     return rows
 
 

@@ -1,17 +1,18 @@
 """How the simulator answers: an explicit, ordered list of responders, then a generic default.
 
-Each pipeline step teaches the simulator its prompt by adding **one line** to ``RESPONDERS`` below: either a
-``Responder`` or a ``"module:attribute"`` string naming one (resolved when the simulator starts, so this
-module imports nothing from the steps and no step is imported at import time). The first responder whose
-``matches(messages)`` is true writes the reply text with ``respond(messages, rng)``; ``rng`` is a
-``random.Random`` seeded from the request, so the same request always gets the same reply.
+Each LLM stage declares the responder that answers its prompt (``Stage.sim_responder``, a ``"module:attribute"``
+string naming a ``Responder``), so a new LLM stage touches no table here; the simulator collects them from the
+pipeline's stage list when it starts (``default_responders``). ``RESPONDERS`` overrides that list when set
+(tests swap in their own). The first responder whose ``matches(messages)`` is true writes the reply text with
+``respond(messages, rng)``; ``rng`` is a ``random.Random`` seeded from the request, so the same request always
+gets the same reply.
 
-Example, in ``processors/filter_prompts.py``::
+Example, in ``processors/filter/simulate.py``::
 
     SIM_RESPONDER = Responder("filter", matches=lambda m: "FILTER-V1" in m[0]["content"],
                               respond=lambda m, rng: "[OCR~Scene text]")
 
-and here: ``"processors.filter_prompts:SIM_RESPONDER",``
+and on the stage: ``sim_responder = "processors.filter.simulate:SIM_RESPONDER"``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ class Responder:
     respond: Callable[[Messages, random.Random], str]
 
 
-RESPONDERS: list[Responder | str] = [
-    # one line per pipeline step, first match wins, e.g. "processors.taxonomy_prompts:SIM_RESPONDER",
-    "processors.taxonomy.simulate:SIM_RESPONDER",
-    "processors.filter.simulate:SIM_RESPONDER",
-    "processors.referees.simulate:SIM_RESPONDER",
-    "processors.qa.simulate:SIM_RESPONDER",
-]
+RESPONDERS: list[Responder | str] | None = None  # None: the stages' own (``default_responders``)
+
+
+def default_responders() -> list[str]:
+    """The responders the pipeline's stages declare, in pipeline order."""
+    from processors.pipeline import default_stages
+
+    return [stage.sim_responder for stage in default_stages() if stage.sim_responder]
+
+
+def active_responders() -> list[Responder]:
+    """What a simulator starting now answers with: ``RESPONDERS`` if set, else the stages' own."""
+    return resolve(RESPONDERS if RESPONDERS is not None else default_responders())
 
 
 def resolve(entries: list[Responder | str]) -> list[Responder]:

@@ -35,7 +35,7 @@ STATE = web.AppKey("sim_state", object)
 class SimState:
     def __init__(self, options: SimulatorOptions):
         self.options = options
-        self.responders = sim_responders.resolve(sim_responders.RESPONDERS)  # read at start: tests may swap it
+        self.responders = sim_responders.active_responders()  # read at start: tests may swap RESPONDERS
         self.rng = random.Random(options.seed)
         self.reset()
 

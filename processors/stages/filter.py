@@ -14,6 +14,11 @@ from builder.stage import Stage, StageConfig
 from processors.filter.prompt import PROMPT_VERSION, SCHEMA_VERSION
 
 
+PROMPT_BASE_CHARS = 900  # estimate: the instruction around the candidates
+PROMPT_CHARS_PER_CANDIDATE = 48
+REPLY_TOKENS = 60
+
+
 class FilterConfig(StageConfig):
     endpoint: str = Field("gpt4o", description="which llm.endpoints entry answers")
     max_candidates: int = Field(10, ge=1, description="at most this many of the match stage's candidates are shown")
@@ -25,6 +30,7 @@ class FilterConfig(StageConfig):
 class FilterStage(Stage):
     name = "filter"
     Config = FilterConfig
+    sim_responder = "processors.filter.simulate:SIM_RESPONDER"
     key = "image_id"
     upstream = "match"
     side_inputs = ("images",)
@@ -49,6 +55,16 @@ class FilterStage(Stage):
 
         return datasets.Features({"image_id": datasets.Value("string"),
                                   "task_types": datasets.List(datasets.Value("string"))})
+
+    def estimate(self, config: FilterConfig, run_config, assumptions):
+        from processors.llm.estimate import project
+        from processors.llm.settings import LLMSettings
+
+        llm = getattr(run_config, "llm", None) or LLMSettings()
+        candidates = min(config.max_candidates, run_config.stages.match.top_k)
+        return [("filter", project(llm, config.endpoint, requests=assumptions.images, images_per_request=1,
+                                   prompt_text_chars=PROMPT_BASE_CHARS + candidates * PROMPT_CHARS_PER_CANDIDATE,
+                                   completion_tokens=REPLY_TOKENS))]
 
     def make_batch_fn(self, config: FilterConfig, ctx):
         from processors.filter.keep import run_batch

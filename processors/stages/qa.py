@@ -28,6 +28,7 @@ from processors.qa.validate import VALIDATE_VERSION
 class QAStage(Stage):
     name = "qa"
     Config = QAConfig
+    sim_responder = "processors.qa.simulate:SIM_RESPONDER"
     key = "qa_id"
     upstream = "filter"
     side_inputs = ("images",)
@@ -53,6 +54,19 @@ class QAStage(Stage):
         import datasets
 
         return datasets.Features({column: datasets.Value("string") for column in COLUMNS})
+
+    def estimate(self, config: QAConfig, run_config, assumptions):
+        import math
+
+        from processors.llm.estimate import Projection
+        from processors.llm.settings import LLMSettings
+        from processors.qa.estimate import estimate_per_image
+
+        llm = getattr(run_config, "llm", None) or LLMSettings()
+        passing = assumptions.images * assumptions.filter_pass
+        per_image = estimate_per_image(config, llm, types_per_image=assumptions.kept_per_image)
+        return [("qa", Projection(math.ceil(passing * per_image.requests), round(passing * per_image.prompt_tokens),
+                                  round(passing * per_image.completion_tokens), passing * per_image.cost_usd))]
 
     def make_batch_fn(self, config: QAConfig, ctx: StageContext) -> BatchFn:
         from processors.llm.api import run_requests

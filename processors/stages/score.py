@@ -23,6 +23,7 @@ from builder.stage import Stage, StageConfig
 from processors.referees.protocol import RefereeItem
 from processors.referees.settings import RefereeSettings
 
+REFEREE_PROMPT_CHARS = 700  # estimate: instruction + task type + question
 QA_COLUMNS = ("qa_id", "image_id", "task_type", "question", "answer")
 PAPER_REFEREES = [
     RefereeSettings(name="glm4v_9b", preset="glm-4v-9b"),
@@ -47,6 +48,7 @@ class ScoreConfig(StageConfig):
 class ScoreStage(Stage):
     name = "score"
     Config = ScoreConfig
+    sim_responder = "processors.referees.simulate:SIM_RESPONDER"
     key = "qa_id"
     upstream = "qa"
     side_inputs = ("images",)
@@ -90,6 +92,26 @@ class ScoreStage(Stage):
                 "missing": datasets.List(datasets.Value("string")),
             }
         )
+
+    def estimate(self, config: ScoreConfig, run_config, assumptions):
+        from processors.llm.estimate import project
+        from processors.llm.settings import LLMSettings
+        from processors.referees.endpoint import endpoint_names
+
+        llm = getattr(run_config, "llm", None) or LLMSettings()
+        questions = round(assumptions.images * assumptions.filter_pass * assumptions.kept_per_image
+                          * run_config.stages.qa.questions_per_type)
+        rows = []
+        for referee in config.referees:
+            if referee.resolved_preset().backend != "endpoint":
+                assumptions.notes.append(f"referee {referee.name} runs locally: GPU time, no API requests")
+                continue
+            name = endpoint_names(referee)[0]
+            if name in llm.endpoints:
+                rows.append((f"score:{referee.name}", project(
+                    llm, name, requests=questions, images_per_request=1, prompt_text_chars=REFEREE_PROMPT_CHARS,
+                    completion_tokens=1)))
+        return rows
 
     def make_batch_fn(self, config: ScoreConfig, ctx):
         from processors.image_locator import image_locator

@@ -50,7 +50,9 @@ TAXONOMY_VERSION = "1"  # bump when growth or merging changes what the same repl
 COLUMNS = ("task_id", "path", "level", "parent", "name", "origin", "round")
 # Package data, so an installed wheel has it too (configs/seeds/vision_tasks.yaml links here in a checkout).
 DEFAULT_SEEDS = Path(__file__).resolve().parents[1] / "taxonomy" / "data" / "vision_tasks.yaml"
-SEEDS_REPORT = "seeds-report.json"  # read back by processors.taxonomy.finish
+SEEDS_REPORT = "seeds-report.json"
+TAXONOMY_PROMPT_CHARS = 1_600  # estimate: instruction + the parent's existing children
+TAXONOMY_REPLY_TOKENS_PER_CHILD = 14  # read back by processors.taxonomy.finish
 GROWTH_DIR = "growth"
 _DEDUPERS: dict[float, "SemanticDeduper"] = {}
 
@@ -98,6 +100,7 @@ class TaxonomyConfig(StageConfig):
 class TaxonomyStage(Stage):
     name = "taxonomy"
     Config = TaxonomyConfig
+    sim_responder = "processors.taxonomy.simulate:SIM_RESPONDER"
     key = "task_id"
     upstream = None
     batch_size = None  # growth is global over the shard's rows
@@ -147,6 +150,15 @@ class TaxonomyStage(Stage):
         lists = read_inputs(config)
         atomic_write_json(ctx.stage_dir / SEEDS_REPORT, _seeds_report(lists))
         return source_table(lists, new_first_level=config.expand and config.new_first_level)
+
+    def estimate(self, config: TaxonomyConfig, run_config, assumptions):
+        from processors.llm.estimate import project
+        from processors.llm.settings import LLMSettings
+
+        llm = getattr(run_config, "llm", None) or LLMSettings()
+        return [("taxonomy", project(llm, config.endpoint, requests=taxonomy_requests(config),
+                                     prompt_text_chars=TAXONOMY_PROMPT_CHARS,
+                                     completion_tokens=config.children_per_request * TAXONOMY_REPLY_TOKENS_PER_CHILD))]
 
     def make_batch_fn(self, config: TaxonomyConfig, ctx: StageContext) -> BatchFn:
         from processors.taxonomy.dedup import SemanticDeduper
@@ -235,3 +247,16 @@ def _seeds_report(lists: "list[SeedList]") -> dict:
 def _file_sha(path: Path | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
+
+
+def taxonomy_requests(config: TaxonomyConfig) -> int:
+    """Order of magnitude of the taxonomy's requests: rounds x parents per level (growth depends on replies)."""
+    if not config.expand:
+        return 0
+    first = min(config.max_first_level, 30 + config.new_first_level_per_round * config.rounds_per_level)
+    children = min(config.max_children, config.children_per_request * config.rounds_per_level)
+    requests, parents = (config.rounds_per_level if config.new_first_level else 0), first
+    for _ in range(2, config.levels + 1):
+        requests += parents * config.rounds_per_level
+        parents *= children
+    return requests

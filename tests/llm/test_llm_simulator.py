@@ -79,3 +79,12 @@ def test_projection_and_estimate_use_the_price_table():
     request = LLMRequest(key="k", prompt_version="v", max_tokens=50, messages=[{"role": "user", "content": "x" * 40}])
     concrete = estimate_requests(settings, "gpt4o", [request])
     assert (concrete.requests, concrete.prompt_tokens, concrete.completion_tokens) == (1, 14, 50)
+
+
+def test_the_simulator_answers_every_llm_stage_with_the_responder_that_stage_declares():
+    from processors.llm.sim_responders import active_responders
+    from processors.pipeline import default_stages
+
+    declared = [s.name for s in default_stages() if s.sim_responder]
+    assert declared == ["taxonomy", "filter", "qa", "score"]
+    assert [r.name for r in active_responders()] == ["taxonomy", "filter", "qa", "referee"]
