@@ -101,9 +101,6 @@ class RequestCache:
         except sqlite3.Error as exc:
             logger.warning("request cache %s: could not note an unusable reply (%s)", self.path, exc)
 
-    def flush(self) -> None:
-        """Nothing to do: ``put`` commits at once (kept for callers that flush before reading elsewhere)."""
-
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 

@@ -76,10 +76,6 @@ def one_digit(text: str) -> str:
     return text
 
 
-def _as_is(text: str) -> str:
-    return text
-
-
 @dataclass(frozen=True)
 class DigitReading:
     """What the first token's logprobs say about the digits: each digit's probability where listed, and the
@@ -138,10 +134,10 @@ class EndpointReferee:
         extra = constraint_body(constraint)
         if self.settings.endpoint.request_mm_processor_kwargs and self.preset.mm_processor_kwargs:
             extra["mm_processor_kwargs"] = dict(self.preset.mm_processor_kwargs)
+        checked = {"parse": one_digit} if constraint != "none" else {}  # unconstrained: any text, read logprobs
         return LLMRequest(key=item.qa_id, messages=messages, prompt_version=PROMPT_VERSION, max_tokens=1,
                           temperature=0.0, logprobs=True, top_logprobs=self.settings.endpoint.top_logprobs,
-                          accept_truncated=True, extra_body=extra,
-                          parse=one_digit if constraint != "none" else _as_is)
+                          accept_truncated=True, extra_body=extra, **checked)
 
     def plan(self, items: Sequence[RefereeItem]) -> list[tuple[Any, str]]:
         """The calls that score ``items``: one ``RequestGroup`` per endpoint serving this referee (each image
