@@ -1,31 +1,26 @@
-"""Executing one shard: the local engine runs the stage's batch function with ``Dataset.map``.
+"""The local engine: a stage's pending shards run in this process (``builder.work`` describes the work).
 
-The engine only turns (input shard, batch function) into a raw Arrow table of output rows plus in-band
-failures; the runner decides file names, resume and accounting. ``Dataset.map`` writes its cache file under a
-temporary name chosen by us, with the fingerprint we pass (closures holding clients or models do not hash).
+An engine only turns (stage work, pending shards) into shard outcomes - raw Arrow rows plus in-band failures
+and the usage each shard paid - yielded as each shard finishes; the runner decides file names, resume and
+accounting, and commits each outcome as it arrives.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
 
-from builder.rows import INBAND_COLUMNS
-from builder.stage import BatchFn
+from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard, inband_features  # noqa: F401
+
+STOP_WAIT_S = 10.0  # after a stop, how long shards still in flight may take to unwind
 
 logger = logging.getLogger(__name__)
-
-
-def inband_features(features: datasets.Features) -> datasets.Features:
-    """The stage's output features plus the runner's in-band columns (all strings)."""
-    extended = datasets.Features(dict(features))
-    for column in INBAND_COLUMNS:
-        extended[column] = datasets.Value("string")
-    return extended
 
 
 def read_arrow_table(path: Path) -> pa.Table:
@@ -47,39 +42,54 @@ def write_arrow_table(path: Path, table: pa.Table, features: datasets.Features |
 
 
 class LocalEngine:
-    """One process: ``Dataset.map`` over the shard, batch by batch, on this machine."""
+    """This process: ``Dataset.map`` over each shard, batch by batch. A stage that allows more than one shard
+    in flight (``Stage.shards_in_flight``: the LLM stages) gets that many shards on worker threads, sharing
+    one batch function, so the endpoint's window stays full from one shard into the next; the others run one
+    after the other on the caller's thread, as they always did."""
 
     name = "local"
 
-    def run_shard(
-        self,
-        shard: datasets.Dataset,
-        fn: BatchFn,
-        *,
-        features: datasets.Features,
-        batch_size: int | None,
-        fingerprint: str,
-        tmp_path: Path,
-        on_batch: Callable[[int], None],
-    ) -> pa.Table:
-        full = inband_features(features)
-        if len(shard) == 0:
-            return full.arrow_schema.empty_table()
+    def run_shards(self, work: StageWork, tasks: Iterable[ShardTask], *, features: datasets.Features,
+                   batch_size: int | None, in_flight: int = 1,
+                   on_rows: Callable[[int], None] | None = None) -> Iterator[ShardOutcome]:
+        tasks = list(tasks)
+        if not tasks:
+            return
+        fn = work.build()  # once per stage and process: a finished stage loads no model
+        if in_flight <= 1 or len(tasks) == 1:
+            for task in tasks:
+                yield execute_shard(fn, task, features=features, batch_size=batch_size, on_rows=on_rows)
+            return
+        yield from self._concurrently(fn, tasks, features, batch_size, in_flight, on_rows, work.stage.name)
 
-        def counted(batch: dict[str, list]) -> dict[str, list]:
-            result = fn(batch)
-            on_batch(len(next(iter(batch.values()))) if batch else 0)
-            return result
+    @staticmethod
+    def _concurrently(fn, tasks, features, batch_size, in_flight, on_rows, name) -> Iterator[ShardOutcome]:
+        stop = threading.Event()  # tells the shards still running to stop (their LLM calls cancel)
+        pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix=f"{name}-shard")
+        queue = iter(tasks)
+        running: set[concurrent.futures.Future] = set()
 
-        mapped = shard.map(
-            counted,
-            batched=True,
-            batch_size=batch_size or len(shard),
-            remove_columns=shard.column_names,
-            features=full,
-            new_fingerprint=fingerprint,
-            cache_file_name=str(tmp_path),
-            load_from_cache_file=False,
-            desc=None,
-        )
-        return mapped.data.table
+        def submit_next() -> None:
+            task = next(queue, None)
+            if task is not None and not stop.is_set():
+                running.add(pool.submit(execute_shard, fn, task, features=features, batch_size=batch_size,
+                                        on_rows=on_rows, stop=stop))
+
+        try:
+            for _ in range(in_flight):
+                submit_next()
+            while running:
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    running.discard(future)
+                    outcome = future.result()
+                    if outcome.error is None:
+                        submit_next()
+                    else:
+                        stop.set()  # no new shard starts; the runner stops on this one
+                    yield outcome
+        finally:
+            stop.set()
+            # The shards still running unwind (answers cached, spend journalled) - not for ever.
+            concurrent.futures.wait(running, timeout=STOP_WAIT_S)
+            pool.shutdown(wait=False, cancel_futures=True)

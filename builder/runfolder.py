@@ -268,8 +268,27 @@ def clear_stage_dir(folder: Path) -> None:
     folder.mkdir(parents=True)
 
 
+_HELD_LOCKS: set[int] = set()  # the lock fds this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, a decode pool): close the run locks it inherited. A flock is
+    held while *any* descriptor of it is open, so a worker that outlives a killed run by a few seconds would
+    otherwise keep the folder locked against the resume."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
-    """An exclusive lock on a run folder. ``flock`` dies with its process, so a killed run never blocks."""
+    """An exclusive lock on a run folder. ``flock`` dies with its process (and is not inherited by the
+    processes it forks), so a killed run never blocks."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
@@ -302,6 +321,7 @@ class RunLock:
             os.close(fd)
             raise self._unusable(exc) from None
         self._fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def _unusable(self, exc: OSError) -> RunFolderError:
@@ -311,6 +331,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -11,6 +11,8 @@ when it is itself damaged. A full disk or a read-only folder stops a stage with 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -33,6 +35,7 @@ from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, arrow_rows,
 from builder.recovery import (RESUME_KEYS, adopt_killed_usage, clear_keeping_spend, discard_shard, interrupted_name,
                               readable_states, shard_stats, spent_in)
 from builder.stage import Stage, StageContext
+from builder.work import ShardOutcome, ShardTask, StageWork
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +65,17 @@ class Runner:
     engine: Any = field(default_factory=LocalEngine)
     progress: bool = True
     preflight: Callable[[list[Stage]], None] | None = None  # e.g. check API keys of the stages about to run
+    # Services that live as long as one ``run`` (entered after the run lock, closed when it ends): e.g. the
+    # LLM accounts, whose admission and breaker every shard and stage of the run share. Their values join
+    # ``services`` in every stage's work.
+    run_scope: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         self._by_name = {stage.name: stage for stage in self.stages}
         self._verified: set[str] = set()  # stages whose finished shards this run has verified
         self._fingerprints = self._compute_fingerprints()
+        self._run_services: dict[str, Any] = dict(self.services)
 
     # -- fingerprints -------------------------------------------------------------------------------
     def stage_config(self, stage: Stage):
@@ -116,12 +124,17 @@ class Runner:
         datasets.disable_progress_bars()  # one progress bar per stage: ours
         states = {}
         self._verified.clear()
-        with rf.RunLock(self.run_dir):
-            self._refuse_mixing_dry_and_paid()
-            self._write_run_files()
-            for stage in selected:
-                states[stage.name] = self._run_stage(stage)
-                self._verified.add(stage.name)  # its own run verified (or recomputed) every shard
+        scope = self.run_scope() if self.run_scope is not None else contextlib.nullcontext({})
+        with rf.RunLock(self.run_dir), scope as scoped:
+            self._run_services = {**self.services, **scoped}
+            try:
+                self._refuse_mixing_dry_and_paid()
+                self._write_run_files()
+                for stage in selected:
+                    states[stage.name] = self._run_stage(stage)
+                    self._verified.add(stage.name)  # its own run verified (or recomputed) every shard
+            finally:
+                self._run_services = dict(self.services)
         return states
 
     def _write_run_files(self) -> None:
@@ -177,9 +190,10 @@ class Runner:
             return previous
         for name in self.reads(stage):
             self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
-        ctx = StageContext(run_dir=self.run_dir, stage_dir=folder, cache_dir=self.run_dir / "cache",
-                           dry_run=self.dry_run, settings=self.config, load_stage=self.load_stage,
-                           services=self.services)
+        work = StageWork(stage=stage, config=config, settings=self.config, run_dir=self.run_dir, stage_dir=folder,
+                         cache_dir=self.run_dir / "cache", dry_run=self.dry_run, services=dict(self._run_services),
+                         reads={n: self._fingerprints[n] for n in self.reads(stage)})
+        ctx = dataclasses.replace(work.context(), load_stage=self.load_stage)  # the runner's own, verifying reads
         inputs = self._inputs(stage, config, ctx, folder)
         key = stage.input_key(config)
         if key not in inputs.column_names:
@@ -199,7 +213,7 @@ class Runner:
             "shards_total": max(1, math.ceil(len(inputs) / shard_size)), "rows_in": len(inputs),
         }
         try:
-            state = self._run_shards(stage, config, ctx, inputs, key, features, base)
+            state = self._run_shards(stage, config, work, inputs, key, features, base)
         finally:
             try:
                 stage.close(config)
@@ -297,28 +311,56 @@ class Runner:
             f"shards were cut from it, so it cannot be listed again without moving their boundaries. Move {folder} "
             "aside and rerun the same command to list and compute the stage afresh.", rf.EXIT_DATA)
 
-    def _run_shards(self, stage, config, ctx, inputs, key, features, base) -> dict:
-        folder, count = ctx.stage_dir, base["shards_total"]
+    def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base) -> dict:
+        folder, count, fp = work.stage_dir, base["shards_total"], base["fingerprint"]
         adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
         self._discard_damaged_shards(stage.name, folder, base)
         resume = {name: base[name] for name in RESUME_KEYS}  # in every shard's stats: a lost state.json rebuilds
         state = self._write_state(folder, base, done=False)
+        pending = {index: ShardTask(index=index, rows=inputs.shard(count, index, contiguous=True),
+                                    fingerprint=f"{fp}-{index:05d}",
+                                    tmp_path=folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow",
+                                    journal_path=folder / "stats" / f"{LIVE_PREFIX}{index:05d}{JOURNAL_SUFFIX}")
+                   for index in range(count) if not (folder / rf.shard_name(index)).exists()}
+        for task in pending.values():
+            task.journal_path.unlink(missing_ok=True)  # adopted at the start of the stage if a kill left one
         with tqdm(total=len(inputs), initial=state["totals"]["rows_in"], desc=f"{stage.name:>8}", unit="row",
                   disable=not self.progress, dynamic_ncols=True) as bar:
-            fn = None  # built on the first shard that needs work: a finished stage loads no model
-            for index in range(count):
-                if (folder / rf.shard_name(index)).exists():
-                    continue
-                fn = fn or stage.make_batch_fn(config, ctx)
-                shard = inputs.shard(count, index, contiguous=True)
-                try:
-                    self._run_shard(stage, fn, ctx, shard, index, key, features, resume, bar)
-                except BaseException:  # state.json then counts what the stopped attempt paid
-                    self._write_state_best_effort(folder, base)
-                    raise
-                state = self._write_state(folder, base, done=False)
-                bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
+            outcomes = self.engine.run_shards(work, list(pending.values()), features=features,
+                                              batch_size=stage.batch_size, in_flight=stage.shards_in_flight(config),
+                                              on_rows=bar.update)
+            try:
+                with contextlib.closing(outcomes):  # leaving early stops the shards still in flight
+                    for outcome in outcomes:  # in the order they finish
+                        task = pending[outcome.index]
+                        if outcome.error is not None:
+                            self._stopped(stage, folder, task, outcome)
+                        self._commit_shard(stage, folder, task, outcome, key, features, resume)
+                        del pending[outcome.index]
+                        state = self._write_state(folder, base, done=False)
+                        bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
+            except BaseException:
+                # Requests paid by the shards that did not finish: their answers are cached, their cost must
+                # show. Each journal becomes an interrupted record by a rename, so no moment holds both (or
+                # neither), and a full disk cannot stop it; state.json then counts it.
+                for task in pending.values():
+                    if task.journal_path.exists():
+                        task.journal_path.replace(interrupted_name(folder, task.index, time.time()))
+                self._write_state_best_effort(folder, base)
+                raise
         return state
+
+    @staticmethod
+    def _stopped(stage: Stage, folder: Path, task: ShardTask, outcome: ShardOutcome) -> None:
+        if outcome.unrecorded:
+            logger.error("stage %s shard %d: %s paid after the spend journal stopped taking writes could not be "
+                         "recorded; `status` under-counts this stage by that much", stage.name, task.index,
+                         ", ".join(f"{k}={v:g}" for k, v in sorted(outcome.unrecorded.items())))
+        exc = outcome.error
+        raise StageError(
+            f"stage {stage.name!r} stopped on shard {task.index} ({len(task.rows)} rows): {type(exc).__name__}: "
+            f"{exc}. Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
+        ) from exc
 
     def _inputs(self, stage: Stage, config, ctx: StageContext, folder: Path) -> datasets.Dataset:
         if stage.upstream:
@@ -332,63 +374,28 @@ class Runner:
             tmp.replace(frozen)
         return datasets.Dataset.from_file(str(frozen))
 
-    def _run_shard(self, stage, fn, ctx, shard, index, key, features, resume, bar) -> None:
-        folder, fp = ctx.stage_dir, resume["fingerprint"]
-        ctx.usage.clear()  # usage is counted per shard; the batch function holds this same ctx
-        ctx.unrecorded.clear()
-        ctx.live_usage_path = folder / "stats" / f"{LIVE_PREFIX}{index:05d}{JOURNAL_SUFFIX}"
-        ctx.live_usage_path.unlink(missing_ok=True)  # adopted at the start of the stage if a kill left one
-        started = time.monotonic()
-        tmp_map = folder / f"{rf.TMP_PREFIX}map-{index:05d}.arrow"
-        try:
-            raw = self.engine.run_shard(
-                shard,
-                fn,
-                features=features,
-                batch_size=stage.batch_size,
-                fingerprint=f"{fp}-{index:05d}",
-                tmp_path=tmp_map,
-                on_batch=bar.update,
-            )
-        except BaseException as exc:
-            # Requests paid before the stop: their answers are cached, their cost must show. The journal
-            # becomes the interrupted record by a rename, so no moment holds both (or neither), and a full
-            # disk cannot stop it.
-            ctx.close_journal()
-            live, ctx.live_usage_path = ctx.live_usage_path, None
-            if live.exists():
-                live.replace(interrupted_name(folder, index, time.time()))
-            if ctx.unrecorded:
-                logger.error("stage %s shard %d: %s paid after the spend journal stopped taking writes could "
-                             "not be recorded; `status` under-counts this stage by that much", stage.name, index,
-                             ", ".join(f"{k}={v:g}" for k, v in sorted(ctx.unrecorded.items())))
-            if not isinstance(exc, Exception):
-                raise
-            raise StageError(
-                f"stage {stage.name!r} stopped on shard {index} ({len(shard)} rows): {type(exc).__name__}: {exc}. "
-                f"Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
-            ) from exc
-        split = split_shard(raw, stage.name, column_values(shard, key))
+    def _commit_shard(self, stage: Stage, folder: Path, task: ShardTask, outcome: ShardOutcome, key: str,
+                      features: datasets.Features, resume: dict) -> None:
+        split = split_shard(outcome.table(), stage.name, column_values(task.rows, key))
         # Commit order: failures, stats, then the output shard. The output file's presence means "done".
-        self._commit(folder / "failures" / rf.shard_name(index), split.failures, FAILURE_FEATURES)
+        self._commit(folder / "failures" / rf.shard_name(task.index), split.failures, FAILURE_FEATURES)
         stats = {
-            "shard": index,
+            "shard": task.index,
             "rows_in": split.rows_in,
             "rows_out": split.rows_out,
             "inputs_with_output": split.inputs_with_output,
             "failed": dict(split.failed),
             "item_failures": dict(split.item_failures),
-            "usage": dict(ctx.usage),
-            "seconds": round(time.monotonic() - started, 3),
+            "usage": dict(outcome.usage),
+            "seconds": outcome.seconds,
             **resume,
         }
-        rf.atomic_write_json(folder / "stats" / f"shard-{index:05d}.json", stats)
-        self._commit(folder / rf.shard_name(index), split.output, features)
-        ctx.close_journal()
-        ctx.live_usage_path.unlink(missing_ok=True)  # the stats hold it now (a leftover is dropped, see below)
-        ctx.live_usage_path = None
-        del raw
-        tmp_map.unlink(missing_ok=True)
+        rf.atomic_write_json(folder / "stats" / f"shard-{task.index:05d}.json", stats)
+        self._commit(folder / rf.shard_name(task.index), split.output, features)
+        task.journal_path.unlink(missing_ok=True)  # the stats hold it now (a leftover is dropped, see above)
+        del split
+        outcome.release()
+        task.tmp_path.unlink(missing_ok=True)
 
     @staticmethod
     def _commit(path: Path, table, features: datasets.Features) -> None:

@@ -9,8 +9,13 @@ changes whenever one of them changes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,9 +42,93 @@ class StageConfig(BaseModel):
         "whose per-shard start-up then matters less; smaller for paid stages, so less is at risk")
 
 
+class UsageMeter:
+    """The usage of one shard (requests, tokens, cost, cache hits...) and its spend journal on disk.
+
+    Built where the shard runs (this process, a subprocess, a Ray worker) and returned *with the shard's
+    results*; the journal (``stats/live-NNNNN.jsonl``) gets one line per ``add``, appended before ``add``
+    returns, so money spent by an attempt that is killed (SIGKILL, OOM, power) still shows after the resume,
+    to the last reply. Thread-safe: the LLM engine counts from its event-loop thread while the stage's own
+    code counts from the shard's thread."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.usage: dict[str, float] = {}
+        self.unrecorded: dict[str, float] = {}  # usage the journal could not take (disk full)
+        self._fd: int | None = None
+        self._fd_path: Path | None = None
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def add(self, **counters: float) -> None:
+        with self._lock:
+            for name, value in counters.items():
+                self.usage[name] = self.usage.get(name, 0) + value
+            if self.path is not None and counters:
+                self._journal_line(counters)
+
+    def _journal_line(self, counters: dict[str, float]) -> None:
+        line = (json.dumps(counters, separators=(",", ":")) + "\n").encode()
+        try:
+            if self._fd is None or self._fd_path != self.path:
+                self._close()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._fd_path = self.path
+            # One write of a short line to an O_APPEND file: in the kernel once it returns, so a killed
+            # process loses nothing; a torn last line (power loss) is skipped by the reader.
+            written = os.write(self._fd, line)
+            if written != len(line):  # a nearly full disk: end the fragment so the next line stands alone
+                os.write(self._fd, b"\n")
+                raise OSError(f"short write to the spend journal ({written} of {len(line)} bytes)")
+        except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
+            for name, value in counters.items():
+                self.unrecorded[name] = self.unrecorded.get(name, 0) + value
+            if not self._warned:
+                logger.warning("could not record spend in %s (%s): if this attempt is killed, `status` will not "
+                               "show what it paid from now on", self.path, exc)
+                self._warned = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                logger.debug("closing the spend journal %s failed", self._fd_path)
+            self._fd = None
+
+
+@dataclass
+class ShardScope:
+    """What the code running one shard counts into and listens to: its meter, and the event that tells it to
+    stop (another shard failed, Ctrl-C): the LLM engine then cancels what it has in flight."""
+
+    meter: UsageMeter
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+_SCOPE: contextvars.ContextVar[ShardScope | None] = contextvars.ContextVar("taskgalaxy_shard_scope", default=None)
+
+
+@contextlib.contextmanager
+def shard_scope(scope: ShardScope) -> Iterator[ShardScope]:
+    """Run a shard's batch function under ``scope``: ``StageContext.add_usage`` counts into its meter. A
+    thread the stage starts itself inherits it only through ``contextvars.copy_context()``."""
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
 @dataclass
 class StageContext:
-    """What a stage may use at run time. Built by the runner; never pickled into Ray workers whole."""
+    """What a stage may use at run time: plain data plus ``load_stage``. Built where the shard work runs
+    (``builder.work.StageWork.context``), so it is never pickled along with the runner."""
 
     run_dir: Path
     stage_dir: Path
@@ -47,60 +136,46 @@ class StageContext:
     dry_run: bool
     settings: Any  # the whole validated run config (builder.config.RunConfig)
     load_stage: Callable[[str], "datasets.Dataset"]
-    usage: dict[str, float] = field(default_factory=dict)  # tokens, requests, cost...: summed into state.json
     services: dict[str, Any] = field(default_factory=dict)  # e.g. the simulator URL under --dry-run
-    # The spend journal of the shard in progress (``stats/live-NNNNN.jsonl``): one line per ``add_usage``,
-    # appended before the call returns, so money spent by an attempt that is killed (SIGKILL, OOM, power)
-    # still shows after the resume, to the last reply. None: not kept.
-    live_usage_path: Path | None = None
-    unrecorded: dict[str, float] = field(default_factory=dict)  # usage the journal could not take (disk full)
-    _journal: Any = field(default=None, repr=False)
-    _journal_warned: bool = field(default=False, repr=False)
+    # Where usage goes outside any shard scope (a batch function called directly, a tool): the engine gives
+    # each shard its own meter (``shard_scope``) and returns its usage with the shard's results.
+    meter: UsageMeter = field(default_factory=UsageMeter)
+
+    def current_meter(self) -> UsageMeter:
+        scope = _SCOPE.get()
+        return scope.meter if scope is not None else self.meter
+
+    def stop_event(self) -> threading.Event | None:
+        """Set when the shard running on this thread must stop (None outside a shard scope)."""
+        scope = _SCOPE.get()
+        return scope.stop if scope is not None else None
 
     def add_usage(self, **counters: float) -> None:
-        """Count usage (requests, tokens, cost, cache hits...) for this shard and journal it on disk at once.
+        """Count usage (requests, tokens, cost, cache hits...) for the shard in progress, journalled at once.
 
         The LLM engine calls it once per billed reply, after the reply is in the request cache: whatever a
         kill interrupts, an answer that is cached is also counted."""
-        for name, value in counters.items():
-            self.usage[name] = self.usage.get(name, 0) + value
-        if self.live_usage_path is not None and counters:
-            self._journal_line(counters)
+        self.current_meter().add(**counters)
 
-    def _journal_line(self, counters: dict[str, float]) -> None:
-        import json
-        import os
+    # The default meter's figures, for code (and tests) that call a batch function outside the engine.
+    @property
+    def usage(self) -> dict[str, float]:
+        return self.meter.usage
 
-        line = (json.dumps(counters, separators=(",", ":")) + "\n").encode()
-        try:
-            if self._journal is None or self._journal[0] != self.live_usage_path:
-                self.close_journal()
-                self.live_usage_path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.live_usage_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                self._journal = (self.live_usage_path, fd)
-            # One write of a short line to an O_APPEND file: in the kernel once it returns, so a killed
-            # process loses nothing; a torn last line (power loss) is skipped by the reader.
-            written = os.write(self._journal[1], line)
-            if written != len(line):  # a nearly full disk: end the fragment so the next line stands alone
-                os.write(self._journal[1], b"\n")
-                raise OSError(f"short write to the spend journal ({written} of {len(line)} bytes)")
-        except OSError as exc:  # bookkeeping must never stop paid work (disk full, quota, NFS hiccup)
-            for name, value in counters.items():
-                self.unrecorded[name] = self.unrecorded.get(name, 0) + value
-            if not self._journal_warned:
-                logger.warning("could not record spend in %s (%s): if this attempt is killed, `status` will not "
-                               "show what it paid from now on", self.live_usage_path, exc)
-                self._journal_warned = True
+    @property
+    def unrecorded(self) -> dict[str, float]:
+        return self.meter.unrecorded
+
+    @property
+    def live_usage_path(self) -> Path | None:
+        return self.meter.path
+
+    @live_usage_path.setter
+    def live_usage_path(self, path: Path | None) -> None:
+        self.meter.path = path
 
     def close_journal(self) -> None:
-        if self._journal is not None:
-            import os
-
-            try:
-                os.close(self._journal[1])
-            except OSError:
-                logger.debug("closing the spend journal %s failed", self._journal[0])
-            self._journal = None
+        self.meter.close()
 
 
 class Stage:
@@ -114,6 +189,13 @@ class Stage:
     # An LLM stage's answers under --dry-run: "module:attribute" of the simulator Responder for its prompt.
     sim_responder: ClassVar[str | None] = None
     batch_size: ClassVar[int | None] = 64  # rows per batch-function call; None = the whole shard at once
+
+    def shards_in_flight(self, config: StageConfig) -> int:
+        """How many of this stage's shards one process may run at once (default 1: one after the other, on the
+        runner's thread). An LLM stage says 2: while one shard's last requests are answered, the next one's
+        already fill the endpoint's window, so the paid rate limit never idles at a shard boundary. More than 1
+        means its batch function is called from several threads at once and must allow it."""
+        return 1
 
     def features(self, config: StageConfig) -> "datasets.Features":
         """The output rows' schema (without the runner's in-band columns)."""

@@ -79,7 +79,17 @@ def open_run(
         check_seed_files(config, selected)
 
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
-                  preflight=preflight)
+                  preflight=preflight, run_scope=functools.partial(run_services, config))
+
+
+def run_services(config: Any):
+    """What lives as long as one run: the LLM accounts (one admission and breaker per endpoint, shared by every
+    shard and stage of the run)."""
+    from processors.llm.accounts import run_accounts
+    from processors.llm.settings import LLMSettings
+
+    llm = getattr(config, "llm", None)
+    return run_accounts(llm.budget_share if isinstance(llm, LLMSettings) else 1.0)
 
 
 def check_seed_files(config: Any, selected: Sequence[Stage]) -> None:

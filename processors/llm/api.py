@@ -1,29 +1,29 @@
 """The synchronous entry point stages call once per shard: ``run_requests``.
 
 It resolves the endpoint (the simulator under ``--dry-run``), answers what it can from the request cache,
-sends the rest online or through the Batch API on a fresh event loop, and adds usage and cost to the stage.
+sends the rest online or through the Batch API on the run's one event loop (``processors.llm.accounts``), and adds usage and cost to the stage.
 Identical requests in one call are sent once and their answer is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from builder.ids import fingerprint
 from processors.llm import reply as rp
+from processors.llm.accounts import Accounts, call_accounts
 from processors.llm.breaker import CircuitBreaker
 from processors.llm.cache import RequestCache
 from processors.llm.engine import OnlineEngine, Tally
 from processors.llm.errors import AttemptError, MissingApiKeyError
 from processors.llm.estimate import cost_usd
+from processors.llm.limits import Admission
 from processors.llm.prepare import Prepared, prepare
 from processors.llm.request import LLMRequest, LLMResult, Usage
 from processors.llm.settings import EndpointSettings, LLMSettings
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "llm-requests.sqlite"
 DRY_RUN_CACHE_FILE = "llm-requests-dry-run.sqlite"  # simulator answers must never satisfy a real run
-T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -88,45 +87,38 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
     return run_request_groups([RequestGroup(requests, endpoint, overrides)], ctx=ctx)[0]
 
 
-STOP_POLL_S = 0.05  # how often a call running in a helper thread looks at its ``stop`` event
-
-
 def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.Event | None = None
                        ) -> list[list[LLMResult]]:
-    """Several calls at once, on one event loop: every endpoint is kept busy at the same time (the score
-    stage's referees, each on its own servers). Results per group, in order. If an endpoint's breaker opens,
-    the other calls still finish (their answers are cached for the rerun), then its ``CircuitOpenError`` is
-    raised. Setting ``stop`` (from another thread) cancels every call: nothing more is sent."""
+    """Several calls at once, on the run's one event loop (``processors.llm.accounts``): every endpoint is kept
+    busy at the same time (the score stage's referees, each on its own servers), and calls to one endpoint -
+    from any shard or stage of the run - share its admission and breaker. Results per group, in order. If an
+    endpoint's breaker opens, the other calls still finish (their answers are cached for the rerun), then its
+    ``CircuitOpenError`` is raised. Setting ``stop`` (from another thread), or the shard's own stop event,
+    cancels every call: nothing more is sent."""
     calls = [_call(group, ctx) for group in groups]  # a missing key fails here, before anything is sent
+    shard_stop = ctx.stop_event() if hasattr(ctx, "stop_event") else None
+    stops = [event for event in (stop, shard_stop) if event is not None]
 
-    async def all_calls() -> list[Any]:
-        work = asyncio.gather(*(execute(group.requests, settings, group.endpoint, connection,
-                                        cache_path=cache_path, state_dir=Path(ctx.stage_dir), tally=tally)
-                                for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
-                              return_exceptions=True)
-        watcher = asyncio.ensure_future(_cancel_on(stop, work)) if stop is not None else None
-        try:
-            return await work
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+    def stopped() -> bool:
+        return any(event.is_set() for event in stops)
 
     try:
-        outcomes = run_sync(all_calls())
+        with call_accounts(getattr(ctx, "services", None) or {}) as accounts:
+            async def all_calls() -> list[Any]:
+                return await asyncio.gather(
+                    *(execute(group.requests, settings, group.endpoint, connection, cache_path=cache_path,
+                              state_dir=Path(ctx.stage_dir), tally=tally, accounts=accounts)
+                      for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
+                    return_exceptions=True)
+
+            outcomes = accounts.run(all_calls(), stop=stopped if stops else None)
     finally:  # the counters that cost nothing, once per call (zeros keep every key present)
         for *_, tally in calls:
-            ctx.add_usage(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
-                          cache_hits=tally.cache_hits, retries=tally.retries)
+            tally.on_free(cache_hits=tally.cache_hits, retries=tally.retries)
     failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     if failed:
         raise failed[0]
     return outcomes
-
-
-async def _cancel_on(stop: threading.Event, work: asyncio.Future) -> None:
-    while not stop.is_set():
-        await asyncio.sleep(STOP_POLL_S)
-    work.cancel()
 
 
 def _call(group: RequestGroup, ctx: Any) -> tuple[LLMSettings, Connection, Path | None, Tally]:
@@ -135,13 +127,19 @@ def _call(group: RequestGroup, ctx: Any) -> tuple[LLMSettings, Connection, Path 
     connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
     cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
     tally = Tally()
+    # The meter of the shard that makes this call, taken here on its thread: the replies are counted on the
+    # accounts' loop thread, where the shard's context is not.
+    add = ctx.current_meter().add if hasattr(ctx, "current_meter") else ctx.add_usage
 
     def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
-        ctx.add_usage(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                      cost_usd=cost_usd(settings, ep.model, usage.prompt_tokens, usage.completion_tokens,
-                                        batch=batch))
+        add(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cost_usd=cost_usd(settings, ep.model, usage.prompt_tokens, usage.completion_tokens, batch=batch))
+
+    def free(**counters: float) -> None:
+        add(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, **counters)
 
     tally.on_billed = billed
+    tally.on_free = free
     return settings, connection, cache_path, tally
 
 
@@ -152,16 +150,6 @@ def with_overrides(settings: LLMSettings, endpoint: str, overrides: dict[str, An
     ep = settings.endpoint(endpoint)
     changed = EndpointSettings.model_validate({**ep.model_dump(exclude_unset=True), **overrides})
     return settings.model_copy(update={"endpoints": {**settings.endpoints, endpoint: changed}})
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a fresh event loop, in a helper thread when this thread already runs one."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 def _from_cache(prepared: list[Prepared], cache: RequestCache | None, tally: Tally) -> dict[str, LLMResult]:
@@ -187,8 +175,10 @@ def _from_cache(prepared: list[Prepared], cache: RequestCache | None, tally: Tal
 
 
 async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: str, connection: Connection, *,
-                  cache_path: Path | None, state_dir: Path, tally: Tally) -> list[LLMResult]:
-    """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools)."""
+                  cache_path: Path | None, state_dir: Path, tally: Tally, accounts: Accounts | None = None
+                  ) -> list[LLMResult]:
+    """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools). Without
+    ``accounts`` (awaited on the caller's own loop) the call has an admission and breaker of its own."""
     ep = settings.endpoint(endpoint)
     prepared, unreadable = _prepare_all(requests, ep)
     unique = list({p.cache_key: p for p in reversed(prepared)}.values())[::-1]  # first occurrence wins
@@ -198,7 +188,8 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
         todo = [p for p in unique if p.cache_key not in results]
         if todo:
             call_id = fingerprint("llm-call", sorted(p.cache_key for p in unique))  # stable across a restart
-            results.update(await _send(todo, settings, endpoint, connection, cache, state_dir, tally, call_id))
+            results.update(await _send(todo, settings, endpoint, connection, cache, state_dir, tally, call_id,
+                                        accounts))
     finally:
         if cache is not None:
             cache.close()
@@ -225,21 +216,34 @@ def _prepare_all(requests: list[LLMRequest], ep) -> tuple[list[Prepared], dict[i
 
 
 async def _send(todo: list[Prepared], settings: LLMSettings, endpoint: str, connection: Connection,
-                cache: RequestCache | None, state_dir: Path, tally: Tally, call_id: str) -> dict[str, LLMResult]:
+                cache: RequestCache | None, state_dir: Path, tally: Tally, call_id: str,
+                accounts: Accounts | None) -> dict[str, LLMResult]:
     ep = settings.endpoint(endpoint)
     secret = connection.api_key.reveal()
+    if accounts is not None:
+        account = await accounts.account(endpoint, ep, base_url=connection.base_url, api_key=connection.api_key,
+                                         key_env=connection.key_env,
+                                         breaker_threshold=settings.breaker.consecutive_failures)
+        return await _send_with(todo, ep, connection, account.transport, account.breaker, account.admission,
+                                cache, state_dir, tally, call_id, secret)
     breaker = CircuitBreaker(settings.breaker.consecutive_failures, endpoint=endpoint,
                              base_url=connection.base_url, model=ep.model, key_env=connection.key_env)
     transport = make_transport(ep.transport, connection.base_url, connection.api_key, timeout_s=ep.timeout_s,
                                max_connections=ep.max_concurrency)
     async with transport:
-        online = OnlineEngine(ep, transport, breaker, cache, tally, secret)
-        if ep.mode == "batch":
-            from processors.llm.batch import BatchRunner  # only batch runs need it
+        return await _send_with(todo, ep, connection, transport, breaker, Admission(ep), cache, state_dir, tally,
+                                call_id, secret)
 
-            runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
-            return await runner.run(todo, call_id)
-        return await online.run(todo, call_id)
+
+async def _send_with(todo, ep, connection, transport, breaker, admission, cache, state_dir, tally, call_id,
+                     secret) -> dict[str, LLMResult]:
+    online = OnlineEngine(ep, transport, breaker, cache, tally, secret, admission=admission)
+    if ep.mode == "batch":
+        from processors.llm.batch import BatchRunner  # only batch runs need it
+
+        runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
+        return await runner.run(todo, call_id)
+    return await online.run(todo, call_id)
 
 
 def _in_order(prepared: list[Prepared], results: dict[str, LLMResult]) -> list[LLMResult]:

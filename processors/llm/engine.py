@@ -44,6 +44,8 @@ class Tally:
     # Called with each billed reply's usage (and whether the Batch API discount applies): the stage
     # journals its spend there, reply by reply (``StageContext.add_usage``).
     on_billed: Callable[[Usage, bool], None] | None = field(default=None, repr=False)
+    # Called once per call with the counters that cost nothing (cache hits, retries).
+    on_free: Callable[..., None] = field(default=lambda **counters: None, repr=False)
 
     def billed(self, usage: Usage, *, batch: bool = False) -> None:
         """Count one billed reply (and let the stage record its cost)."""
@@ -61,14 +63,15 @@ def _retryable(exc: BaseException) -> bool:
 
 class OnlineEngine:
     def __init__(self, endpoint: EndpointSettings, transport: Transport, breaker: CircuitBreaker,
-                 cache: RequestCache | None, tally: Tally, secret: str | None):
+                 cache: RequestCache | None, tally: Tally, secret: str | None, *, admission: Admission | None = None):
         self.endpoint = endpoint
         self.transport = transport
         self.breaker = breaker
         self.cache = cache
         self.tally = tally
         self._secret = secret
-        self.admission = Admission(endpoint)
+        # Shared by every call to this endpoint in the run (``processors.llm.accounts``), or this call's own.
+        self.admission = admission if admission is not None else Admission(endpoint)
         # cache key -> (reason, text) of every paid reply that was unusable (did not parse, cut by max_tokens),
         # this run's and those a killed attempt of the same call paid for (kept in the request cache): they
         # count against the retry budget, so a resume never pays for more attempts than one run would

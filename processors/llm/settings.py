@@ -109,6 +109,9 @@ class LLMSettings(_Frozen):
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     cache: bool = Field(True, description="persistent request cache under the run's cache folder")
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    budget_share: float = Field(
+        1.0, gt=0, le=1, description="this process's share of every endpoint's rpm, tpm and max_concurrency: "
+        "1/N when N processes (machines, Ray workers) send under one account; not part of any fingerprint")
 
     def endpoint_parts(self, name: str) -> dict:
         """``output_parts`` of the endpoint called ``name`` (an unknown name is reported by ``endpoint``)."""

@@ -36,6 +36,9 @@ class FilterStage(Stage):
     side_inputs = ("images",)
     batch_size = None
 
+    def shards_in_flight(self, config) -> int:
+        return 2  # the next shard's requests fill the window while this one's last answers come back
+
     def input_key(self, config: FilterConfig) -> str:
         return "image_id"
 

@@ -34,6 +34,9 @@ class QAStage(Stage):
     side_inputs = ("images",)
     batch_size = None
 
+    def shards_in_flight(self, config) -> int:
+        return 2  # the next shard's requests fill the window while this one's last answers come back
+
     def input_key(self, config: QAConfig) -> str:
         return "image_id"
 

@@ -54,6 +54,12 @@ class ScoreStage(Stage):
     side_inputs = ("images",)
     batch_size = 256
 
+    def shards_in_flight(self, config: ScoreConfig) -> int:
+        """Two when every referee is an endpoint (the next shard fills the servers' windows at a boundary);
+        one with a local referee, whose model on the GPU takes one batch at a time."""
+        local = any(referee.resolved_preset().backend != "endpoint" for referee in config.referees)
+        return 1 if local else 2
+
     def input_key(self, config: ScoreConfig) -> str:
         return "qa_id"
 
@@ -159,6 +165,7 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     A stop on this thread (Ctrl-C, SIGTERM, a local referee failing) cancels the endpoint calls at once:
     nothing more is sent or paid for, and what was answered is cached and journalled."""
     import concurrent.futures
+    import contextvars
     import threading
 
     from processors.llm.api import run_request_groups
@@ -169,7 +176,9 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     ballots: dict[str, dict] = {}
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints")
-    pending = pool.submit(run_request_groups, groups, ctx=ctx, stop=stop) if groups else None
+    # The helper thread runs in this thread's context: the shard's usage meter and stop event go with it.
+    pending = pool.submit(contextvars.copy_context().run, run_request_groups, groups, ctx=ctx, stop=stop) \
+        if groups else None
     try:
         for s, referee in zip(settings, referees):
             if not isinstance(referee, EndpointReferee):

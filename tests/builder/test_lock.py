@@ -46,3 +46,36 @@ def test_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_pat
         first.wait(timeout=30)
     hold.unlink()
     make_runner(run, config).run()  # the killed holder's lock died with it
+
+
+def test_a_killed_run_whose_forked_worker_lives_on_does_not_keep_the_folder_locked(tmp_path):
+    # The match stage's DataLoader workers are forked; one that outlives a SIGKILLed run by a few seconds held
+    # the run lock (a flock lives while any copy of its descriptor is open) and the resume was refused.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from builder.runfolder import RunLock
+        RunLock(Path({str(tmp_path / 'run')!r})).acquire()
+        child = os.fork()
+        if child == 0:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)  # let the test read its parent's output to the end
+            os.dup2(devnull, 2)
+            time.sleep(20)  # a worker that has not noticed its parent died
+            os._exit(0)
+        print(child, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    worker = int(proc.stdout.split()[0])
+    try:
+        os.kill(worker, 0)  # the forked worker is still alive...
+        with RunLock(tmp_path / "run"):  # ...and the folder can be locked by the resume
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)

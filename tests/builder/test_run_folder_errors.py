@@ -74,20 +74,22 @@ def test_a_full_disk_in_finalize_names_the_stage_the_file_and_the_fix(tmp_path, 
 
 @pytest.mark.parametrize("where", ["engine", "commit"])
 def test_a_full_disk_mid_stage_names_the_stage_and_keeps_finished_shards(tmp_path, monkeypatch, where):
+    import builder.engine as engine_module
     import builder.runner as runner_module
-    from builder.engine import LocalEngine
 
     run_dir, log = tmp_path / "run", tmp_path / "calls.log"
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if where == "engine":  # Dataset.map writing its cache file, or the batch function writing a file
-        real_run = LocalEngine.run_shard
+        real_execute = engine_module.execute_shard
 
-        def run_shard(self, shard, fn, **kwargs):
-            if "01_square" in str(kwargs["tmp_path"]) and kwargs["tmp_path"].name.endswith("-00001.arrow"):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(kwargs["tmp_path"]))
-            return real_run(self, shard, fn, **kwargs)
+        def execute_shard(fn, task, **kwargs):
+            if "01_square" in str(task.tmp_path) and task.tmp_path.name.endswith("-00001.arrow"):
+                def full_disk(batch):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(task.tmp_path))
+                return real_execute(full_disk, task, **kwargs)
+            return real_execute(fn, task, **kwargs)
 
-        monkeypatch.setattr(LocalEngine, "run_shard", run_shard)
+        monkeypatch.setattr(engine_module, "execute_shard", execute_shard)
     else:  # the runner committing shard 1 of square
         real_write = runner_module.write_arrow_table
 

@@ -36,7 +36,7 @@ def test_every_billed_reply_is_journalled_after_it_is_cached_and_before_the_call
     ctx = ctx_for(sim, max_concurrency=4)
     ctx.live_usage_path = tmp_path / "live.jsonl"
     cached_when_counted: list[bool] = []
-    count = ctx.add_usage
+    count = ctx.meter.add  # the shard's usage meter: the engine counts each billed reply there
 
     def spy(**counters):
         if counters.get("requests") == 1:  # a billed reply: the cache must already hold as many answers
@@ -44,7 +44,7 @@ def test_every_billed_reply_is_journalled_after_it_is_cached_and_before_the_call
                 cached_when_counted.append(len(cache) >= int(ctx.usage.get("requests", 0)) + 1)
         count(**counters)
 
-    ctx.add_usage = spy
+    ctx.meter.add = spy
     run_requests(json_requests(12), endpoint="sim", ctx=ctx)
     assert cached_when_counted == [True] * 12
     lines = ctx.live_usage_path.read_text().splitlines()
