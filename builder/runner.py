@@ -163,6 +163,14 @@ class Runner:
             self._verified.add(name)
         return load_stage_output(self.run_dir, name, expect_fingerprint=self._fingerprints.get(name))
 
+    def stage_work(self, name: str) -> StageWork:
+        """Stage ``name``'s work as plain data: what an engine runs, in this process or any other."""
+        stage = self._by_name[name]
+        return StageWork(stage=stage, config=self.stage_config(stage), settings=self.config, run_dir=self.run_dir,
+                         stage_dir=self.stage_dir(name), cache_dir=self.run_dir / "cache", dry_run=self.dry_run,
+                         services=dict(self._run_services),
+                         reads={n: self._fingerprints[n] for n in self.reads(stage)})
+
     def _run_stage(self, stage: Stage) -> dict:
         """Run one stage; a full disk, a read-only folder or the like stops it with a ``RunFolderError`` that
         names the stage, the file and the fix (finished shards are kept either way)."""
@@ -190,9 +198,7 @@ class Runner:
             return previous
         for name in self.reads(stage):
             self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
-        work = StageWork(stage=stage, config=config, settings=self.config, run_dir=self.run_dir, stage_dir=folder,
-                         cache_dir=self.run_dir / "cache", dry_run=self.dry_run, services=dict(self._run_services),
-                         reads={n: self._fingerprints[n] for n in self.reads(stage)})
+        work = self.stage_work(stage.name)
         ctx = dataclasses.replace(work.context(), load_stage=self.load_stage)  # the runner's own, verifying reads
         inputs = self._inputs(stage, config, ctx, folder)
         key = stage.input_key(config)

@@ -58,6 +58,7 @@ class StageWork:
 
     def build(self) -> BatchFn:
         """The batch function, built here: models load, clients connect, side inputs are read once."""
+        self.stage_dir.mkdir(parents=True, exist_ok=True)  # a stage may keep files there (a ledger, a report)
         return self.stage.make_batch_fn(self.config, self.context())
 
 
@@ -161,3 +162,13 @@ class Engine(Protocol):
     def run_shards(self, work: StageWork, tasks: Iterable[ShardTask], *, features: datasets.Features,
                    batch_size: int | None, in_flight: int,
                    on_rows: Callable[[int], None] | None = None) -> Iterator[ShardOutcome]: ...
+
+
+def run_pickled(payload: bytes) -> bytes:
+    """Run one shard from ``cloudpickle.dumps((work, task, features, batch_size))`` and return the pickled
+    outcome: the entry point of another process (a spawned subprocess here; a Ray worker does the same)."""
+    import cloudpickle
+
+    work, task, features, batch_size = cloudpickle.loads(payload)
+    outcome = execute_shard(work.build(), task, features=features, batch_size=batch_size)
+    return cloudpickle.dumps(outcome)

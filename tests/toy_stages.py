@@ -56,6 +56,9 @@ class SquareConfig(StageConfig):
     hold_while: str | None = None  # a path: rows from `hold_from` on wait while it exists (pins a run mid-stage)
     hold_from: int = 0
     raise_from: int | None = None  # rows from this value on raise (a stage that stops with an exception)
+    hold_rows: list[int] = []  # these rows (values) also wait while `hold_while` exists
+    sleep_below: int | None = None  # sleep_s applies only to rows below this value (one slow shard)
+    in_flight: int = 1  # Stage.shards_in_flight
 
 
 class Square(Stage):
@@ -73,6 +76,9 @@ class Square(Stage):
             {"sq_id": datasets.Value("string"), "num_id": datasets.Value("string"), "square": datasets.Value("int64")}
         )
 
+    def shards_in_flight(self, config):
+        return config.in_flight
+
     def make_batch_fn(self, config, ctx):
         def fn(batch):
             out = BatchOutput(["sq_id", "num_id", "square"])
@@ -82,9 +88,10 @@ class Square(Stage):
                         log.write(f"{key}\n")
                         log.flush()
                         os.fsync(log.fileno())
-                if config.sleep_s:
+                if config.sleep_s and (config.sleep_below is None or value < config.sleep_below):
                     time.sleep(config.sleep_s)
-                while config.hold_while and value >= config.hold_from and os.path.exists(config.hold_while):
+                held = (value >= config.hold_from if not config.hold_rows else value in config.hold_rows)
+                while config.hold_while and held and os.path.exists(config.hold_while):
                     time.sleep(0.01)
                 if config.fail_every and value % config.fail_every == 0:
                     out.fail(key, "divisible", f"{value} is divisible by {config.fail_every}")

@@ -84,6 +84,11 @@ class Accounts:
 
         When ``stop()`` turns true, or this thread is interrupted (Ctrl-C, SIGTERM raised here), the call is
         cancelled and this waits for it to unwind (answers cached, spend journalled) before raising."""
+        try:
+            loop = self._running_loop()
+        except RuntimeError:
+            coro.close()  # never started: no "was never awaited" warning
+            raise
         finished = threading.Event()
 
         async def tracked() -> T:
@@ -92,7 +97,7 @@ class Accounts:
             finally:
                 finished.set()
 
-        future = asyncio.run_coroutine_threadsafe(tracked(), self._running_loop())
+        future = asyncio.run_coroutine_threadsafe(tracked(), loop)
         try:
             while True:
                 try:

@@ -1,0 +1,92 @@
+"""One account per endpoint for the whole run: a 429 storm in one shard slows the next one; a budget share
+splits the limits; a pickled account becomes the receiving process's own."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+from llm_helpers import json_requests
+
+from processors.llm.accounts import SERVICE, Accounts, process_accounts, run_accounts
+from processors.llm.api import run_requests
+from processors.llm.settings import EndpointSettings
+from processors.llm.transport import AiohttpTransport
+
+
+class PeakInFlight:
+    """Counts requests on the wire at once (the transport's ``chat``)."""
+
+    def __init__(self, monkeypatch):
+        self.now = self.peak = 0
+        real = AiohttpTransport.chat
+
+        async def chat(transport, body, key):
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            try:
+                return await real(transport, body, key)
+            finally:
+                self.now -= 1
+
+        monkeypatch.setattr(AiohttpTransport, "chat", chat)
+
+    def reset(self) -> None:
+        self.now = self.peak = 0
+
+
+def _shard(ctx, name: str) -> None:
+    results = run_requests(json_requests(64, prefix=name), endpoint="sim", ctx=ctx)
+    assert all(r.ok for r in results)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_429_storm_in_one_shard_slows_the_next(simulator, ctx_for, monkeypatch, shared):
+    # every request's first attempt is a 429: the AIMD window shrinks during the first shard
+    sim = simulator(latency_ms=20, fail_first=1, fail_kind="429", retry_after_s=0.01)
+    ctx = ctx_for(sim, max_concurrency=32, min_concurrency=1)
+    peak = PeakInFlight(monkeypatch)
+    with run_accounts() as services:
+        if shared:
+            ctx.services.update(services)  # what the runner gives every stage's work
+        _shard(ctx, "first")
+        if shared:
+            (account,) = services[SERVICE]._accounts.values()
+            left = int(account.admission.concurrency.limit)
+            assert left < 32
+        peak.reset()
+        _shard(ctx, "second")
+    if shared:  # the second shard starts with the window the storm left (grown by one per window of
+        # successes at most), not with a fresh burst of 32
+        assert peak.peak <= left + 64 // left < 32, (peak.peak, left)
+    else:  # a fresh admission per call: the next shard hits the overloaded server with the full window again
+        assert peak.peak == 32
+
+
+def test_calls_of_one_run_share_one_account_per_endpoint(simulator, ctx_for):
+    sim = simulator(latency_ms=1)
+    ctx = ctx_for(sim)
+    with run_accounts() as services:
+        ctx.services.update(services)
+        _shard(ctx, "a")
+        _shard(ctx, "b")
+        accounts = services[SERVICE]
+        assert len(accounts._accounts) == 1
+    with pytest.raises(RuntimeError, match="closed"):  # the run ended: nothing more is sent through it
+        accounts.run(asyncio.sleep(0))
+
+
+def test_a_budget_share_splits_every_limit_of_the_account():
+    endpoint = EndpointSettings(rpm=3000, tpm=1_000_000, max_concurrency=64, min_concurrency=4)
+    quarter = Accounts(0.25).scaled(endpoint)
+    assert (quarter.rpm, quarter.tpm, quarter.max_concurrency, quarter.min_concurrency) == (750, 250_000, 16, 1)
+    assert Accounts(1.0).scaled(endpoint) is endpoint
+    with pytest.raises(ValueError, match="budget_share"):
+        Accounts(0)
+
+
+def test_a_pickled_account_is_the_receiving_process_own():
+    accounts = Accounts(0.5)
+    copy = pickle.loads(pickle.dumps(accounts))
+    assert copy is process_accounts(0.5) and copy is not accounts and copy.budget_share == 0.5

@@ -1,0 +1,99 @@
+"""Every stage's work travels: pickled with cloudpickle and run in a spawned subprocess (no fork, nothing
+inherited), one shard gives the same rows, failures and usage as the same shard run in this process.
+
+This is the seam the Ray engine uses: a worker gets ``(StageWork, ShardTask)``, builds the batch function
+once, and sends back the outcome (rows by file, usage by value)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import cloudpickle
+import datasets
+import pytest
+
+from builder.outputs import load_stage_output
+from builder.work import ShardTask, execute_shard, run_pickled
+from processors.session import dry_run_services, open_run
+
+CONFIG = """
+run: {name: travel, shard_size: 6}
+llm:
+  endpoints:
+    gpt4o: {model: gpt-4o-2024-08-06, image_max_side: 256}
+    referee_a: {base_url: "http://localhost:9/v1", api_key_env: null, model: internvl-chat-v1.5}
+stages:
+  taxonomy: {levels: 2, rounds_per_level: 1, children_per_request: 3, new_first_level_per_round: 1, plots: false}
+  images:
+    sources: [{type: synthetic, count: 8, seed: 5}]
+  match: {model: tg-tiny-clip, pretrained: null, top_k: 4}
+  score:
+    referees:
+      - {name: tiny_llava, preset: tiny-random-llava, batch_size: 8}
+      - {name: referee_a, preset: internvl-chat-v1.5, endpoint: {endpoint: referee_a}}
+  final: {threshold: 1}
+"""
+STAGES = ["taxonomy", "images", "match", "filter", "qa", "score", "final"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("travel")
+    (root / "travel.yaml").write_text(CONFIG)
+    with dry_run_services(True) as services:
+        runner = open_run(root / "travel.yaml", run_dir=root / "run", dry_run=True, services=services,
+                          progress=False)
+        runner.run()
+        # the subprocess must get nothing that only this process has: spawn, not fork
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield root, runner, pool
+
+
+def _first_shard(runner, name: str, folder: Path) -> ShardTask:
+    stage = runner._by_name[name]
+    if stage.upstream:
+        inputs = load_stage_output(runner.run_dir, stage.upstream)
+    else:
+        inputs = datasets.Dataset.from_file(str(runner.stage_dir(name) / "input.arrow"))
+    shards = -(-len(inputs) // runner.config.run.shard_size)
+    folder.mkdir(parents=True)
+    return ShardTask(index=0, rows=inputs.shard(shards, 0, contiguous=True), fingerprint=f"travel-{name}",
+                     tmp_path=folder / "map.arrow", journal_path=folder / "live.jsonl")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_a_stage_shard_runs_the_same_in_a_spawned_process(finished, name):
+    root, runner, pool = finished
+    results = {}
+    for where in ("here", "there"):
+        # each side starts from an empty request cache and stage folder, so each pays the same requests
+        base = root / f"{name}-{where}"
+        work = dataclasses.replace(runner.stage_work(name), cache_dir=base / "cache", stage_dir=base / "stage")
+        if name == "taxonomy":  # its batch function reads the seed report its listing wrote
+            shutil.copytree(runner.stage_dir(name), work.stage_dir, ignore=shutil.ignore_patterns("shard-*"))
+        task = _first_shard(runner, name, base / "task")
+        stage = runner._by_name[name]
+        features, batch = stage.features(work.config), stage.batch_size
+        if where == "here":
+            outcome = execute_shard(work.build(), task, features=features, batch_size=batch)
+        else:
+            payload = cloudpickle.dumps((work, task, features, batch))
+            outcome = cloudpickle.loads(pool.submit(run_pickled, payload).result(timeout=240))
+        assert outcome.error is None, outcome.error
+        results[where] = outcome
+    here, there = results["here"], results["there"]
+    assert there.table().num_rows == here.table().num_rows > 0
+    assert there.table().equals(here.table())
+    assert there.usage == here.usage
+    assert read_lines(there) == read_lines(here)  # the spend journal, written where the work ran
+
+
+def read_lines(outcome) -> float:
+    from builder.outputs import read_journal
+
+    journal = outcome.table_path.parent / "live.jsonl" if outcome.table_path else None
+    return read_journal(journal) if journal and journal.exists() else {}
