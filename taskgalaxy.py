@@ -136,7 +136,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
                           image_root=Path(args.image_root) if args.image_root else None, copy_images=args.copy_images)
     print(f"wrote {result.samples} samples to {result.json_path}; images under {result.image_root}"
           + (f"; task types in {result.tasktype_path}" if result.tasktype_path else ""))
+    browser = _browser_writer(run_dir)(Path(args.llava).parent)
+    print(f"sample browser: open {browser} in a web browser")
     return 0
+
+
+def _browser_writer(run_dir: Path):
+    """Writes the static sample browser into ``<folder>/browser/`` (the export's folder or the Hub layout)."""
+    from processors.quality.browser import write_browser
+
+    resolver = _image_resolver(run_dir)
+    return lambda folder: write_browser(run_dir, Path(folder) / "browser", resolver)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -146,11 +156,13 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if args.local_dir:
-        configs = build_repo_folder(run_dir, Path(args.local_dir), resolve_image=_image_resolver(run_dir))
+        configs = build_repo_folder(run_dir, Path(args.local_dir), resolve_image=_image_resolver(run_dir),
+                                    extras=_browser_writer(run_dir))
         print(f"wrote {len(configs)} configs to {args.local_dir}: " + ", ".join(c["name"] for c in configs))
         return 0
     with tempfile.TemporaryDirectory(prefix="taskgalaxy-push-") as tmp:
-        build_repo_folder(run_dir, Path(tmp) / "repo", resolve_image=_image_resolver(run_dir))
+        build_repo_folder(run_dir, Path(tmp) / "repo", resolve_image=_image_resolver(run_dir),
+                          extras=_browser_writer(run_dir))
         url = push_to_hub(Path(tmp) / "repo", args.repo_id, tag=args.tag, private=args.private)
     print(f"pushed to {url}")
     return 0

@@ -1,10 +1,42 @@
-"""The dataset card (README.md) of a published run: YAML configs, counts, failures, cost, how to load."""
+"""The dataset card (README.md) of a published run: metadata, YAML configs, counts, failures, cost, how to load.
+
+The metadata block is built with ``huggingface_hub``'s ``DatasetCardData`` (license, task categories,
+language, size category, tags, pretty name, one ``configs:`` entry per published folder so the Hub's viewer
+reads every config). Stages may add a Markdown section of their own (``NN_stage/card.md``, e.g. the final
+stage's quality report) and plots (``NN_stage/*.png``); the card includes them without interpreting them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from builder.config import read_config_data
+
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))
+
+
+class CardSettings(BaseModel):
+    """Keys of the top-level ``card`` section: the dataset card's metadata on the Hub."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    license: str = Field("other", description="a Hub license id (e.g. cc-by-4.0); the default `other` because "
+                         "the images keep their sources' licenses (give license_name / license_link)")
+    license_name: str | None = Field(None, description="with license: other, the license's name")
+    license_link: str | None = Field(None, description="with license: other, where its terms are")
+    language: list[str] = Field(default_factory=lambda: ["en"], description="languages of the questions")
+    pretty_name: str | None = Field(None, description="the dataset's display name; default from the run name")
+    tags: list[str] = Field(default_factory=lambda: ["taskgalaxy", "multimodal", "instruction-tuning",
+                                                     "synthetic"])
+    task_categories: list[str] = Field(default_factory=lambda: ["visual-question-answering",
+                                                                "image-text-to-text"])
+
+
+def size_category(rows: int) -> str:
+    return next((label for bound, label in SIZE_CATEGORIES if rows < bound), "n>1T")
 
 
 STAGE_TEXT = {
@@ -19,7 +51,9 @@ STAGE_TEXT = {
 }
 
 
-def _front_matter(configs: list[dict]) -> str:
+def _front_matter(configs: list[dict], settings: CardSettings, run_name: str) -> str:
+    from huggingface_hub import DatasetCardData
+
     entries = []
     for config in configs:
         entry = {
@@ -30,16 +64,30 @@ def _front_matter(configs: list[dict]) -> str:
             entry["default"] = True
         entries.append(entry)
     infos = [{"config_name": c["name"], **c["info"]} for c in configs if "info" in c]
-    meta = {"configs": entries, "dataset_info": infos, "tags": ["taskgalaxy", "multimodal", "instruction-tuning"],
-            "task_categories": ["visual-question-answering"]}
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+    rows = next((c["rows"] for c in configs if c["name"] == "final"), 0)
+    extra = {k: v for k, v in (("license_name", settings.license_name), ("license_link", settings.license_link)) if v}
+    data = DatasetCardData(
+        license=settings.license, language=list(settings.language), task_categories=list(settings.task_categories),
+        size_categories=[size_category(rows)], tags=list(settings.tags),
+        pretty_name=settings.pretty_name or f"TaskGalaxy-style instruction data ({run_name})",
+        configs=entries, dataset_info=infos, **extra)
+    return "---\n" + data.to_yaml() + "\n---\n"
 
 
-def render_card(run_dir: Path, configs: list[dict], states: list[dict]) -> str:
+def card_settings(run_dir: Path) -> tuple[CardSettings, str]:
+    """The run's ``card`` section (defaults where the run's config has none) and its run name."""
+    data = read_config_data(Path(run_dir) / "config.yaml")
+    return CardSettings.model_validate(data.get("card") or {}), str((data.get("run") or {}).get("name") or "run")
+
+
+def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, browser: bool = False) -> str:
+    """``browser``: the layout holds the static sample browser (``browser/index.html``)."""
     config_text = (Path(run_dir) / "config.yaml")
+    settings, run_name = card_settings(run_dir)
+    title = settings.pretty_name or "TaskGalaxy-style instruction-tuning data"
     lines = [
-        _front_matter(configs),
-        "# TaskGalaxy-style instruction-tuning data",
+        _front_matter(configs, settings, run_name),
+        f"# {title}",
         "",
         "Built with the TaskGalaxy builder: a task taxonomy grown by an LLM, images matched to task types by "
         "CLIP and filtered by GPT-4o, questions and answers written by GPT-4o, kept by a vote of VLM referees.",
@@ -68,6 +116,8 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict]) -> str:
             f"{_reasons(totals['item_failures'])} | {tokens:,} | {cost:.2f} | `{state['fingerprint'][:12]}` |"
         )
     lines += ["", f"Total API cost: ${total_cost:.2f}.", ""]
+    for section in sorted(Path(run_dir).glob("[0-9][0-9]_*/card.md")):
+        lines += [section.read_text(encoding="utf-8").rstrip(), ""]
     plots = sorted(p.name for p in Path(run_dir).glob("[0-9][0-9]_*/*.png"))
     if plots:
         lines += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
@@ -76,6 +126,11 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict]) -> str:
         "`llava/taskgalaxy_llava.json` holds the `final` samples as LLaVA records "
         "(`id`, `image`, `task_type`, `conversations`); `llava/tasktype.txt` lists the task types.", "",
     ]
+    if browser:
+        lines += ["## Browse the samples", "",
+                  "`browser/index.html` is a static page (no network, no server): download it and open the file "
+                  "in a browser to see the published samples' images, task paths, questions, answers and votes, "
+                  "filtered by category or task type or searched as text.", ""]
     if config_text.exists():
         lines += ["## Config", "", "```yaml", config_text.read_text(encoding="utf-8").rstrip(), "```", ""]
     return "\n".join(lines)

@@ -165,6 +165,16 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return sorted(fields) if fields else []
 
 
+def read_config_data(path: str | os.PathLike) -> dict:
+    """A YAML mapping written by this project (a run folder's ``config.yaml``) as plain data, unvalidated:
+    for readers such as the dataset card that need a few keys of a finished run; {} when absent or unreadable."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def dump_config(config: BaseModel) -> dict:
     """The config as plain JSON-able data (what fingerprints and the run folder's copy are made of)."""
     return config.model_dump(mode="json")

@@ -29,10 +29,15 @@ logger = logging.getLogger(__name__)
 
 EMBED_IMAGES = {"images": "path", "final": "image"}  # config -> column holding the images-stage path
 MAX_SHARD_BYTES = 500 * 1024 * 1024
+BROWSER = "browser/index.html"  # the static sample browser, when the CLI's extras wrote one
 
 
-def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[str], Path]) -> list[dict]:
+def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[str], Path],
+                      extras: Callable[[Path], None] | None = None) -> list[dict]:
     """Write the Hub layout of ``run_dir`` into ``out_dir``; returns what each config holds.
+
+    ``extras(folder)`` adds files to the layout before the card is written (the CLI passes the sample
+    browser's writer: ``builder`` knows no image library); they appear, and are replaced, with the rest.
 
     All or nothing: everything is checked first (a folder of someone else's at ``out_dir``, damaged shards,
     image roots the run's config does not vouch for), then laid out in a hidden folder beside ``out_dir`` and
@@ -47,7 +52,7 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))
     try:
-        configs = _lay_out(run_dir, staging, states, resolve_image)
+        configs = _lay_out(run_dir, staging, states, resolve_image, extras)
         _swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -55,7 +60,7 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     return configs
 
 
-def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image) -> list[dict]:
+def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, extras=None) -> list[dict]:
     (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
     scratch = out_dir / SCRATCH  # `datasets` cache files of the embedding step: never in the run folder
     configs = []
@@ -74,7 +79,11 @@ def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image) ->
         export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
                      place_images=False)
     _copy_plots(run_dir, out_dir / "plots")
-    (out_dir / "README.md").write_text(render_card(run_dir, configs, states), encoding="utf-8")
+    _copy_reports(run_dir, out_dir / "reports")
+    if extras is not None and any(s["stage"] == "final" for s in states):
+        extras(out_dir)
+    browser = (out_dir / BROWSER).is_file()
+    (out_dir / "README.md").write_text(render_card(run_dir, configs, states, browser=browser), encoding="utf-8")
     return configs
 
 
@@ -151,6 +160,13 @@ def _copy_plots(run_dir: Path, target: Path) -> None:
     for plot in sorted(run_dir.glob("[0-9][0-9]_*/*.png")):
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, target / plot.name)
+
+
+def _copy_reports(run_dir: Path, target: Path) -> None:
+    """Tables a stage wrote for readers of the data (e.g. the final stage's per-leaf coverage CSV)."""
+    for report in sorted(run_dir.glob("[0-9][0-9]_*/*.csv")):
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report, target / report.name)
 
 
 def push_to_hub(folder: Path, repo_id: str, *, tag: str | None = None, private: bool = False) -> str:

@@ -72,6 +72,10 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
             if counts:
                 reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
                 lines.append(f"{'':<10} {label}: {reasons}")
+        # A stage's own report lines (e.g. final's coverage and referee agreement): shown, not interpreted.
+        for line in (s.get("stats") or {}).get("summary", []) if isinstance(s.get("stats"), dict) else []:
+            if isinstance(line, str):
+                lines.append(f"{'':<10} {line}")
     total_cost = sum(s["cost_usd"] for s in summaries)
     lines.append(f"total cost so far: ${total_cost:.2f}")
     return "\n".join(lines)

@@ -29,9 +29,10 @@ def default_stages() -> list[Stage]:
 
 def config_sections() -> dict[str, type[BaseModel]]:
     """Top-level config sections besides ``run`` and ``stages``."""
+    from builder.card import CardSettings
     from processors.llm.settings import LLMSettings
 
-    return {"llm": LLMSettings}
+    return {"llm": LLMSettings, "card": CardSettings}
 
 
 def check_credentials(config: Any, stages: list[Stage], *, dry_run: bool) -> None:
@@ -65,6 +66,12 @@ def check_consistency(config: Any) -> None:
     if score is not None and final is not None and final.threshold > len(score.referees):
         problems.append(f"stages.final.threshold is {final.threshold}, but stages.score has only "
                         f"{len(score.referees)} referees: no sample could ever be kept")
+    match, filt = getattr(stages, "match", None), getattr(stages, "filter", None)
+    if match is not None and filt is not None and match.coverage_min \
+            and filt.max_candidates < match.top_k + match.coverage_max_extra:
+        problems.append(f"stages.match.coverage_min is on, but stages.filter.max_candidates "
+                        f"({filt.max_candidates}) is less than stages.match.top_k + coverage_max_extra "
+                        f"({match.top_k + match.coverage_max_extra}): the filter would never see the added candidates")
     if problems:
         raise ConfigError("config error: " + "; ".join(problems) + "; nothing was run")
 

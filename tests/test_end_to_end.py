@@ -66,6 +66,10 @@ def test_every_stage_finishes_and_accounts_for_every_row(finished_run, capsys):
     assert status["images"]["rows_out"] == 14
     assert status["final"]["rows_out"] > 0, "the demo should keep some samples"
     assert status["qa"]["requests"] > 0 and status["filter"]["requests"] == status["match"]["rows_out"]
+    report = status["final"]["stats"]
+    assert report["coverage"]["leaves"] > 10 and report["coverage"]["stages"]["final"]["rows"] == status["final"]["rows_out"]
+    overall = report["agreement"]["overall"]
+    assert sum(overall["patterns"].values()) == status["score"]["rows_out"] and len(overall["cohen_kappa"]) == 3
 
 
 def test_export_is_valid_llava_with_stable_ids(finished_run, capsys):
@@ -100,6 +104,18 @@ def test_push_to_a_local_folder_loads_every_config_back(finished_run, capsys):
     assert (repo / "llava" / "taskgalaxy_llava.json").exists()
     card = (repo / "README.md").read_text()
     assert "config_name: final" in card and "vote_below_threshold" in card
+    # the Hub's metadata (huggingface_hub card data), the quality report and its plots, the sample browser
+    from huggingface_hub import DatasetCard
+
+    meta = DatasetCard(card).data
+    assert meta.license == "other" and meta.task_categories == ["visual-question-answering", "image-text-to-text"]
+    assert meta.size_categories == ["n<1K"] and meta.language == ["en"] and meta.pretty_name
+    assert {c["config_name"] for c in meta.configs} == set(STAGES) | {"failures"}
+    assert "### Referee agreement" in card and "### Task coverage" in card
+    assert "(plots/quality_votes.png)" in card and (repo / "plots" / "quality_votes.png").is_file()
+    page = (repo / "browser" / "index.html").read_text()
+    assert all(f'"id": "{record_id}"' in page for record_id in final["id"])
+    assert (repo / "reports" / "coverage_per_leaf.csv").is_file()
 
 
 def test_no_file_of_the_run_or_the_repo_holds_the_api_key(finished_run):

@@ -29,6 +29,13 @@ class ClipMatchConfig(StageConfig):
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the image tower (auto = on a GPU: 1.66x model throughput measured on "
         "an H100 for ViT-L/14, ~25 s to compile once per process; falls back to eager if compiling fails)")
+    coverage_min: int = Field(
+        0, ge=0, description="coverage pass: every leaf task type gets at least this many candidate images, "
+        "the images most similar to it added as extra candidates (reverse top-k); 0 = off (the paper). On, all "
+        "images are embedded before the first shard (every image's vector is needed at once)")
+    coverage_max_extra: int = Field(
+        3, ge=1, description="coverage pass: at most this many task types added to one image (its filter "
+        "prompt shows top_k + this many candidates: stages.filter.max_candidates must allow them)")
     fast_decode: bool = Field(
         True, description="decode JPEGs at the smallest DCT scale that still covers the model's input size "
         "(2-3x less decode and resize work; pixels differ slightly from a full-size decode)")

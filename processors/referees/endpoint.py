@@ -32,7 +32,14 @@ MASKED_LOGPROB = -9000.0  # vLLM reports tokens a constraint excluded at -9999: 
 
 
 def endpoint_factory(ctx: Any) -> Callable[[RefereeSettings], "EndpointReferee"]:
-    return lambda settings: EndpointReferee(settings, ctx)
+    def build(settings: RefereeSettings) -> "EndpointReferee":
+        if settings.blind:  # text only: the same vote reading, a request without the image
+            from processors.referees.blind import BlindReferee
+
+            return BlindReferee(settings, ctx)
+        return EndpointReferee(settings, ctx)
+
+    return build
 
 
 def endpoint_names(settings: RefereeSettings) -> list[str]:

@@ -56,6 +56,8 @@ class RefereeSettings(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_side: int | None = Field(default=None, ge=32)
     see_answer: bool = False
+    blind: bool = Field(False, description="text only: the image is never sent (processors.referees.blind; "
+                        "needs see_answer and an endpoint backend); for the final stage's blind_referees")
     reuse: Literal["auto", "prefix", "none"] = "auto"
     seed: int = 0
     endpoint: RefereeEndpoint = Field(default_factory=lambda: RefereeEndpoint())
@@ -66,6 +68,8 @@ class RefereeSettings(BaseModel):
             raise ValueError(f"unknown referee preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         if self.preset is None and self.model_id is None:
             raise ValueError(f"referee {self.name!r}: give a preset or a model_id")
+        if self.blind and not self.see_answer:
+            raise ValueError(f"referee {self.name!r}: blind needs see_answer: true (it judges the answer)")
         return self
 
     def resolved_preset(self) -> RefereePreset:
@@ -106,4 +110,5 @@ class RefereeSettings(BaseModel):
             "mm_processor_kwargs": preset.mm_processor_kwargs,
             # how the vote is read changes it (a constrained reply can differ from a free one)
             "vote_constraint": self.endpoint.vote_constraint if preset.backend == "endpoint" else None,
+            **({"blind": "blind-v1"} if self.blind else {}),  # only when on: other referees keep their prints
         }

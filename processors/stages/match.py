@@ -80,7 +80,10 @@ class Match(Stage):
 
     def fingerprint_config(self, config: ClipMatchConfig) -> dict:
         # Speed knobs only: the same images and task types give the same candidates whatever their values.
-        return config.model_dump(mode="json", exclude={"batch_size", "num_workers", "text_batch_size", "score_chunk", "compile"})
+        # The coverage pass's keys count only when it is on, so runs without it keep their fingerprints.
+        speed = {"batch_size", "num_workers", "text_batch_size", "score_chunk", "compile"}
+        off = {"coverage_min", "coverage_max_extra"} if not config.coverage_min else set()
+        return config.model_dump(mode="json", exclude=speed | off)
 
     def fingerprint_parts(self, config: ClipMatchConfig) -> dict:
         from processors.clip.text import TEXT_TEMPLATE_VERSION
@@ -100,6 +103,9 @@ class Match(Stage):
         if config.top_k > len(tasks[0]):
             logger.warning("match: top_k %d is more than the %d task types to match against; each image gets all "
                            "%d as candidates", config.top_k, len(tasks[0]), len(tasks[0]))
+
+        if config.coverage_min:
+            return self._coverage_batch_fn(config, ctx, matcher, tasks, roots)
 
         def fn(batch: dict[str, list]) -> dict[str, list]:
             matcher.set_tasks(*tasks)  # loads the model and embeds the texts on first use; then a cache hit
@@ -121,6 +127,45 @@ class Match(Stage):
                 else:
                     out.fail(ids[index], result.reason, result.detail)
             ctx.add_usage(clip_images=encoded)
+            return out.to_columns()
+
+        return fn
+
+    def _coverage_batch_fn(self, config: ClipMatchConfig, ctx: StageContext, matcher, tasks, roots) -> BatchFn:
+        """With the coverage pass on: every image is embedded and planned here, once; a shard looks its rows up."""
+        import json
+
+        from builder.runfolder import atomic_write_bytes
+        from loaders.images.paths import PathEscapeError, resolve_image_path
+        from processors.clip.coverage import embed_images, plan_coverage
+
+        images = ctx.load_stage("images")
+        ids, stored = column_values(images, "image_id"), column_values(images, "path")
+        escaped, usable_ids, paths = {}, [], []
+        for image_id, row_path in zip(ids, stored):
+            try:
+                paths.append(resolve_image_path(ctx.run_dir, row_path, roots))
+                usable_ids.append(image_id)
+            except PathEscapeError as exc:
+                escaped[image_id] = str(exc)
+        bank = matcher.set_tasks(*tasks)
+        vectors, errors = embed_images(matcher, usable_ids, paths, Path(ctx.stage_dir) / "coverage" / "embeddings.npz")
+        plan = plan_coverage(usable_ids, vectors, errors, bank, top_k=config.top_k, minimum=config.coverage_min,
+                             max_extra=config.coverage_max_extra, chunk=min(config.score_chunk, 4096))
+        stats = {"coverage_pass": {"min": config.coverage_min, "added": plan.added, "leaves_raised": plan.leaves_raised,
+                                   "leaves_short": len(plan.leaves_short), "short_examples": plan.leaves_short[:10]}}
+        atomic_write_bytes(Path(ctx.stage_dir) / "stats.json", json.dumps(stats, indent=1).encode())
+
+        def fn(batch: dict[str, list]) -> dict[str, list]:
+            out = BatchOutput(COLUMNS)
+            for image_id in batch["image_id"]:
+                if image_id in escaped:
+                    out.fail(image_id, "path_escape", escaped[image_id])
+                elif image_id in plan.errors:
+                    out.fail(image_id, plan.errors[image_id].reason, plan.errors[image_id].detail)
+                else:
+                    out.add(image_id, {"image_id": image_id, "candidates": plan.candidates[image_id]})
+            ctx.add_usage(clip_images=sum(1 for i in batch["image_id"] if i in plan.candidates))
             return out.to_columns()
 
         return fn

@@ -1,0 +1,46 @@
+"""Keys of ``stages.final.decontamination``: which benchmarks a training sample must not come from."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from builder.config import ExistingPath
+
+
+class BenchmarkImages(BaseModel):
+    """One benchmark's images: a local ``folder`` (searched recursively) or a Hub dataset (``hub``: its repo
+    id, read with ``datasets.load_dataset``; images from ``column``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="shown in failure details and the card, e.g. MMBench")
+    folder: ExistingPath | None = None
+    hub: str | None = Field(None, description="Hub dataset id, e.g. lmms-lab/MMBench")
+    config: str | None = Field(None, description="the Hub dataset's config name")
+    split: str = "test"
+    column: str = Field("image", description="the Hub dataset's image column")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BenchmarkImages":
+        if (self.folder is None) == (self.hub is None):
+            raise ValueError(f"benchmark {self.name!r}: give exactly one of folder or hub")
+        return self
+
+
+class DecontaminationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    benchmark_images: list[BenchmarkImages] = Field(
+        default_factory=list, description="benchmark image sets; a kept sample whose image equals one (same "
+        "decoded pixels) or is near one (CLIP cosine >= near_threshold) fails as benchmark_image")
+    near_threshold: float | None = Field(
+        0.95, gt=0, le=1, description="CLIP cosine (the match stage's model) at or above which an image is a near "
+        "copy of a benchmark image; null = exact pixel matches only")
+    benchmark_questions: list[ExistingPath] = Field(
+        default_factory=list, description="files of benchmark questions (one per line, or JSON lines with a "
+        "'question' key); a question sharing a word n-gram with one fails as benchmark_question")
+    ngram: int = Field(13, ge=3, description="n-gram length in words (13: the GPT-3 paper's decontamination)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.benchmark_images or self.benchmark_questions)

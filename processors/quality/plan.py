@@ -1,0 +1,86 @@
+"""What the ``final`` stage decides for every scored row, computed once over the whole score table.
+
+The paper's protocol keeps a row when its referees' votes reach the threshold. On top of that, each optional
+check may reject a row the protocol keeps — the answer-correctness referees (``answer_incorrect``), the
+text-only referees (``answerable_without_image``) and decontamination (``benchmark_image``,
+``benchmark_question``) — and the balanced selection may leave it out (``balance_cap``, ``balance_target``).
+A row fails with the first reason that applies, in that order; ``rejected_by_check`` counts, for each check
+on its own, how many rows the paper's protocol keeps that it rejects (one row may count under several).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from processors.quality.selection import Candidate, mean_p_yes, select_balanced
+
+ANSWER_INCORRECT = "answer_incorrect"
+ANSWERABLE_WITHOUT_IMAGE = "answerable_without_image"
+
+
+@dataclass
+class FinalPlan:
+    failures: dict[str, tuple[str, str]]  # qa_id -> (reason, detail); every other row is kept
+    protocol_total: dict[str, int]  # qa_id -> votes of the protocol referees (the paper's total)
+    summary: dict = field(default_factory=dict)
+
+
+def _shown(votes: dict, names) -> str:
+    return ", ".join(f"{name}={votes.get(name)}" for name in names)
+
+
+def plan_final(config, rows: dict[str, list], *, known_images: set[str],
+               contamination: Callable[[dict[str, list]], dict[str, tuple[str, str]]] | None = None) -> FinalPlan:
+    """``rows``: the score table as columns (``qa_id, image_id, task_type, question, votes, p_yes``).
+    ``contamination`` maps the protocol-kept rows to the ones a benchmark claims (``qa_id -> (reason, detail)``)."""
+    special = set(config.answer_referees) | set(config.blind_referees)
+    failures: dict[str, tuple[str, str]] = {}
+    totals: dict[str, int] = {}
+    rejected = {ANSWER_INCORRECT: 0, ANSWERABLE_WITHOUT_IMAGE: 0, "benchmark_image": 0, "benchmark_question": 0}
+    protocol_kept: list[int] = []
+    for i, qa_id in enumerate(rows["qa_id"]):
+        votes = rows["votes"][i]
+        protocol = [name for name in votes if name not in special]
+        total = sum(votes[name] for name in protocol if votes[name] is not None)
+        totals[qa_id] = total
+        if total < config.threshold:
+            failures[qa_id] = ("vote_below_threshold",
+                               f"votes {total} < {config.threshold} ({_shown(votes, protocol)})")
+            continue
+        if rows["image_id"][i] not in known_images:
+            failures[qa_id] = ("image_missing", f"image {rows['image_id'][i]} is not in the images stage output")
+            continue
+        protocol_kept.append(i)
+        found = []
+        wrong = [name for name in config.answer_referees if votes.get(name) == 0]
+        if wrong:
+            found.append((ANSWER_INCORRECT, f"answer referee(s) {', '.join(wrong)} judged the answer wrong"))
+        blind = [name for name in config.blind_referees if votes.get(name) == 1]
+        if blind:
+            found.append((ANSWERABLE_WITHOUT_IMAGE, f"text-only referee(s) {', '.join(blind)} answered it "
+                          "correctly without the image"))
+        for reason, _ in found:
+            rejected[reason] += 1
+        if found:
+            failures[qa_id] = found[0]
+    if contamination is not None and protocol_kept:
+        subset = {column: [rows[column][i] for i in protocol_kept] for column in ("qa_id", "image_id", "question")}
+        claimed = contamination(subset)
+        for qa_id, (reason, detail) in claimed.items():
+            rejected[reason] = rejected.get(reason, 0) + 1
+            failures.setdefault(qa_id, (reason, detail))
+    eligible = [Candidate(rows["qa_id"][i], rows["task_type"][i],
+                          mean_p_yes({k: v for k, v in (rows["p_yes"][i] or {}).items() if k not in special}))
+                for i in protocol_kept if rows["qa_id"][i] not in failures]
+    selection = select_balanced(eligible, target_total=config.target_total, per_task_max=config.per_task_max,
+                                per_task_min=config.per_task_min, seed=config.seed)
+    failures.update(selection.dropped)
+    summary = {
+        "scored": len(rows["qa_id"]),
+        "protocol_kept": len(protocol_kept),
+        "rejected_by_check": rejected,
+        "selection": selection.summary,
+        "kept": len(rows["qa_id"]) - len(failures),
+    }
+    return FinalPlan(failures=failures, protocol_total=totals, summary=summary)

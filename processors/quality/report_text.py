@@ -1,0 +1,101 @@
+"""The quality report in words: short lines for ``taskgalaxy status`` and a Markdown section for the card."""
+
+from __future__ import annotations
+
+STAGES = ("match", "filter", "qa", "score", "final")
+
+
+def _k(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_lines(stats: dict) -> list[str]:
+    lines = []
+    final = stats.get("final", {})
+    if final:
+        rejected = {k: v for k, v in final.get("rejected_by_check", {}).items() if v}
+        sel = final.get("selection", {})
+        lines.append(f"kept {final.get('kept')} of {final.get('scored')} scored; the paper's protocol keeps "
+                     f"{final.get('protocol_kept')}" + (f"; checks reject {rejected}" if rejected else ""))
+        if sel.get("target_total") or sel.get("per_task_max"):
+            lines.append(f"balanced selection: {sel.get('kept')} of {sel.get('eligible')} eligible "
+                         f"(target {sel.get('target_total')}, shortfall {sel.get('shortfall')}), dropped "
+                         f"{sel.get('dropped_by_reason')}")
+    coverage = stats.get("coverage")
+    if coverage:
+        parts = []
+        for stage in STAGES:
+            s = coverage["stages"].get(stage)
+            if s:
+                parts.append(f"{stage} {s['leaves_covered']}")
+        final_cov = coverage["stages"].get("final", {})
+        lines.append(f"coverage: leaves with rows, of {coverage['leaves']}: " + ", ".join(parts)
+                     + (f"; head (top 1% of leaves) holds {final_cov.get('head_share_top1pct', 0):.0%} of final"
+                        if final_cov else ""))
+    agreement = stats.get("agreement")
+    if agreement:
+        overall = agreement["overall"]
+        pairs = ", ".join(f"{pair}={_k(k)}" for pair, k in overall["cohen_kappa"].items())
+        lines.append(f"referees: Fleiss kappa {_k(overall['fleiss_kappa'])}; Cohen {pairs}")
+        lines.append("vote patterns: " + ", ".join(f"{p}={n}" for p, n in overall["patterns"].items())
+                     + "; yes-rate " + ", ".join(f"{r}={_k(v)}" for r, v in overall["yes_rate"].items()))
+    return lines
+
+
+def _coverage_table(coverage: dict) -> list[str]:
+    levels = sorted({lvl for s in coverage["stages"].values() for lvl in s["nodes_covered_by_level"]}, key=int)
+    head = "| stage | rows | leaves covered | empty leaves | head share (top 1 %) | " + \
+        " | ".join(f"level-{lvl} nodes covered" for lvl in levels) + " |"
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(levels)]
+    for stage in STAGES:
+        s = coverage["stages"].get(stage)
+        if not s:
+            continue
+        cells = [f"{s['nodes_covered_by_level'].get(lvl, {}).get('covered', 0)}/"
+                 f"{s['nodes_covered_by_level'].get(lvl, {}).get('nodes', 0)}" for lvl in levels]
+        lines.append(f"| {stage} | {s['rows']:,} | {s['leaves_covered']:,}/{coverage['leaves']:,} | "
+                     f"{s['leaves_empty']:,} | {s['head_share_top1pct']:.1%} | " + " | ".join(cells) + " |")
+    final = coverage["stages"].get("final")
+    if final:
+        lines += ["", "Samples per leaf task type in `final`: " +
+                  ", ".join(f"{b}: {n:,} leaves" for b, n in final["histogram"].items()) + "."]
+    return lines
+
+
+def _agreement_table(agreement: dict) -> list[str]:
+    names = agreement["referees"]
+    overall = agreement["overall"]
+    patterns = list(overall["patterns"])
+    lines = ["| scope | rows | " + " | ".join(f"yes-rate {n}" for n in names) + " | Fleiss κ | "
+             + " | ".join(f"κ {p}" for p in overall["cohen_kappa"]) + " | " + " | ".join(patterns) + " |"]
+    lines.append("|---|---:|" + "---:|" * (len(names) + 1 + len(overall["cohen_kappa"]) + len(patterns)))
+    for scope, report in [("all", overall), *agreement["by_category"].items()]:
+        lines.append(f"| {scope} | {report['rows']:,} | " + " | ".join(_k(report["yes_rate"][n]) for n in names)
+                     + f" | {_k(report['fleiss_kappa'])} | "
+                     + " | ".join(_k(k) for k in report["cohen_kappa"].values()) + " | "
+                     + " | ".join(str(report["patterns"][p]) for p in patterns) + " |")
+    return lines
+
+
+def card_section(stats: dict) -> str:
+    lines = ["## Quality", ""]
+    final = stats.get("final", {})
+    if final:
+        lines += [f"The paper's protocol (referee votes at the threshold) keeps {final['protocol_kept']:,} of "
+                  f"{final['scored']:,} scored questions; {final['kept']:,} are published.", "",
+                  "| check | protocol-kept samples it rejects |", "|---|---:|"]
+        lines += [f"| `{reason}` | {n:,} |" for reason, n in final.get("rejected_by_check", {}).items()]
+        sel = final.get("selection", {})
+        lines += [f"| balanced selection (`balance_cap`, `balance_target`) | "
+                  f"{sum(sel.get('dropped_by_reason', {}).values()):,} |", ""]
+    if stats.get("coverage"):
+        lines += ["### Task coverage", "", f"{stats['coverage']['leaves']:,} leaf task types; how many carry "
+                  "rows at each stage (a match candidate, a kept label, a question, a sample):", ""]
+        lines += _coverage_table(stats["coverage"]) + [""]
+        lines += ["Per-leaf counts: `reports/coverage_per_leaf.csv`.", ""]
+    if stats.get("agreement"):
+        lines += ["### Referee agreement", "", "Yes-rate per referee, Fleiss' κ, pairwise Cohen's κ and the "
+                  "count of each vote pattern (yes votes of all referees), overall and per first-level category:",
+                  ""]
+        lines += _agreement_table(stats["agreement"]) + [""]
+    return "\n".join(lines) + "\n"
