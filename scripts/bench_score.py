@@ -7,7 +7,9 @@ request building and vote reading in one run:
 
 - baseline: the loop the stage had: referee after referee, and within a referee server after server, one
   ``run_requests`` call each;
-- ours: ``processors.stages.score.score_all`` — every referee's calls on every server on one event loop.
+- ours: ``processors.stages.score.score_all`` — every referee's calls on every server on one event loop, over
+  the run's accounts (one connection pool, admission and breaker per endpoint), each referee's images spread
+  over its servers by load (``spread_by_image``).
 
 Figures (last line, key=value): ``referees_parallel_ratio`` = time with three referees on three servers over
 the time with one referee (goal <= 1.15); ``replica_speedup`` = one referee on one server over the same
@@ -16,6 +18,7 @@ referee spread over two servers (goal >= 1.8); the baseline's figures beside the
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ from bench_llm import SimProcess  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from builder.stage import StageContext  # noqa: E402
+from processors.llm.accounts import run_accounts  # noqa: E402
 from processors.llm.api import run_request_groups  # noqa: E402
 from processors.llm.settings import EndpointSettings, LLMSettings  # noqa: E402
 from processors.referees import RefereeItem, RefereeSettings  # noqa: E402
@@ -67,15 +71,36 @@ def timed(settings: list[RefereeSettings], ctx: StageContext, items: list[Refere
     start = time.perf_counter()
     if ours:
         ballots = score_all(settings, built, {s.name: items for s in settings}, ctx)
-    else:  # the loop it replaces: referee by referee, server by server
+    else:  # the loop it replaces: referee by referee, server by server, each image to a server by its hash
         ballots = {}
         for s, referee in zip(settings, built):
-            plan = referee.plan(items)
+            plan = hashed_plan(referee, items)
             results = [run_request_groups([group], ctx=ctx)[0] for group, _ in plan]
             ballots[s.name] = {v.qa_id: v for v in referee.votes(items, plan, results)}
     elapsed = time.perf_counter() - start
     assert all(v.ok for votes in ballots.values() for v in votes.values())
     return elapsed
+
+
+def hashed_plan(referee: EndpointReferee, items: list[RefereeItem]) -> list:
+    """The plan as it was: each image to ``hash % servers`` (uneven: 309/197 questions here)."""
+    from builder.ids import text_id
+    from processors.referees import endpoint as module
+
+    real = module.spread_by_image
+
+    def hashed(items, capacity):
+        names = list(capacity)
+        spread = {name: [] for name in names}
+        for item in items:
+            spread[names[int(text_id(item.image_path), 16) % len(names)]].append(item)
+        return spread
+
+    module.spread_by_image = hashed
+    try:
+        return referee.plan(items)
+    finally:
+        module.spread_by_image = real
 
 
 def main() -> None:
@@ -86,13 +111,20 @@ def main() -> None:
             (folder / "images").mkdir()
             items = make_items(folder / "images")
             ctx = context(folder / "run", [sim.base_url for sim in sims])
-            timed(referees([["s0"]]), ctx, items[:50], ours=True)  # warm-up: imports, image encoding paths
+            warm_up = items[:50]  # imports, image encoding paths, every server's first connections
+            timed(referees([["s0"], ["s1"], ["s2"]]), ctx, warm_up, ours=True)
             figures = {}
             for ours in (False, True):
                 label = "ours" if ours else "baseline"
-                one = timed(referees([["s0"]]), ctx, items, ours=ours)
-                three = timed(referees([["s0"], ["s1"], ["s2"]]), ctx, items, ours=ours)
-                spread = timed(referees([["s0", "s1"]]), ctx, items, ours=ours)
+                # ours: the stage's path in a run - one account per endpoint for the whole run (its connection
+                # pool, admission and breaker), as processors/session.py gives every stage
+                with run_accounts() if ours else contextlib.nullcontext({}) as services:
+                    ctx.services = dict(services)
+                    if ours:
+                        timed(referees([["s0"], ["s1"], ["s2"]]), ctx, warm_up, ours=True)
+                    one = timed(referees([["s0"]]), ctx, items, ours=ours)
+                    three = timed(referees([["s0"], ["s1"], ["s2"]]), ctx, items, ours=ours)
+                    spread = timed(referees([["s0", "s1"]]), ctx, items, ours=ours)
                 figures[label] = (three / one, one / spread)
                 print(f"{label}: one referee {one:.2f} s, three on three servers {three:.2f} s, one over two "
                       f"servers {spread:.2f} s", flush=True)

@@ -153,9 +153,7 @@ class EndpointReferee:
 
         llm = llm_settings(self.ctx)
         names = endpoint_names(self.settings)
-        by_endpoint: dict[str, list[RefereeItem]] = {name: [] for name in names}
-        for item in items:  # one image -> one endpoint, deterministically
-            by_endpoint[names[int(text_id(item.image_path), 16) % len(names)]].append(item)
+        by_endpoint = spread_by_image(items, {name: llm.endpoint(name).max_concurrency for name in names})
         plan = []
         for name, share in by_endpoint.items():
             if share:
@@ -192,6 +190,27 @@ class EndpointReferee:
 
         plan = self.plan(items)
         return self.votes(items, plan, run_request_groups([group for group, _ in plan], ctx=self.ctx))
+
+
+def spread_by_image(items: Sequence[RefereeItem], capacity: dict[str, int]) -> dict[str, list[RefereeItem]]:
+    """Each image's questions to one server (they share its prefix cache), the servers loaded in proportion to
+    their ``max_concurrency``: images with the most questions first, each to the server with the least load
+    per slot (ties: the image's hash picks). A hash alone split 506 questions 309/197 over two servers, so the
+    pair took as long as its busier half; this is deterministic for the same items (a resume asks the same
+    server, whose answers the request cache holds)."""
+    by_image: dict[str, list[RefereeItem]] = {}
+    for item in items:
+        by_image.setdefault(item.image_path, []).append(item)
+    names = list(capacity)
+    load = dict.fromkeys(names, 0)
+    spread: dict[str, list[RefereeItem]] = {name: [] for name in names}
+    order = sorted(by_image, key=lambda path: (-len(by_image[path]), text_id(path)))
+    for path in order:
+        preferred = int(text_id(path), 16) % len(names)
+        name = min(names, key=lambda n: (load[n] / capacity[n], (names.index(n) - preferred) % len(names)))
+        spread[name].extend(by_image[path])
+        load[name] += len(by_image[path])
+    return spread
 
 
 def _vote(result, asked: int, constraint: str) -> Vote:
