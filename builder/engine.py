@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard, inband_features  # noqa: F401
 
-STOP_WAIT_S = 10.0  # after a stop, how long shards still in flight may take to unwind
+STOP_WAIT_S = 20.0  # after a stop, how long shards still in flight may take to unwind (> the LLM accounts' UNWIND_S)
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +76,35 @@ class LocalEngine:
                 running.add(pool.submit(execute_shard, fn, task, features=features, batch_size=batch_size,
                                         on_rows=on_rows, stop=stop))
 
+        failed: ShardOutcome | None = None
+        deadline = None
         try:
             for _ in range(in_flight):
                 submit_next()
             while running:
-                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = concurrent.futures.wait(running, timeout=timeout,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                if not done:  # the shards still running did not unwind in time: stop waiting for them
+                    break
                 for future in done:
                     running.discard(future)
-                    outcome = future.result()
+                    try:
+                        outcome = future.result()
+                    except BaseException:  # noqa: BLE001 - stopped by ``stop``: not finished, its spend is journalled
+                        continue
                     if outcome.error is None:
-                        submit_next()
-                    else:
-                        stop.set()  # no new shard starts; the runner stops on this one
-                    yield outcome
+                        if failed is None:
+                            submit_next()
+                        yield outcome  # finished, even after another shard failed: the runner commits it
+                    elif failed is None:
+                        failed, deadline = outcome, time.monotonic() + STOP_WAIT_S
+                        stop.set()  # nothing new is sent or started; what is on the wire may come back
+            if failed is not None:
+                yield failed  # the runner stops on it, with every shard that did finish committed
         finally:
             stop.set()
             # The shards still running unwind (answers cached, spend journalled) - not for ever.
-            concurrent.futures.wait(running, timeout=STOP_WAIT_S)
+            left = STOP_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+            concurrent.futures.wait(running, timeout=left)
             pool.shutdown(wait=False, cancel_futures=True)

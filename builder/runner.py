@@ -350,7 +350,11 @@ class Runner:
                 # show. Each journal becomes an interrupted record by a rename, so no moment holds both (or
                 # neither), and a full disk cannot stop it; state.json then counts it.
                 for task in pending.values():
-                    if task.journal_path.exists():
+                    if not task.journal_path.exists():
+                        continue
+                    if (folder / rf.shard_name(task.index)).exists():  # committed just before the stop: its
+                        task.journal_path.unlink()  # stats hold this spend; renamed, it would count twice
+                    else:
                         task.journal_path.replace(interrupted_name(folder, task.index, time.time()))
                 self._write_state_best_effort(folder, base)
                 raise

@@ -59,6 +59,8 @@ class SquareConfig(StageConfig):
     hold_rows: list[int] = []  # these rows (values) also wait while `hold_while` exists
     sleep_below: int | None = None  # sleep_s applies only to rows below this value (one slow shard)
     in_flight: int = 1  # Stage.shards_in_flight
+    slow_rows: list[int] = []  # sleep_s applies to these rows too
+    raise_rows: list[int] = []  # a batch holding one of these rows raises
 
 
 class Square(Stage):
@@ -88,7 +90,9 @@ class Square(Stage):
                         log.write(f"{key}\n")
                         log.flush()
                         os.fsync(log.fileno())
-                if config.sleep_s and (config.sleep_below is None or value < config.sleep_below):
+                slow = value in config.slow_rows or (not config.slow_rows and (
+                    config.sleep_below is None or value < config.sleep_below))
+                if config.sleep_s and slow:
                     time.sleep(config.sleep_s)
                 held = (value >= config.hold_from if not config.hold_rows else value in config.hold_rows)
                 while config.hold_while and held and os.path.exists(config.hold_while):
@@ -102,6 +106,8 @@ class Square(Stage):
                 if copies == 1 and config.double_every:
                     out.fail(key, "single_copy", "only one copy", item="copy-1")
             ctx.add_usage(requests=len(batch["num_id"]))
+            if set(config.raise_rows) & set(batch["value"]):
+                raise RuntimeError(f"rows {sorted(set(config.raise_rows) & set(batch['value']))} stop the stage")
             if config.raise_from is not None and max(batch["value"]) >= config.raise_from:
                 raise RuntimeError(f"row value {max(batch['value'])} stops the stage (raise_from)")
             return out.to_columns()

@@ -180,11 +180,13 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
     """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools). Without
     ``accounts`` (awaited on the caller's own loop) the call has an admission and breaker of its own."""
     ep = settings.endpoint(endpoint)
-    prepared, unreadable = _prepare_all(requests, ep)
+    # Reading and hashing the images, and the cache look-up, block: off the loop, which every shard and
+    # endpoint of the run shares (a shard of 2,000 images would stall the others' replies and buckets).
+    prepared, unreadable = await asyncio.to_thread(_prepare_all, requests, ep)
     unique = list({p.cache_key: p for p in reversed(prepared)}.values())[::-1]  # first occurrence wins
-    cache = RequestCache(cache_path) if cache_path is not None else None
+    cache = await asyncio.to_thread(RequestCache, cache_path) if cache_path is not None else None
     try:
-        results = _from_cache(unique, cache, tally)
+        results = await asyncio.to_thread(_from_cache, unique, cache, tally)
         todo = [p for p in unique if p.cache_key not in results]
         if todo:
             call_id = fingerprint("llm-call", sorted(p.cache_key for p in unique))  # stable across a restart

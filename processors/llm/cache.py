@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +45,30 @@ CREATE TABLE IF NOT EXISTS unusable (
 _UNUSABLE_INDEX = "CREATE INDEX IF NOT EXISTS unusable_by_call ON unusable (call, key)"
 
 
+_OPENING = threading.Lock()
+
+
+@retry(retry=retry_if_exception(lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)),
+       stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.05, max=2.0), reraise=True)
+def _set_up(db: sqlite3.Connection) -> None:
+    """WAL mode and the tables. Switching a new file to WAL takes an exclusive lock for which SQLite does not
+    wait (its busy timeout does not apply): two processes opening the file at the same moment get "database
+    is locked" at once, so it is retried."""
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(_SCHEMA)
+    db.execute(_UNUSABLE_SCHEMA)
+    db.execute(_UNUSABLE_INDEX)
+
+
 class RequestCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Other processes (Ray workers, a second stage) may write the same file: wait for their locks.
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        self._db.execute(_UNUSABLE_SCHEMA)
-        self._db.execute(_UNUSABLE_INDEX)
+        with _OPENING:  # two shards of this process opening a new file at once (the other processes: below)
+            _set_up(self._db)
         self._warned = False
 
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,8 @@ from processors.llm.transport import Transport
 
 logger = logging.getLogger(__name__)
 
+WIRE_WAIT_S = 5.0  # on a stop, how long requests already sent may take to bring back the answer they pay for
+
 
 @dataclass
 class Tally:
@@ -78,6 +80,8 @@ class OnlineEngine:
         self._unusable: dict[str, list[tuple[str, str]]] = {}
         self._call_id: str | None = None
         self._to_commit: list[tuple[str, dict[str, Any], asyncio.Future]] = []  # replies awaiting their commit
+        self._on_wire: set[asyncio.Task] = set()  # attempts whose request is sent and not yet answered
+        self._stopping = False
         # Attempts 2..N go through tenacity; the first attempt runs bare (see ``one``).
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, endpoint.max_retries)), wait=self._wait,
@@ -112,7 +116,11 @@ class OnlineEngine:
         tasks = [asyncio.ensure_future(self.one(p)) for p in prepared]
         if not tasks:
             return {}
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:  # the shard stops (Ctrl-C, SIGTERM, another shard failed)
+            await self._stop(tasks)
+            raise
         if pending:
             for task in pending:
                 task.cancel()
@@ -123,6 +131,27 @@ class OnlineEngine:
         if errors:
             raise errors[0]
         return {p.cache_key: task.result() for p, task in zip(prepared, tasks)}
+
+    async def _stop(self, tasks: list[asyncio.Task]) -> None:
+        """Stop the call: nothing more is sent; requests already on the wire may finish (for ``WIRE_WAIT_S`` at
+        most) so the answers they pay for are cached and counted instead of thrown away; then every task is
+        cancelled and awaited, and replies waiting for their commit are committed before the caller closes
+        the cache. (``asyncio.wait`` does not cancel what it waits on: before this, orphaned tasks of a
+        cancelled call went on sending into a closed cache.)"""
+        self._stopping = True
+        on_wire = [task for task in tasks if task in self._on_wire]
+        for task in tasks:
+            if task not in self._on_wire:
+                task.cancel()
+        try:
+            if on_wire:
+                await asyncio.wait(on_wire, timeout=min(WIRE_WAIT_S, self.endpoint.timeout_s))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._to_commit and self.cache is not None:
+                self._commit_pending()
 
     async def one(self, p: Prepared) -> LLMResult:
         attempts = [0]
@@ -173,15 +202,21 @@ class OnlineEngine:
         self.tally.retries += max(0, attempts - 1)
 
     async def _attempt(self, p: Prepared, attempts: list[int]) -> tuple[dict[str, Any], Any]:
+        if self._stopping:  # a retry of a stopped call: not sent
+            raise asyncio.CancelledError
         attempts[0] += 1
         self.breaker.check()
         async with self.admission.slot(p.est_tokens):
             self.breaker.check()
+            if self._stopping:
+                raise asyncio.CancelledError
             try:
                 body = await p.body()
             except (OSError, ValueError) as exc:  # the image will not decode: a fault of this row, not the API
                 reason = "image_missing" if isinstance(exc, FileNotFoundError) else "image_unreadable"
                 raise AttemptError(reason, f"{type(exc).__name__}: {exc}", retryable=False, breaker=False) from None
+            task = asyncio.current_task()
+            self._on_wire.add(task)  # sent: a stop lets it finish (its answer is paid for)
             try:
                 completion = await self.transport.chat(body, p.cache_key)
             except AttemptError as exc:
@@ -191,6 +226,8 @@ class OnlineEngine:
                     self.breaker.failure(exc.what, redact(exc.detail, self._secret))
                     self.breaker.check()  # the attempt that opens the breaker stops the call
                 raise
+            finally:
+                self._on_wire.discard(task)
         self.breaker.success()
         self.admission.concurrency.on_success()
         reply = rp.normalise(completion)

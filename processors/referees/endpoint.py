@@ -153,7 +153,7 @@ class EndpointReferee:
 
         llm = llm_settings(self.ctx)
         names = endpoint_names(self.settings)
-        by_endpoint = spread_by_image(items, {name: llm.endpoint(name).max_concurrency for name in names})
+        by_endpoint = spread_by_image(items, names)
         plan = []
         for name, share in by_endpoint.items():
             if share:
@@ -192,22 +192,22 @@ class EndpointReferee:
         return self.votes(items, plan, run_request_groups([group for group, _ in plan], ctx=self.ctx))
 
 
-def spread_by_image(items: Sequence[RefereeItem], capacity: dict[str, int]) -> dict[str, list[RefereeItem]]:
-    """Each image's questions to one server (they share its prefix cache), the servers loaded in proportion to
-    their ``max_concurrency``: images with the most questions first, each to the server with the least load
-    per slot (ties: the image's hash picks). A hash alone split 506 questions 309/197 over two servers, so the
-    pair took as long as its busier half; this is deterministic for the same items (a resume asks the same
-    server, whose answers the request cache holds)."""
+def spread_by_image(items: Sequence[RefereeItem], names: Sequence[str]) -> dict[str, list[RefereeItem]]:
+    """Each image's questions to one server (they share its prefix cache), the servers evenly loaded: images
+    with the most questions first, each to the server with the fewest questions so far (ties: the image's hash
+    picks). A hash alone split 506 questions 309/197 over two servers, so the pair took as long as its busier
+    half. The split depends on the batch's items alone - not on ``max_concurrency`` or any other speed knob -
+    so a resume asks each question of the same server, whose answer the request cache holds (its key names
+    the server)."""
     by_image: dict[str, list[RefereeItem]] = {}
     for item in items:
         by_image.setdefault(item.image_path, []).append(item)
-    names = list(capacity)
+    names = list(names)
     load = dict.fromkeys(names, 0)
     spread: dict[str, list[RefereeItem]] = {name: [] for name in names}
-    order = sorted(by_image, key=lambda path: (-len(by_image[path]), text_id(path)))
-    for path in order:
+    for path in sorted(by_image, key=lambda path: (-len(by_image[path]), text_id(path))):
         preferred = int(text_id(path), 16) % len(names)
-        name = min(names, key=lambda n: (load[n] / capacity[n], (names.index(n) - preferred) % len(names)))
+        name = min(names, key=lambda n: (load[n], (names.index(n) - preferred) % len(names)))
         spread[name].extend(by_image[path])
         load[name] += len(by_image[path])
     return spread

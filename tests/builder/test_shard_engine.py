@@ -54,15 +54,25 @@ def test_shards_in_flight_commit_as_they_finish_and_account_like_one_after_the_o
     assert a["rows_processed"] == 24 and a["requests"] == 24
 
 
-def test_a_shard_that_fails_stops_the_one_in_flight_and_both_spends_are_counted(tmp_path):
+def test_a_shard_that_fails_lets_the_one_in_flight_finish_and_commits_it(tmp_path):
     log = tmp_path / "calls.log"
+    run_dir = tmp_path / "run"
+    # shard 2 (rows 8-11, its first batch slow: shards 0-1 are done by then) raises on its second batch while
+    # shard 3 (rows 12-15, slow) is still running
+    config = _config(raise_rows=[10], slow_rows=[8, 9, 12, 13, 14, 15], sleep_s=0.15, in_flight=2, calls_log=str(log))
     with pytest.raises(StageError, match="shard 2"):
-        make_runner(tmp_path / "run", _config(raise_from=10, in_flight=2, calls_log=str(log))).run()
-    square = _square(tmp_path / "run")
-    # every row that ran was paid (one request each) and shows, finished shards and stopped ones alike
-    assert square["requests"] == len(_calls(log))
-    finished = square["rows_processed"]
-    assert square["stopped_usage"]["requests"] == len(_calls(log)) - finished > 0
+        make_runner(run_dir, config).run()
+    folder = run_dir / "01_square"
+    assert [p.name for p in sorted(folder.glob("shard-*.arrow"))] == [f"shard-0000{i}.arrow" for i in (0, 1, 3)]
+    square = _square(run_dir)
+    # every row that ran was paid (one request each) and shows: the finished shards' and the stopped one's
+    assert square["requests"] == len(_calls(log)) == 16
+    assert square["stopped_usage"] == {"requests": 4}  # shard 2 paid both its batches (the second then raised)
+    for index in (0, 1, 3):  # each shard's usage is its own rows', not a neighbour's
+        stats = json.loads((folder / "stats" / f"shard-0000{index}.json").read_text())
+        assert stats["usage"]["requests"] == stats["rows_in"] == 4
+    make_runner(run_dir, {**config, "stages": {**config["stages"], "square": {"in_flight": 2}}}).run()
+    assert len(_rows(run_dir)) == 24
 
 
 def test_sigkill_with_two_shards_in_flight_then_resume(tmp_path):

@@ -90,3 +90,40 @@ def test_a_pickled_account_is_the_receiving_process_own():
     accounts = Accounts(0.5)
     copy = pickle.loads(pickle.dumps(accounts))
     assert copy is process_accounts(0.5) and copy is not accounts and copy.budget_share == 0.5
+
+
+def test_a_stopped_call_sends_nothing_more_and_caches_every_answer_it_paid_for(simulator, ctx_for):
+    import threading
+    import time
+
+    from builder.stage import ShardScope, UsageMeter, shard_scope
+    from processors.llm.cache import RequestCache
+
+    sim = simulator(latency_ms=150)
+    ctx = ctx_for(sim, max_concurrency=8)
+    scope = ShardScope(UsageMeter())
+    outcome: list[BaseException] = []
+
+    def shard() -> None:
+        with shard_scope(scope):
+            try:
+                run_requests(json_requests(200, prefix="stop"), endpoint="sim", ctx=ctx)
+            except BaseException as exc:  # noqa: BLE001 - what the shard thread sees
+                outcome.append(exc)
+
+    with run_accounts() as services:
+        ctx.services.update(services)
+        thread = threading.Thread(target=shard)
+        thread.start()
+        while sim.stats()["received"] < 20:  # a few rounds of 8 answered, 8 more on the wire
+            time.sleep(0.01)
+        scope.stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive() and isinstance(outcome[0], asyncio.CancelledError)
+        received = sim.stats()["received"]
+        time.sleep(0.5)  # more than three latencies: an orphaned request would show here
+        assert sim.stats()["received"] == received < 200
+    answered = sum(sim.stats()["ok_per_key"].values())
+    with RequestCache(ctx.cache_dir / "llm-requests.sqlite") as cache:
+        assert len(cache) == answered  # the requests on the wire at the stop came back and were cached
+    assert scope.meter.usage["requests"] == answered  # ...and counted, in the shard's own meter
