@@ -18,6 +18,7 @@ import pytest
 
 from builder.outputs import load_stage_output
 from builder.work import ShardTask, execute_shard, run_pickled
+from processors.llm.accounts import SERVICE, run_accounts
 from processors.session import dry_run_services, open_run
 
 CONFIG = """
@@ -49,8 +50,9 @@ def finished(tmp_path_factory):
                           progress=False)
         runner.run()
         # the subprocess must get nothing that only this process has: spawn, not fork
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            yield root, runner, pool
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool, \
+                run_accounts() as run_services:
+            yield root, runner, pool, run_services[SERVICE]
 
 
 def _first_shard(runner, name: str, folder: Path) -> ShardTask:
@@ -67,12 +69,15 @@ def _first_shard(runner, name: str, folder: Path) -> ShardTask:
 
 @pytest.mark.parametrize("name", STAGES)
 def test_a_stage_shard_runs_the_same_in_a_spawned_process(finished, name):
-    root, runner, pool = finished
+    root, runner, pool, accounts = finished
     results = {}
     for where in ("here", "there"):
         # each side starts from an empty request cache and stage folder, so each pays the same requests
         base = root / f"{name}-{where}"
-        work = dataclasses.replace(runner.stage_work(name), cache_dir=base / "cache", stage_dir=base / "stage")
+        work = runner.stage_work(name)
+        # as in a run: the run's LLM accounts among the services (pickled, they become the worker's own)
+        work = dataclasses.replace(work, cache_dir=base / "cache", stage_dir=base / "stage",
+                                   services={**work.services, SERVICE: accounts})
         if name == "taxonomy":  # its batch function reads the seed report its listing wrote
             shutil.copytree(runner.stage_dir(name), work.stage_dir, ignore=shutil.ignore_patterns("shard-*"))
         task = _first_shard(runner, name, base / "task")
