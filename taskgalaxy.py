@@ -73,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     only = {s.strip() for s in args.stages.split(",") if s.strip()} if args.stages else None
     with dry_run_services(args.dry_run) as services:
         runner = open_run(args.config, run_dir=args.run_dir, dry_run=args.dry_run, services=services,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address)
         logger.info("run folder: %s", runner.run_dir)
         runner.run(only)
     from builder.status import format_table, stage_summaries
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="offline: every LLM call goes to a local simulator; nothing is paid")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument("--engine", choices=["local", "ray"],
+                     help="where shards run (default: run.engine): this process, or Ray workers (docs/scaling.md)")
+    run.add_argument("--ray-address", help="with --engine ray: the cluster to join, e.g. auto (default: "
+                     "run.ray_address, else a local Ray)")
     run.set_defaults(func=_cmd_run)
 
     status = verbs.add_parser("status", help="what each stage of a run folder has done")

@@ -46,13 +46,43 @@ ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 """A path resolved against the config file's folder that must exist when the config is loaded."""
 
 
+class RayResources(BaseModel):
+    """``run.ray_resources.<stage>``: what one Ray worker of that stage gets, instead of what the stage asks
+    for (``Stage.resources``); keys left out keep the stage's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["cpu", "gpu", "llm"] | None = Field(
+        None, description="cpu = a Ray task per shard; gpu/llm = a fixed pool of actors (model/clients built once)")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs per worker")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per actor; fractions share a GPU (0.5: two CLIP actors per GPU)")
+    workers: int | None = Field(
+        None, ge=1, description="actors in the pool (default: one per GPU; 4 for LLM stages)")
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; default folder runs/<name>")
     run_dir: ConfigPath | None = Field(None, description="run folder (relative to the config file); default runs/<name> in the current folder")
     shard_size: int = Field(1000, ge=1, description="input rows per shard: the unit of resume")
-    engine: Literal["local"] = Field("local", description="how shards are executed")
+    # Neither key is part of any fingerprint (the runner hashes stage configs only): where shards run never
+    # changes what they produce, so a run may switch engines between resumes.
+    engine: Literal["local", "ray"] = Field(
+        "local", description="how shards are executed: local = this process; ray = Ray workers (docs/scaling.md)")
+    # Left out of dumps when unset, so a local run's config.yaml and card are what they always were.
+    ray_address: str | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="engine: ray only: the cluster to join (e.g. 'auto' on a node of a running cluster, or "
+        "'ray://head:10001'); null = start a local Ray on this machine")
+    ray_resources: dict[str, RayResources] = Field(
+        default_factory=dict, exclude_if=lambda value: not value,
+        description="engine: ray only: per stage name, the resources of one worker (num_gpus, num_cpus, workers, "
+        "kind), overriding what the stage asks for (Stage.resources)")
     seed: int = Field(0, description="seed for every sampling decision, so reruns are reproducible")
 
 

@@ -197,6 +197,24 @@ class Stage:
         means its batch function is called from several threads at once and must allow it."""
         return 1
 
+    def resources(self, config: StageConfig) -> dict[str, Any]:
+        """What one worker of this stage needs on a cluster (``run.engine: ray``; the local engine ignores it):
+
+        - ``kind``: ``"cpu"`` (each shard a Ray task on any node: cheap to build), ``"gpu"`` or
+          ``"llm"`` (a fixed pool of actors, each building the batch function once: a model, a client);
+        - ``num_cpus``, ``num_gpus`` per worker (fractions allowed: several CLIP actors may share a GPU);
+        - ``workers``: actors in the pool, or tasks at once (None = the engine's choice: one per GPU, per CPU,
+          or a few for LLM stages); 1 runs the shards strictly one after another, in input order;
+        - ``runtime_env``: a Ray runtime_env for the workers (pip list or conda env), or None.
+
+        Default: ``"llm"`` for a stage that calls an LLM endpoint (half a CPU each: they wait on the network),
+        else ``"cpu"`` with ``workers: 1``. One at a time because a CPU stage may carry state from shard to
+        shard, as the images stage's dedup ledger does (the first ref of an image wins, so shards must run in
+        input order); a stage whose shards are independent overrides this with ``workers: None``."""
+        llm = bool(self.llm_endpoints(config))
+        return {"kind": "llm" if llm else "cpu", "num_cpus": 0.5 if llm else 1, "num_gpus": 0,
+                "workers": None if llm else 1, "runtime_env": None}
+
     def features(self, config: StageConfig) -> "datasets.Features":
         """The output rows' schema (without the runner's in-band columns)."""
         raise NotImplementedError

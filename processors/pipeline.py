@@ -63,9 +63,8 @@ def check_consistency(config: Any) -> None:
     stages = config.stages
     problems = []
     score, final = getattr(stages, "score", None), getattr(stages, "final", None)
-    if score is not None and final is not None and final.threshold > len(score.referees):
-        problems.append(f"stages.final.threshold is {final.threshold}, but stages.score has only "
-                        f"{len(score.referees)} referees: no sample could ever be kept")
+    if score is not None and final is not None:
+        problems += _referee_problems(score, final)
     match, filt = getattr(stages, "match", None), getattr(stages, "filter", None)
     if match is not None and filt is not None and match.coverage_min \
             and filt.max_candidates < match.top_k + match.coverage_max_extra:
@@ -74,6 +73,40 @@ def check_consistency(config: Any) -> None:
                         f"({match.top_k + match.coverage_max_extra}): the filter would never see the added candidates")
     if problems:
         raise ConfigError("config error: " + "; ".join(problems) + "; nothing was run")
+
+
+def _referee_problems(score: Any, final: Any) -> list[str]:
+    """The final stage's answer and text-only referees against the score stage's referees."""
+    problems = []
+    by_name = {r.name: r for r in score.referees}
+    known = ", ".join(by_name)
+    for key in ("answer_referees", "blind_referees"):
+        unknown = [name for name in getattr(final, key) if name not in by_name]
+        if unknown:
+            problems.append(f"stages.final.{key} names {', '.join(map(repr, unknown))}, which stages.score does "
+                            f"not have (its referees: {known})")
+    unseen = [n for n in final.answer_referees if n in by_name and not by_name[n].see_answer]
+    if unseen:
+        problems.append(f"stages.final.answer_referees names {', '.join(map(repr, unseen))}, which never see the "
+                        "answer: give them see_answer: true in stages.score.referees (an answer check must read it)")
+    not_blind = [n for n in final.blind_referees if n in by_name and not by_name[n].blind]
+    if not_blind:
+        problems.append(f"stages.final.blind_referees names {', '.join(map(repr, not_blind))}, which see the image: "
+                        "give them blind: true in stages.score.referees")
+    for referee in score.referees:
+        if referee.blind and referee.resolved_preset().backend != "endpoint":
+            problems.append(f"stages.score.referees[{referee.name}] has blind: true but runs locally (a local "
+                            "referee always sees the image): serve it as an endpoint referee (docs/referees.md)")
+        if referee.blind and referee.name not in final.blind_referees:
+            problems.append(f"stages.score.referees[{referee.name}] has blind: true but is not named in "
+                            "stages.final.blind_referees: its answers without the image would count as votes")
+    special = set(final.answer_referees) | set(final.blind_referees)
+    protocol = [r.name for r in score.referees if r.name not in special]
+    if final.threshold > len(protocol):
+        problems.append(f"stages.final.threshold is {final.threshold}, but stages.score has only {len(protocol)} "
+                        f"referees that vote on the sample ({', '.join(protocol) or 'none'}; answer and blind "
+                        "referees do not count): no sample could ever be kept")
+    return problems
 
 
 @contextlib.contextmanager

@@ -64,10 +64,15 @@ def open_run(
     progress: bool = True,
     stages: Sequence[Stage] | None = None,
     sections=None,
+    engine: str | None = None,
+    ray_address: str | None = None,
 ) -> Runner:
+    """The run of ``config_path``; ``engine`` and ``ray_address`` (the CLI's ``--engine``, ``--ray-address``)
+    replace ``run.engine`` and ``run.ray_address`` when given."""
     if stages is None:
         stages, sections = pipeline_parts()
     config = load_config(config_path, build_config_model(stages, sections))
+    config = with_engine(config, engine, ray_address)
     folder = Path(run_dir) if run_dir else default_run_dir(config, dry_run=dry_run)
     from processors.pipeline import check_consistency, check_credentials
 
@@ -78,18 +83,71 @@ def open_run(
         credentials(selected)
         check_seed_files(config, selected)
 
+    runner_engine = make_engine(config, stages)
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
-                  preflight=preflight, run_scope=functools.partial(run_services, config))
+                  preflight=preflight, engine=runner_engine,
+                  run_scope=functools.partial(run_services, config, runner_engine))
 
 
-def run_services(config: Any):
+def with_engine(config: Any, engine: str | None, ray_address: str | None) -> Any:
+    """``config`` with the command line's engine choice (validated like the YAML's)."""
+    updates = {key: value for key, value in (("engine", engine), ("ray_address", ray_address)) if value is not None}
+    if not updates:
+        return config
+    from pydantic import ValidationError
+
+    try:
+        run = type(config.run).model_validate({**config.run.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(f"--engine/--ray-address: {exc.errors()[0]['msg']}") from None
+    return config.model_copy(update={"run": run})
+
+
+def make_engine(config: Any, stages: Sequence[Stage] = ()):
+    """The engine ``run.engine`` names: this process, or a Ray cluster (``docs/scaling.md``). What each stage
+    asks of a Ray worker is checked here, so a bad combination is a config error before anything runs."""
+    from builder.engine import LocalEngine
+
+    if config.run.engine != "ray":
+        return LocalEngine()
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("run.engine: ray needs Ray: pip install 'taskgalaxy[ray]' (or 'ray[data]>=2.60')") from None
+    from builder.ray_engine import RayEngine
+
+    for stage in stages:
+        try:
+            stage.resources(getattr(config.stages, stage.name))
+        except ValueError as exc:
+            raise ConfigError(f"config error: {exc}; nothing was run") from None
+
+    return RayEngine(config.run.ray_address,
+                     overrides={name: r.given() for name, r in config.run.ray_resources.items()})
+
+
+@contextlib.contextmanager
+def run_services(config: Any, engine: Any = None) -> Iterator[dict[str, Any]]:
     """What lives as long as one run: the LLM accounts (one admission and breaker per endpoint, shared by every
-    shard and stage of the run)."""
+    shard and stage of the run). On Ray, the accounts of every worker lease from one shared budget (a named
+    actor, ``processors.llm.ray_budget``), and each worker checks it sees the image roots and opens the request
+    cache safely (``processors.ray_worker``)."""
     from processors.llm.accounts import run_accounts
     from processors.llm.settings import LLMSettings
 
     llm = getattr(config, "llm", None)
-    return run_accounts(llm.budget_share if isinstance(llm, LLMSettings) else 1.0)
+    share = llm.budget_share if isinstance(llm, LLMSettings) else 1.0
+    if getattr(engine, "name", "local") != "ray":
+        with run_accounts(share) as services:
+            yield services
+        return
+    from builder.ray_engine import WORKER_CHECKS
+    from processors.llm.ray_budget import shared_budget
+    from processors.ray_worker import check_image_roots
+
+    engine.connect()
+    with shared_budget() as budget, run_accounts(share, lease_from=budget) as services:
+        yield {**services, WORKER_CHECKS: [check_image_roots]}
 
 
 def check_seed_files(config: Any, selected: Sequence[Stage]) -> None:

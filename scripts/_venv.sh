@@ -1,5 +1,6 @@
 # Sourced by the README's commands: makes sure .venv (in the repo root) exists and holds this project with its
-# dev extra. Reinstalls only when pyproject.toml changed since the last install (a stamp file records it).
+# dev and ray extras (Ray: run.engine: ray and its tests). Reinstalls only when pyproject.toml changed since the
+# last install (a stamp file records it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -11,7 +12,7 @@ if [ ! -f "$STAMP" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   echo "setting up $VENV (first time: a few minutes, torch is large)..." >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,ray]"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

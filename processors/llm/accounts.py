@@ -9,6 +9,10 @@ thread), and calls to the same endpoint share its account. Two shards in flight 
 ``budget_share`` scales every account's RPM, TPM and concurrency, so N processes (Ray workers) that share one
 provider account can each take 1/N of its limit. Pickled (into a Ray worker or a subprocess), an ``Accounts``
 becomes that process's own registry with the same share: the loop and sockets never travel.
+
+``lease_from`` names the run's shared budget (``processors.llm.ray_budget``, a named Ray actor): the RPM/TPM
+buckets of every account then lease their capacity from it, so every process of the run together keeps to
+the account's limit (times ``budget_share``), whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import logging
 import math
 import threading
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,7 +38,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = "llm_accounts"  # the key of the run's accounts in ``StageContext.services``
 STOP_POLL_S = 0.05  # how often a waiting caller looks at its stop event
-UNWIND_S = 10.0  # after a stop, how long a cancelled call may take to close its cache and journal
+UNWIND_S = 15.0  # after a stop, how long a cancelled call may take to unwind (> the engine's WIRE_WAIT_S)
 
 
 @dataclass
@@ -46,18 +51,23 @@ class Account:
 
 
 class Accounts:
-    def __init__(self, budget_share: float = 1.0):
+    def __init__(self, budget_share: float = 1.0, lease_from: str | None = None, run_id: str | None = None):
         if not 0 < budget_share <= 1:
             raise ValueError(f"budget_share must be in (0, 1], got {budget_share}")
         self.budget_share = budget_share
+        self.lease_from = lease_from
+        # Names the run: a worker that receives this (pickled) gets one registry per run, not per process,
+        # so a breaker opened in one run never refuses the next run's calls there.
+        self.run_id = run_id or uuid.uuid4().hex
         self._accounts: dict[tuple, Account] = {}
+        self._limits: dict[tuple, tuple] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
 
     def __reduce__(self):  # a process's loop, sockets and breakers stay in it
-        return (process_accounts, (self.budget_share,))
+        return (process_accounts, (self.budget_share, self.lease_from, self.run_id))
 
     # -- the loop -----------------------------------------------------------------------------------
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -83,54 +93,74 @@ class Accounts:
         """Run ``coro`` on the accounts' loop and return its result, from any thread but that loop's.
 
         When ``stop()`` turns true, or this thread is interrupted (Ctrl-C, SIGTERM raised here), the call is
-        cancelled and this waits for it to unwind (answers cached, spend journalled) before raising."""
+        cancelled and this waits for it to unwind (answers on the wire cached, spend journalled; the engine
+        bounds that by ``WIRE_WAIT_S``) before raising."""
         try:
             loop = self._running_loop()
         except RuntimeError:
             coro.close()  # never started: no "was never awaited" warning
             raise
-        finished = threading.Event()
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("Accounts.run called from the accounts' own loop: await the coroutine instead")
+        if stop is not None and stop():
+            coro.close()
+            raise asyncio.CancelledError("stopped before the call started")
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        started: list[asyncio.Task] = []
 
-        async def tracked() -> T:
-            try:
-                return await coro
-            finally:
-                finished.set()
+        def start() -> None:  # on the loop; runs before any cancel() below (call_soon_threadsafe is FIFO)
+            task = loop.create_task(coro)
+            started.append(task)
+            task.add_done_callback(lambda t: _settle(result, t))
 
-        future = asyncio.run_coroutine_threadsafe(tracked(), loop)
+        def cancel_and_wait() -> None:
+            loop.call_soon_threadsafe(lambda: started[0].cancel())
+            concurrent.futures.wait([result], timeout=UNWIND_S)
+
+        loop.call_soon_threadsafe(start)
         try:
-            while True:
-                try:
-                    return future.result(timeout=STOP_POLL_S)
-                except concurrent.futures.TimeoutError:
-                    if stop is not None and stop():
-                        future.cancel()
-                        finished.wait(UNWIND_S)
-                        raise asyncio.CancelledError("stopped: another shard failed or the run was interrupted") \
-                            from None
+            while not concurrent.futures.wait([result], timeout=STOP_POLL_S).done:
+                if stop is not None and stop():
+                    cancel_and_wait()
+                    raise asyncio.CancelledError("stopped: another shard failed or the run was interrupted")
+            return result.result()
         except BaseException:
-            if not future.done():
-                future.cancel()
-                finished.wait(UNWIND_S)
+            if not result.done():
+                cancel_and_wait()
             raise
 
     # -- accounts (called on the loop) -------------------------------------------------------------
     async def account(self, name: str, endpoint: EndpointSettings, *, base_url: str, api_key, key_env: str | None,
                       breaker_threshold: int) -> Account:
         """The shared account of this endpoint (same name, settings and server), opened on first use."""
-        key = (name, endpoint.model_dump_json(), base_url, key_env, breaker_threshold)
+        # One account per server, credentials and model - what a provider's limits are counted by - whatever
+        # the endpoint's name or its per-call overrides (a referee preset's image size): every stage and
+        # referee calling it shares one window. The first caller's limits apply (the rest are logged if they
+        # differ); the transport settings are part of it because the connection pool is shared too.
+        key = (base_url, key_env, endpoint.model, endpoint.transport, endpoint.timeout_s, breaker_threshold)
         account = self._accounts.get(key)
+        if account is not None and self._limits.get(key) != _limits_of(endpoint):
+            logger.debug("llm endpoint %r shares the account of an earlier one (%s, model %s) and its limits",
+                         name, base_url, endpoint.model)
         if account is None:
             share = self.scaled(endpoint)
             transport = make_transport(endpoint.transport, base_url, api_key, timeout_s=endpoint.timeout_s,
                                        max_connections=share.max_concurrency)
             await transport.__aenter__()
-            account = Account(Admission(share), CircuitBreaker(breaker_threshold, endpoint=name, base_url=base_url,
-                                                                model=endpoint.model, key_env=key_env), transport)
+            shared = None
+            if self.lease_from is not None:
+                from processors.llm.ray_budget import RayLimits
+
+                shared = RayLimits(self.lease_from, key[:4])
+            breaker = CircuitBreaker(breaker_threshold, endpoint=name, base_url=base_url, model=endpoint.model,
+                                     key_env=key_env)
+            account = Account(Admission(share, shared), breaker, transport)
             if key in self._accounts:  # opened by a concurrent call meanwhile
                 await transport.__aexit__(None, None, None)
                 return self._accounts[key]
             self._accounts[key] = account
+            self._limits[key] = _limits_of(endpoint)
         return account
 
     def scaled(self, endpoint: EndpointSettings) -> EndpointSettings:
@@ -154,6 +184,13 @@ class Accounts:
             return
 
         async def close_all() -> None:
+            # Whatever still runs (a call whose caller gave up waiting) is cancelled and awaited first: its
+            # sessions must not close under it, and an answer it is committing must land.
+            current = asyncio.current_task()
+            others = [task for task in asyncio.all_tasks() if task is not current]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             for account in self._accounts.values():
                 try:
                     await account.transport.__aexit__(None, None, None)
@@ -172,27 +209,56 @@ class Accounts:
             loop.close()
 
 
-_PROCESS: dict[float, Accounts] = {}
+def _settle(result: concurrent.futures.Future, task: asyncio.Task) -> None:
+    if task.cancelled():
+        result.set_exception(asyncio.CancelledError("the call was cancelled"))
+    elif task.exception() is not None:
+        result.set_exception(task.exception())
+    else:
+        result.set_result(task.result())
+
+
+_PROCESS: dict[str, Accounts] = {}  # run id -> this process's accounts of that run
 _PROCESS_LOCK = threading.Lock()
 
 
-def process_accounts(budget_share: float = 1.0) -> Accounts:
-    """This process's accounts at ``budget_share`` (what a pickled ``Accounts`` becomes in a worker)."""
+def process_accounts(budget_share: float = 1.0, lease_from: str | None = None, run_id: str | None = None
+                     ) -> Accounts:
+    """This process's accounts of run ``run_id`` (what a pickled ``Accounts`` becomes): the original where it
+    lives (so unpickling in the driver never doubles the budget), else one made here. A worker serves one run
+    at a time: a new run's accounts close the previous run's (their loop, sockets and breakers)."""
     with _PROCESS_LOCK:
-        accounts = _PROCESS.get(budget_share)
-        if accounts is None or accounts._closed:
-            accounts = _PROCESS[budget_share] = Accounts(budget_share)
-        return accounts
+        accounts = _PROCESS.get(run_id) if run_id is not None else None
+        if accounts is not None and not accounts._closed:
+            return accounts
+        stale = [other for key, other in _PROCESS.items() if key != run_id]
+        _PROCESS.clear()
+        accounts = _PROCESS[run_id or uuid.uuid4().hex] = Accounts(budget_share, lease_from, run_id)
+    for other in stale:
+        other.close()
+    return accounts
+
+
+def _register(accounts: Accounts) -> Accounts:
+    with _PROCESS_LOCK:
+        _PROCESS[accounts.run_id] = accounts
+    return accounts
+
+
+def _limits_of(endpoint: EndpointSettings) -> tuple:
+    return (endpoint.max_concurrency, endpoint.min_concurrency, endpoint.rpm, endpoint.tpm, endpoint.aimd_decrease)
 
 
 @contextlib.contextmanager
-def run_accounts(budget_share: float = 1.0) -> Iterator[dict[str, Any]]:
+def run_accounts(budget_share: float = 1.0, lease_from: str | None = None) -> Iterator[dict[str, Any]]:
     """The services of one run: its accounts, closed when the run ends (``Runner.run_scope``)."""
-    accounts = Accounts(budget_share)
+    accounts = _register(Accounts(budget_share, lease_from))
     try:
         yield {SERVICE: accounts}
     finally:
         accounts.close()
+        with _PROCESS_LOCK:
+            _PROCESS.pop(accounts.run_id, None)
 
 
 @contextlib.contextmanager

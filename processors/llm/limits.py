@@ -14,6 +14,8 @@ import time
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 
+from typing import Protocol
+
 from processors.llm.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class AdaptiveConcurrency:
         self.limit = float(maximum)
         self.cooldown_s = cooldown_s
         self.in_flight = 0
+        self.listener: RateListener | None = None  # told of every success and 429 (a shared budget's AIMD)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._last_decrease = -1e9
 
@@ -84,11 +87,15 @@ class AdaptiveConcurrency:
                 waiter.set_result(None)
 
     def on_success(self) -> None:
+        if self.listener is not None:
+            self.listener.on_success()
         if self.limit < self.maximum:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
             self._wake()
 
     def on_rate_limited(self) -> None:
+        if self.listener is not None:
+            self.listener.on_rate_limited()
         now = time.monotonic()
         if now - self._last_decrease >= self.cooldown_s:
             self._last_decrease = now
@@ -96,19 +103,46 @@ class AdaptiveConcurrency:
             logger.info("429 from the endpoint: concurrency lowered to %d", int(self.limit))
 
 
-class Admission:
-    """Everything a request passes before it is sent: a concurrency slot, then the RPM and TPM buckets."""
+class Bucket(Protocol):
+    async def take(self, amount: float = 1.0) -> None: ...
 
-    def __init__(self, endpoint: EndpointSettings):
+
+class RateListener(Protocol):
+    def on_success(self) -> None: ...
+
+    def on_rate_limited(self) -> None: ...
+
+
+class SharedLimits(RateListener, Protocol):
+    """An account's rate limits held elsewhere, shared with other processes (``processors.llm.ray_budget``):
+    it makes the buckets and hears every success and 429, so AIMD acts on the shared rate."""
+
+    def bucket(self, kind: str, rate: float, capacity: float) -> Bucket: ...
+
+
+def _local_bucket(kind: str, rate: float, capacity: float) -> TokenBucket:
+    return TokenBucket(rate, capacity)
+
+
+class Admission:
+    """Everything a request passes before it is sent: a concurrency slot, then the RPM and TPM buckets.
+
+    With ``shared``, the buckets lease their capacity from a budget that other processes share (the Ray
+    workers of one account) instead of holding this process's own; the concurrency window stays local."""
+
+    def __init__(self, endpoint: EndpointSettings, shared: SharedLimits | None = None):
         self.concurrency = AdaptiveConcurrency(endpoint.max_concurrency, endpoint.min_concurrency,
                                                endpoint.aimd_decrease)
+        bucket = _local_bucket if shared is None else shared.bucket
         self.rpm = self.tpm = None
         if endpoint.rpm:
             rate = endpoint.rpm / 60.0 * endpoint.rate_headroom
-            self.rpm = TokenBucket(rate, rate * endpoint.burst_s)
+            self.rpm = bucket("rpm", rate, rate * endpoint.burst_s)
         if endpoint.tpm:
             rate = endpoint.tpm / 60.0 * endpoint.rate_headroom
-            self.tpm = TokenBucket(rate, max(rate * endpoint.burst_s, rate))
+            self.tpm = bucket("tpm", rate, max(rate * endpoint.burst_s, rate))
+        if shared is not None:
+            self.concurrency.listener = shared
 
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[None]:

@@ -3,8 +3,9 @@
 Each sample shows a thumbnail (a small JPEG inlined as a data URL, so the page works from ``file://`` and from
 a downloaded Hub folder, where the images live inside Parquet), its task path, question, answer, the votes and
 p(yes) of every referee. Filters: first-level category, task type, and free-text search over task path,
-question and answer. Large runs list a deterministic sample of ``max_samples`` (the page says so): a browser
-tab holds a few thousand cards comfortably, not 400k.
+question and answer. Large runs list a deterministic sample of ``max_samples`` (default ``MAX_SAMPLES``; the
+page says how many of how many kept samples it lists): a browser tab holds a few thousand cards comfortably,
+not 400k.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ MAX_SAMPLES = 3000
 
 
 def thumbnail_data_url(path: Path, side: int = THUMB_SIDE) -> str | None:
+    """A small JPEG of the image as a data URL, decoded the project's one way (``processors.imageio.open_rgb``:
+    EXIF orientation applied, so a phone photo stands upright; the decompression-bomb guard); None if unreadable."""
     from PIL import Image
 
+    from processors.imageio import open_rgb
+
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (side, side))
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=75)
-    except (OSError, ValueError) as exc:
+        image = open_rgb(path, max_side=side)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=75)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         logger.warning("browser: no thumbnail for %s (%s)", path, exc)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -68,23 +70,44 @@ def browser_records(run_dir: Path, resolve_image: Callable[[str], Path], max_sam
     return records, len(ids)
 
 
+# Inside <script> the HTML parser looks for "</script" and "<!--" (which can swallow the rest of the page);
+# JSON allows any character as \uXXXX, so none of these characters appears raw in the embedded data.
+_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def embedded_json(value) -> str:
+    """JSON safe to embed in an HTML <script> element: ``<``, ``>``, ``&``, U+2028 and U+2029 escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    for raw, escaped in _JSON_ESCAPES.items():
+        text = text.replace(raw, escaped)
+    return text
+
+
+def shown_note(shown: int, total: int) -> str:
+    """What the page says about how many kept samples it lists."""
+    if shown == total:
+        return f"all {total:,} kept samples"
+    return f"a deterministic sample of {shown:,} of {total:,} kept samples"
+
+
 def render_browser(records: list[dict], total: int, title: str = "TaskGalaxy samples") -> str:
-    data = json.dumps(records, ensure_ascii=False).replace("</", "<\\/")
-    note = "" if len(records) == total else f" (a deterministic sample of {len(records):,} of {total:,})"
-    return (PAGE.replace("__TITLE__", html.escape(title)).replace("__NOTE__", html.escape(note))
-            .replace("__DATA__", data))
+    return (PAGE.replace("__TITLE__", html.escape(title)).replace("__NOTE__", html.escape(shown_note(len(records), total)))
+            .replace("__DATA__", embedded_json(records)))
 
 
 def write_browser(run_dir: Path, folder: Path, resolve_image: Callable[[str], Path],
                   max_samples: int = MAX_SAMPLES) -> Path:
-    """Write ``folder/index.html``; returns its path."""
+    """Write ``folder/index.html`` listing at most ``max_samples`` kept samples (the page says how many of how
+    many); returns its path."""
     records, total = browser_records(run_dir, resolve_image, max_samples)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "index.html"
-    tmp = target.with_name(".index.html.tmp")
+    from processors.shared_files import unique_tmp
+
+    tmp = unique_tmp(target)
     tmp.write_text(render_browser(records, total), encoding="utf-8")
     tmp.replace(target)
-    logger.info("browser: %d samples in %s", len(records), target)
+    logger.info("browser: %s in %s", shown_note(len(records), total), target)
     return target
 
 
@@ -108,7 +131,7 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:
 <select id="category"><option value="">every category</option></select>
 <select id="task"><option value="">every task type</option></select>
 <input id="search" type="search" placeholder="search task, question, answer">
-<span id="count"></span><span>__NOTE__</span></header>
+<span id="count"></span><span id="note">(__NOTE__ listed)</span></header>
 <main id="list"></main>
 <script id="data" type="application/json">__DATA__</script>
 <script>

@@ -74,8 +74,9 @@ def stage_coverage(leaves: Sequence[str], counts: Mapping[str, int]) -> dict:
 
 def coverage_report(leaves: Sequence[str], stage_paths: Mapping[str, Iterable[str]]) -> tuple[dict, dict]:
     """(report, per-leaf counts). ``stage_paths``: for each stage, the task path of every row it holds (one
-    entry per match candidate, per kept filter label, per QA...)."""
-    counts = {stage: Counter(paths) for stage, paths in stage_paths.items()}
+    entry per match candidate, per kept filter label, per QA...), or those counted already (path -> rows)."""
+    counts = {stage: Counter(paths) if not isinstance(paths, Mapping) else Counter(dict(paths))
+              for stage, paths in stage_paths.items()}
     report = {"leaves": len(leaves), "stages": {s: stage_coverage(leaves, counts[s]) for s in counts}}
     return report, counts
 

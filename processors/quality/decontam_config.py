@@ -18,7 +18,10 @@ class BenchmarkImages(BaseModel):
     hub: str | None = Field(None, description="Hub dataset id, e.g. lmms-lab/MMBench")
     config: str | None = Field(None, description="the Hub dataset's config name")
     split: str = "test"
-    column: str = Field("image", description="the Hub dataset's image column")
+    column: str | list[str] = Field("image", description="the Hub dataset's image column, or several (MMMU: "
+                                    "image_1 ... image_7); rows whose image is None are skipped")
+    revision: str | None = Field(None, description="the Hub dataset's revision (a commit, branch or tag); "
+                                 "give a commit so the benchmark cannot change under a finished run")
 
     @model_validator(mode="after")
     def _one_source(self) -> "BenchmarkImages":
@@ -40,6 +43,9 @@ class DecontaminationConfig(BaseModel):
         default_factory=list, description="files of benchmark questions (one per line, or JSON lines with a "
         "'question' key); a question sharing a word n-gram with one fails as benchmark_question")
     ngram: int = Field(13, ge=3, description="n-gram length in words (13: the GPT-3 paper's decontamination)")
+    min_exact_words: int = Field(
+        8, ge=1, description="a question shorter than ngram words is a benchmark question only when it equals "
+        "one and has at least this many words (short templates like 'What is shown in the image?' are not)")
 
     @property
     def enabled(self) -> bool:

@@ -30,6 +30,15 @@ def _shown(votes: dict, names) -> str:
     return ", ".join(f"{name}={votes.get(name)}" for name in names)
 
 
+def _answered_blind(votes: dict, p_yes: dict, name: str, config) -> bool:
+    """The blind referee's answer agrees with the sample's: its agreement (p_yes) at the configured threshold,
+    or its vote where no agreement was recorded."""
+    agreement = p_yes.get(name)
+    if agreement is not None:
+        return agreement >= getattr(config, "blind_f1_threshold", 0.5)
+    return votes.get(name) == 1
+
+
 def plan_final(config, rows: dict[str, list], *, known_images: set[str],
                contamination: Callable[[dict[str, list]], dict[str, tuple[str, str]]] | None = None) -> FinalPlan:
     """``rows``: the score table as columns (``qa_id, image_id, task_type, question, votes, p_yes``).
@@ -56,7 +65,8 @@ def plan_final(config, rows: dict[str, list], *, known_images: set[str],
         wrong = [name for name in config.answer_referees if votes.get(name) == 0]
         if wrong:
             found.append((ANSWER_INCORRECT, f"answer referee(s) {', '.join(wrong)} judged the answer wrong"))
-        blind = [name for name in config.blind_referees if votes.get(name) == 1]
+        p_yes = rows["p_yes"][i] or {}
+        blind = [name for name in config.blind_referees if _answered_blind(votes, p_yes, name, config)]
         if blind:
             found.append((ANSWERABLE_WITHOUT_IMAGE, f"text-only referee(s) {', '.join(blind)} answered it "
                           "correctly without the image"))
@@ -84,3 +94,53 @@ def plan_final(config, rows: dict[str, list], *, known_images: set[str],
         "kept": len(rows["qa_id"]) - len(failures),
     }
     return FinalPlan(failures=failures, protocol_total=totals, summary=summary)
+
+
+PLAN_FILE = "plan.arrow"
+
+
+def save_plan(path, plan: FinalPlan, key: str) -> None:
+    """The plan as an Arrow file (one row per scored ``qa_id``: its protocol total and, when it fails, the
+    reason and detail; the summary and ``key`` in the schema metadata), written atomically under a unique
+    temporary name: every batch, worker and ``finalize`` of the stage reads this one plan."""
+    import json
+
+    import pyarrow as pa
+
+    from processors.shared_files import write_atomic
+
+    ids = list(plan.protocol_total)
+    failures = [plan.failures.get(qa_id) for qa_id in ids]
+    table = pa.table({
+        "qa_id": pa.array(ids, pa.string()),
+        "total": pa.array([plan.protocol_total[qa_id] for qa_id in ids], pa.int32()),
+        "reason": pa.array([f[0] if f else None for f in failures], pa.string()),
+        "detail": pa.array([f[1] if f else None for f in failures], pa.string()),
+    }, metadata={"plan_key": key, "summary": json.dumps(plan.summary, sort_keys=True)})
+
+    def write(handle) -> None:
+        with pa.ipc.new_file(handle, table.schema) as writer:
+            writer.write_table(table)
+
+    write_atomic(path, write)
+
+
+def load_plan(path, key: str) -> FinalPlan | None:
+    """The plan saved under ``key``; None when the file is of another key or unreadable (then recompute)."""
+    import json
+
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    meta = table.schema.metadata or {}
+    if meta.get(b"plan_key", b"").decode() != key:
+        return None
+    ids, totals = table.column("qa_id").to_pylist(), table.column("total").to_pylist()
+    reasons, details = table.column("reason").to_pylist(), table.column("detail").to_pylist()
+    failures = {qa_id: (reason, detail) for qa_id, reason, detail in zip(ids, reasons, details) if reason is not None}
+    return FinalPlan(failures=failures, protocol_total=dict(zip(ids, totals)),
+                     summary=json.loads(meta.get(b"summary", b"{}")))

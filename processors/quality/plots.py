@@ -37,11 +37,11 @@ def _save(plt, fig, path: Path) -> None:
 
 
 def _clip_scores(data, stats, ax) -> bool:
-    scores = data.get("clip_scores") or []
-    if not scores:
+    scores = data.get("clip_scores")
+    if scores is None or not len(scores):
         return False
     ax.hist(scores, bins=50, alpha=0.6, label="every candidate")
-    if data.get("clip_top1"):
+    if data.get("clip_top1") is not None and len(data["clip_top1"]):
         ax.hist(data["clip_top1"], bins=50, alpha=0.6, label="best candidate of each image")
     ax.set(title="CLIP cosine similarity of the match candidates", xlabel="cosine", ylabel="candidates")
     ax.legend()

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from builder.outputs import column_values
@@ -25,14 +27,28 @@ logger = logging.getLogger(__name__)
 COVERAGE_CSV = "coverage_per_leaf.csv"
 
 
-def _list_field(dataset, column: str, field: str | None = None) -> list:
-    """Every element of a list column (or one field of its structs), flattened, read through Arrow: the match
+def _flat(dataset, column: str, field: str | None = None):
+    """Every element of a list column (or one field of its structs), flattened, as an Arrow array: the match
     stage holds top-k dicts per image (8 M of them at the paper's scale), too many to build as Python dicts."""
-    array = dataset.data.column(column).combine_chunks()
-    flat = pc.list_flatten(array)
-    if field is not None:
-        flat = pc.struct_field(flat, field)
-    return flat.to_pylist()
+    flat = pc.list_flatten(dataset.data.column(column).combine_chunks())
+    return pc.struct_field(flat, field) if field is not None else flat
+
+
+def value_counts(array) -> dict[str, int]:
+    """How many times each value occurs (Arrow's ``value_counts``: no Python object per row)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    counts = pc.value_counts(array)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
+
+def _first_scores(dataset):
+    """The best candidate's score of every image with candidates, as a NumPy array."""
+    lists = dataset.data.column("candidates").combine_chunks()
+    lists = lists.filter(pc.greater(pc.list_value_length(lists), 0))
+    if not len(lists):
+        return np.zeros(0, dtype=np.float32)
+    return pc.struct_field(pc.list_element(lists, 0), "score").to_numpy(zero_copy_only=False)
 
 
 def _leaves(taxonomy) -> list[str]:
@@ -55,27 +71,35 @@ def collect(load, final) -> dict:
     taxonomy, match, filt, qa, score, images = (safe(n) for n in ("taxonomy", "match", "filter", "qa", "score", "images"))
     if taxonomy is not None:
         data["leaves"] = _leaves(taxonomy)
-    paths = {}
+    counts: dict[str, dict[str, int]] = {}
     if match is not None:
-        paths["match"] = _list_field(match, "candidates", "task_type")
-        data["clip_scores"] = _list_field(match, "candidates", "score")
-        data["clip_top1"] = [c[0]["score"] for c in column_values(match, "candidates") if c] \
-            if len(match) < 200_000 else []
+        counts["match"] = value_counts(_flat(match, "candidates", "task_type"))
+        data["clip_scores"] = _flat(match, "candidates", "score").to_numpy(zero_copy_only=False)
+        data["clip_top1"] = _first_scores(match)
     if filt is not None:
-        paths["filter"] = _list_field(filt, "task_types")
+        counts["filter"] = value_counts(_flat(filt, "task_types"))
     if qa is not None:
-        paths["qa"] = column_values(qa, "task_type")
+        counts["qa"] = value_counts(qa.data.column("task_type"))
     if score is not None:
-        paths["score"] = column_values(score, "task_type")
+        counts["score"] = value_counts(score.data.column("task_type"))
         data["votes"] = column_values(score, "votes")
-        data["score_task_types"] = paths["score"]
-    paths["final"] = column_values(final, "task_type")
-    data["paths"] = paths
+        data["missing"] = column_values(score, "missing") if "missing" in score.column_names else None
+        data["score_task_types"] = column_values(score, "task_type")
+    counts["final"] = value_counts(final.data.column("task_type"))
+    data["paths"] = counts
     data["final_votes_total"] = column_values(final, "votes_total")
     if images is not None:
         source_of = dict(zip(column_values(images, "image_id"), column_values(images, "source")))
         data["kept_sources"] = [source_of.get(i, "?") for i in column_values(final, "image_id")]
     return data
+
+
+def ballots(votes: list[dict], missing: list | None, referees: list[str]) -> list[dict]:
+    """Each row's votes of ``referees``, a vote named in the row's ``missing`` list as None: under the score
+    stage's ``missing_vote: zero`` it is stored as 0, but an outage is no "no" (yes-rates, kappas, patterns)."""
+    missing = missing or [None] * len(votes)
+    return [{name: (None if gone and name in gone else v.get(name)) for name in referees}
+            for v, gone in zip(votes, missing)]
 
 
 def build_report(data: dict, *, summary: dict, referees: list[str]) -> tuple[dict, str | None]:
@@ -86,7 +110,7 @@ def build_report(data: dict, *, summary: dict, referees: list[str]) -> tuple[dic
         stats["coverage"], counts = coverage_report(data["leaves"], data["paths"])
         csv_text = per_leaf_csv(data["leaves"], counts)
     if "votes" in data:
-        votes = [{name: v.get(name) for name in referees} for v in data["votes"]]
+        votes = ballots(data["votes"], data.get("missing"), referees)
         stats["agreement"] = agreement_report(votes, data["score_task_types"], referees)
     stats["summary"] = summary_lines(stats)
     return stats, csv_text

@@ -5,6 +5,11 @@ from __future__ import annotations
 STAGES = ("match", "filter", "qa", "score", "final")
 
 
+def cell(text) -> str:
+    """Text safe inside a Markdown table cell: a ``|`` would start a new cell, a newline end the row."""
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def _k(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -66,11 +71,11 @@ def _agreement_table(agreement: dict) -> list[str]:
     names = agreement["referees"]
     overall = agreement["overall"]
     patterns = list(overall["patterns"])
-    lines = ["| scope | rows | " + " | ".join(f"yes-rate {n}" for n in names) + " | Fleiss κ | "
-             + " | ".join(f"κ {p}" for p in overall["cohen_kappa"]) + " | " + " | ".join(patterns) + " |"]
+    lines = ["| scope | rows | " + " | ".join(f"yes-rate {cell(n)}" for n in names) + " | Fleiss κ | "
+             + " | ".join(f"κ {cell(p)}" for p in overall["cohen_kappa"]) + " | " + " | ".join(patterns) + " |"]
     lines.append("|---|---:|" + "---:|" * (len(names) + 1 + len(overall["cohen_kappa"]) + len(patterns)))
     for scope, report in [("all", overall), *agreement["by_category"].items()]:
-        lines.append(f"| {scope} | {report['rows']:,} | " + " | ".join(_k(report["yes_rate"][n]) for n in names)
+        lines.append(f"| {cell(scope)} | {report['rows']:,} | " + " | ".join(_k(report["yes_rate"][n]) for n in names)
                      + f" | {_k(report['fleiss_kappa'])} | "
                      + " | ".join(_k(k) for k in report["cohen_kappa"].values()) + " | "
                      + " | ".join(str(report["patterns"][p]) for p in patterns) + " |")
@@ -84,7 +89,7 @@ def card_section(stats: dict) -> str:
         lines += [f"The paper's protocol (referee votes at the threshold) keeps {final['protocol_kept']:,} of "
                   f"{final['scored']:,} scored questions; {final['kept']:,} are published.", "",
                   "| check | protocol-kept samples it rejects |", "|---|---:|"]
-        lines += [f"| `{reason}` | {n:,} |" for reason, n in final.get("rejected_by_check", {}).items()]
+        lines += [f"| `{cell(reason)}` | {n:,} |" for reason, n in final.get("rejected_by_check", {}).items()]
         sel = final.get("selection", {})
         lines += [f"| balanced selection (`balance_cap`, `balance_target`) | "
                   f"{sum(sel.get('dropped_by_reason', {}).values()):,} |", ""]

@@ -34,6 +34,25 @@ class RefereeEndpoint(BaseModel):
         "default they are the server's job: --mm-processor-kwargs (docs/referees.md)")
 
 
+class RuntimeEnv(BaseModel):
+    """A Ray ``runtime_env`` for the workers that hold a local referee (``run.engine: ray``): the paper's
+    referees pin conflicting ``transformers`` versions, so each may run in its own environment. Ignored by
+    the local engine; never part of a fingerprint (the votes depend on the model, not on where it runs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pip: list[str] | None = Field(
+        None, description='packages to install for this referee, e.g. ["transformers==4.45.2"]')
+    conda: str | None = Field(None, description="the name of an existing conda env on every node")
+    env_vars: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RuntimeEnv":
+        if self.pip is not None and self.conda is not None:
+            raise ValueError("runtime_env: give pip or conda, not both (Ray refuses the pair)")
+        return self
+
+
 class RefereeSettings(BaseModel):
     """One referee. ``preset`` names an entry of ``processors.referees.presets.PRESETS``; ``backend``,
     ``model_id`` and ``max_side`` left as ``None`` are taken from it (a preset is required when ``model_id``
@@ -56,11 +75,16 @@ class RefereeSettings(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_side: int | None = Field(default=None, ge=32)
     see_answer: bool = False
-    blind: bool = Field(False, description="text only: the image is never sent (processors.referees.blind; "
-                        "needs see_answer and an endpoint backend); for the final stage's blind_referees")
+    blind: bool = Field(False, description="text only: the model answers the question without the image (never "
+                        "sent; processors.referees.blind) and its answer is compared with the sample's - see_answer "
+                        "is needed for that comparison only; an endpoint backend; for the final stage's "
+                        "blind_referees")
     reuse: Literal["auto", "prefix", "none"] = "auto"
     seed: int = 0
     endpoint: RefereeEndpoint = Field(default_factory=lambda: RefereeEndpoint())
+    runtime_env: RuntimeEnv | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="engine: ray: the Ray runtime_env of the workers that hold this (local) referee")
 
     @model_validator(mode="after")
     def _known_preset(self) -> "RefereeSettings":
@@ -69,8 +93,13 @@ class RefereeSettings(BaseModel):
         if self.preset is None and self.model_id is None:
             raise ValueError(f"referee {self.name!r}: give a preset or a model_id")
         if self.blind and not self.see_answer:
-            raise ValueError(f"referee {self.name!r}: blind needs see_answer: true (it judges the answer)")
+            raise ValueError(f"referee {self.name!r}: blind needs see_answer: true (its answer is compared with "
+                             "the sample's)")
         return self
+
+    def ray_runtime_env(self) -> dict | None:
+        """``runtime_env`` as Ray takes it (None: the worker's own environment)."""
+        return self.runtime_env.model_dump(exclude_none=True) if self.runtime_env is not None else None
 
     def resolved_preset(self) -> RefereePreset:
         """The preset with this referee's explicit settings applied (a bare ``model_id`` makes a local one)."""
@@ -110,5 +139,11 @@ class RefereeSettings(BaseModel):
             "mm_processor_kwargs": preset.mm_processor_kwargs,
             # how the vote is read changes it (a constrained reply can differ from a free one)
             "vote_constraint": self.endpoint.vote_constraint if preset.backend == "endpoint" else None,
-            **({"blind": "blind-v1"} if self.blind else {}),  # only when on: other referees keep their prints
+            **({"blind": _blind_version()} if self.blind else {}),  # only when on: others keep their prints
         }
+
+
+def _blind_version() -> str:
+    from processors.referees.blind import BLIND_PROMPT_VERSION
+
+    return BLIND_PROMPT_VERSION

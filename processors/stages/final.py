@@ -14,7 +14,9 @@ text-only referees as separate gates, decontamination against benchmarks, and a 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 from pydantic import Field, model_validator
 
@@ -26,9 +28,9 @@ from processors.quality.decontam_config import DecontaminationConfig
 logger = logging.getLogger(__name__)
 
 LLAVA_ID_CHARS = 16
-# Bump when what final keeps for a given config changes; "2": the quality report and plots (finalize).
+# Bump when what final keeps for a given config changes. It enters the fingerprint only when an option beyond
+# the paper is on, so the paper-faithful config keeps the fingerprint it had before them ("2": those options).
 FINAL_VERSION = "2"
-_LAST_PLAN: dict = {}  # the last plan made in this process, with the context it was made for
 PLAN_COLUMNS = ("qa_id", "image_id", "task_type", "question", "votes", "p_yes")
 
 
@@ -45,10 +47,18 @@ class FinalConfig(StageConfig):
     seed: int = Field(0, description="breaks ties between equal p(yes) (a hash of seed and qa_id)")
     answer_referees: list[str] = Field(
         default_factory=list, description="score referees (run with see_answer: true) that judge the answer's "
-        "correctness: not counted in the threshold; a 0 from one fails the sample as answer_incorrect")
+        "correctness: not counted in the threshold; a 0 from one fails the sample as answer_incorrect. Their "
+        "votes follow stages.score.missing_vote like any referee's: under `fail` (the default) an outage of "
+        "one of them drops the rows it could not judge as vote_missing, even rows the protocol would keep; "
+        "`abstain` lets such a row through unchecked (its `missing` list names the referee)")
     blind_referees: list[str] = Field(
-        default_factory=list, description="score referees with blind: true (text only, no image): not counted "
-        "in the threshold; a 1 (answered right without the image) fails it as answerable_without_image")
+        default_factory=list, description="score referees with blind: true (a text-only model answers the "
+        "question without the image; processors.referees.blind): not counted in the threshold; a sample it "
+        "answers right fails as answerable_without_image. stages.score.missing_vote applies to them as to the "
+        "answer_referees (under `fail` an outage drops rows as vote_missing)")
+    blind_f1_threshold: float = Field(
+        0.5, gt=0, le=1, description="a blind referee's answer agrees with the sample's when their agreement "
+        "(its p_yes: 1/0 for option letters and short answers, token F1 for long ones) is at least this")
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     reports: bool = Field(True, description="write the quality report and plots (finalize); off: only the rows")
 
@@ -83,13 +93,32 @@ class FinalStage(Stage):
         return "qa_id"
 
     def fingerprint_config(self, config: FinalConfig) -> dict:
-        # Only keys set away from their defaults besides the threshold, so a config that uses none of the
-        # additions keeps the paper's key set; `reports` changes no row.
-        data = config.model_dump(mode="json", exclude_defaults=True, exclude={"reports"})
-        return {"threshold": config.threshold, **data}
+        # The paper's keys as they were (threshold and the base keys), plus only the additions set away from
+        # their defaults; `reports` changes no row, and `seed` only breaks ties of a balanced selection.
+        base = config.model_dump(mode="json", include={"threshold", *StageConfig.model_fields})
+        extra = config.model_dump(mode="json", exclude_defaults=True, exclude={"reports", "seed", *base})
+        if extra and _selects(config) and config.seed != FinalConfig.model_fields["seed"].default:
+            extra["seed"] = config.seed
+        return {**base, **extra}
 
     def fingerprint_parts(self, config: FinalConfig) -> dict:
-        return {"final_version": FINAL_VERSION}
+        if not _beyond_paper(config):
+            return {}  # the paper's protocol: the fingerprint it always had
+        parts: dict = {"final_version": FINAL_VERSION}
+        if config.decontamination.enabled:
+            from processors.quality.decontam import benchmark_identity
+
+            parts["benchmarks"] = benchmark_identity(config.decontamination)
+        return parts
+
+    def resources(self, config: FinalConfig) -> dict:
+        # Near-copy decontamination embeds images with the match stage's CLIP (once: the plan is a file the
+        # other workers read), so then one GPU worker; otherwise the default (cheap CPU tasks).
+        d = config.decontamination
+        if d.benchmark_images and d.near_threshold is not None:
+            return {"kind": "gpu", "num_cpus": 1, "num_gpus": 1, "workers": 1, "runtime_env": None,
+                    "gpu_optional": True}
+        return super().resources(config)
 
     def features(self, config: FinalConfig):
         import datasets
@@ -108,6 +137,30 @@ class FinalStage(Stage):
         )
 
     def plan(self, config: FinalConfig, ctx):
+        """The plan of every scored row, computed once per stage fingerprint and kept as ``plan.arrow`` in the
+        stage folder: every batch function (in any worker) and ``finalize`` read that file, the first process
+        to get there computes it (decontamination embeds images: never twice)."""
+        from processors.quality.plan import PLAN_FILE, load_plan, save_plan
+        from processors.shared_files import computed_once
+
+        key = self._plan_key(config, ctx)
+        return computed_once(Path(ctx.stage_dir) / PLAN_FILE, lambda path: load_plan(path, key),
+                             lambda: self._compute_plan(config, ctx), lambda path, plan: save_plan(path, plan, key))
+
+    def _plan_key(self, config: FinalConfig, ctx) -> str:
+        from builder.ids import canonical_json
+        from builder.outputs import stage_state
+
+        reads = {}
+        for name in ("score", "images"):
+            try:
+                reads[name] = stage_state(ctx.run_dir, name)[1].get("fingerprint")
+            except Exception:  # noqa: BLE001 - a stage read another way (a test's context): its data decides
+                reads[name] = None
+        text = canonical_json([self.fingerprint_config(config), self.fingerprint_parts(config), reads])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _compute_plan(self, config: FinalConfig, ctx):
         from processors.quality.plan import plan_final
 
         score = ctx.load_stage("score")
@@ -124,7 +177,6 @@ class FinalStage(Stage):
         path_of = image_paths_by_id(ctx.load_stage("images"))
         columns = list(self.features(config))
         plan = self.plan(config, ctx)
-        _LAST_PLAN["plan"] = (ctx, plan)  # module state, not the stage's: a stage pickles to workers
 
         def select(batch: dict[str, list]) -> dict[str, list]:
             out = BatchOutput(columns)
@@ -153,12 +205,14 @@ class FinalStage(Stage):
 
         special = set(config.answer_referees) | set(config.blind_referees)
         protocol = [r.name for r in ctx.settings.stages.score.referees if r.name not in special]
-        write_reports(ctx, summary=self._cached_plan(config, ctx).summary, referees=protocol, output=output)
+        write_reports(ctx, summary=self.plan(config, ctx).summary, referees=protocol, output=output)
 
-    def _cached_plan(self, config: FinalConfig, ctx):
-        """The plan ``make_batch_fn`` made for this very run (decontamination embeds images: not twice), or a
-        fresh one when this run built no batch function (every shard was already done)."""
-        cached = _LAST_PLAN.get("plan")
-        if cached is not None and cached[0] is ctx:
-            return cached[1]
-        return self.plan(config, ctx)
+
+def _selects(config: FinalConfig) -> bool:
+    """A balanced selection is on (the only use of ``seed``)."""
+    return config.target_total is not None or config.per_task_max is not None or bool(config.per_task_min)
+
+
+def _beyond_paper(config: FinalConfig) -> bool:
+    return bool(_selects(config) or config.answer_referees or config.blind_referees
+                or config.decontamination.enabled)

@@ -93,6 +93,12 @@ class Match(Stage):
     def close(self, config: ClipMatchConfig) -> None:
         release_matchers()
 
+    def resources(self, config: ClipMatchConfig) -> dict:
+        # One CLIP model per actor, on a GPU when the cluster has one (device auto falls back to the CPU, as
+        # it does locally); run.ray_resources.match.num_gpus: 0.5 puts two actors on each GPU.
+        return {"kind": "gpu", "num_cpus": 1, "num_gpus": 0 if config.device in ("cpu", "mps") else 1,
+                "workers": None, "runtime_env": None, "gpu_optional": config.device == "auto"}
+
     def make_batch_fn(self, config: ClipMatchConfig, ctx: StageContext) -> BatchFn:
         from loaders.images.paths import PathEscapeError, load_roots, resolve_image_path
 
@@ -151,7 +157,8 @@ class Match(Stage):
         bank = matcher.set_tasks(*tasks)
         vectors, errors = embed_images(matcher, usable_ids, paths, Path(ctx.stage_dir) / "coverage" / "embeddings.npz")
         plan = plan_coverage(usable_ids, vectors, errors, bank, top_k=config.top_k, minimum=config.coverage_min,
-                             max_extra=config.coverage_max_extra, chunk=min(config.score_chunk, 4096))
+                             max_extra=config.coverage_max_extra, chunk=min(config.score_chunk, 4096),
+                             device=matcher.clip.device)
         stats = {"coverage_pass": {"min": config.coverage_min, "added": plan.added, "leaves_raised": plan.leaves_raised,
                                    "leaves_short": len(plan.leaves_short), "short_examples": plan.leaves_short[:10]}}
         atomic_write_bytes(Path(ctx.stage_dir) / "stats.json", json.dumps(stats, indent=1).encode())

@@ -34,7 +34,11 @@ PAPER_REFEREES = [
 
 class ScoreConfig(StageConfig):
     referees: list[RefereeSettings] = Field(default_factory=lambda: list(PAPER_REFEREES), min_length=1)
-    missing_vote: Literal["fail", "zero", "abstain"] = "fail"
+    missing_vote: Literal["fail", "zero", "abstain"] = Field(
+        "fail", description="a vote a referee could not give: fail = the row fails vote_missing (also when the "
+        "referee is an answer or blind check of the final stage: an outage of an optional check then drops rows "
+        "the protocol would keep); abstain = the row goes on without it, named in `missing`; zero = counted as "
+        "0 (the final stage's agreement report reads it as missing)")
 
     @field_validator("referees")
     @classmethod
@@ -59,6 +63,22 @@ class ScoreStage(Stage):
         one with a local referee, whose model on the GPU takes one batch at a time."""
         local = any(referee.resolved_preset().backend != "endpoint" for referee in config.referees)
         return 1 if local else 2
+
+    def resources(self, config: ScoreConfig) -> dict:
+        """Local referees: a pool of GPU actors, each holding every local referee's model, in the runtime_env
+        the referees name (one per stage: one process holds one environment). Endpoint referees only: an LLM
+        pool, each worker calling every replica and leasing the servers' limits from the shared budget."""
+        local = [r for r in config.referees if r.resolved_preset().backend != "endpoint"]
+        if not local:
+            return {"kind": "llm", "num_cpus": 0.5, "num_gpus": 0, "workers": None, "runtime_env": None}
+        envs = [r.ray_runtime_env() for r in local if r.runtime_env is not None]
+        if any(env != envs[0] for env in envs):
+            raise ValueError("stages.score: local referees name different runtime_env; one Ray worker holds them "
+                             "all, so they must share one (or serve each with vLLM as an endpoint referee: "
+                             "docs/referees.md)")
+        return {"kind": "gpu", "num_cpus": 1, "num_gpus": 0 if all(r.device == "cpu" for r in local) else 1,
+                "workers": None, "runtime_env": envs[0] if envs else None,
+                "gpu_optional": all(r.device == "auto" for r in local)}
 
     def input_key(self, config: ScoreConfig) -> str:
         return "qa_id"
@@ -154,7 +174,7 @@ def _items(batch: dict[str, list], image_file) -> tuple[list[RefereeItem], dict[
     return items, unavailable
 
 
-STOP_WAIT_S = 5.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take to unwind before the stop goes on
+STOP_WAIT_S = 16.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take to unwind (> the accounts' UNWIND_S)
 
 
 def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, list[RefereeItem]],

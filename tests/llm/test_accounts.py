@@ -86,10 +86,32 @@ def test_a_budget_share_splits_every_limit_of_the_account():
         Accounts(0)
 
 
-def test_a_pickled_account_is_the_receiving_process_own():
-    accounts = Accounts(0.5)
-    copy = pickle.loads(pickle.dumps(accounts))
-    assert copy is process_accounts(0.5) and copy is not accounts and copy.budget_share == 0.5
+def test_a_pickled_account_is_the_receiving_process_own_one_per_run():
+    with run_accounts(0.5) as services:
+        accounts = services[SERVICE]
+        # unpickled where the original lives: the original (the budget is not doubled)
+        assert pickle.loads(pickle.dumps(accounts)) is accounts
+    # elsewhere (a worker) it becomes that process's accounts of the run: same share, its own loop
+    foreign = Accounts(0.25)  # a run of another process, never registered here
+    copy = pickle.loads(pickle.dumps(foreign))
+    assert copy is not foreign and copy.budget_share == 0.25 and copy.run_id == foreign.run_id
+    assert pickle.loads(pickle.dumps(foreign)) is copy  # one per run in this process
+    later = pickle.loads(pickle.dumps(Accounts(0.25)))  # the next run: the previous run's accounts are closed
+    assert later is not copy and copy._closed and not later._closed
+    later.close()
+
+
+def test_stages_and_referees_calling_one_server_and_model_share_one_account(simulator, ctx_for):
+    from processors.llm.api import RequestGroup, run_request_groups
+
+    sim = simulator(latency_ms=1)
+    ctx = ctx_for(sim)
+    with run_accounts() as services:
+        ctx.services.update(services)
+        requests = json_requests(4, prefix="override")
+        run_request_groups([RequestGroup(requests, "sim"), RequestGroup(json_requests(4, prefix="plain"), "sim",
+                                                                        {"image_max_side": 128})], ctx=ctx)
+        assert len(services[SERVICE]._accounts) == 1
 
 
 def test_a_stopped_call_sends_nothing_more_and_caches_every_answer_it_paid_for(simulator, ctx_for):

@@ -44,3 +44,17 @@ def test_report_per_first_level_category():
     assert set(report["by_category"]) == {"OCR", "Counting"}
     assert report["by_category"]["OCR"]["patterns"] == {"3/3": 1, "2/3": 1, "1/3": 1, "0/3": 0}
     assert report["overall"]["rows"] == 6
+
+
+def test_votes_named_missing_are_no_votes_under_missing_vote_zero():
+    """Under `missing_vote: zero` an outage is stored as 0; the report must not read it as a "no"."""
+    from processors.quality.report import ballots
+
+    stored = VOTES + [{"a": 1, "b": 0, "c": 0}]  # b and c were down for the last row: stored as 0
+    votes = ballots(stored, [[]] * 6 + [["b", "c"]], ["a", "b", "c"])
+    assert votes[-1] == {"a": 1, "b": None, "c": None}
+    report = agreement(votes, ["a", "b", "c"])
+    assert report["complete"] == 6 and report["patterns"] == {"3/3": 2, "2/3": 2, "1/3": 1, "0/3": 1}
+    assert report["yes_rate"]["b"] == pytest.approx(2 / 3, abs=1e-4)  # not 4/7
+    assert report["cohen_kappa"]["b|c"] == pytest.approx(2 / 3, abs=1e-4)
+    assert ballots(stored, None, ["a"])[-1] == {"a": 1}  # a score table without the column: as stored
