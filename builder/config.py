@@ -59,6 +59,10 @@ class RayResources(BaseModel):
         None, ge=0, description="GPUs per actor; fractions share a GPU (0.5: two CLIP actors per GPU)")
     workers: int | None = Field(
         None, ge=1, description="actors in the pool (default: one per GPU; 4 for LLM stages)")
+    driver_node: bool | None = Field(
+        None, description="run the workers on the driver's node only (default: yes for stages that call an LLM "
+        "endpoint and for images - their SQLite request cache / ledger is safe within one host only); false "
+        "where the run folder's filesystem gives SQLite working locks across hosts")
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -43,10 +43,15 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "taskgalaxy"
 MAX_RETRIES = 3  # times Ray re-runs a shard whose worker died (a restarted actor, a new task)
+MAX_RESTARTS = 3  # times a pool's actor is restarted; then its shards fail (the stage stops, a rerun resumes)
+START_TIMEOUT_S = 300.0  # how long a pool's workers may take to be placed and started
+PROGRESS_CHECK_S = 120.0  # no shard finished for this long: the workers holding shards are pinged
+PING_TIMEOUT_S = 120.0  # a worker that does not answer a ping for this long fails its shards
+WORKER_SHARE = "llm_worker_share"  # services key: the share of the stage's endpoint concurrency one worker takes
 LLM_WORKERS = 4  # default pool of an LLM stage (run.ray_resources.<stage>.workers sets another)
-STOP_WAIT_S = 10.0  # after a stop, how long the workers still running may take to go
+STOP_WAIT_S = 20.0  # after a stop, how long the shards still running may take to unwind (> the LLM UNWIND_S)
 WORKER_CHECKS = "ray_worker_checks"  # services key: callables(StageWork) a worker runs before its first shard
-RESOURCE_KEYS = ("kind", "num_cpus", "num_gpus", "workers", "runtime_env", "gpu_optional")
+RESOURCE_KEYS = ("kind", "num_cpus", "num_gpus", "workers", "runtime_env", "gpu_optional", "driver_node")
 
 
 class WorkerStorageError(OSError):
@@ -93,6 +98,7 @@ class _WorkerState:
         self.work = work
         self._fn = None
         self._lock = threading.Lock()
+        self.stop = threading.Event()  # set by the driver on a stop: LLM calls send nothing more and unwind
 
     def batch_fn(self):
         with self._lock:
@@ -113,7 +119,8 @@ class _WorkerState:
         except Exception as exc:  # noqa: BLE001 - the shard's error, returned like any other (the runner names it)
             return _dumps(ShardOutcome(index=index, usage={}, unrecorded={}, seconds=time.monotonic() - started,
                                        error=exc))
-        return _dumps(execute_shard(fn, task, features=features, batch_size=batch_size))
+        outcome = execute_shard(fn, task, features=features, batch_size=batch_size, stop=self.stop)
+        return _dumps(outcome)
 
 
 def _load_task(payload: bytes):
@@ -178,16 +185,25 @@ class ShardActor:
     """A pool member of a ``gpu`` or ``llm`` stage: its batch function is built once, in its constructor's
     process, and serves every shard sent to it (``in_flight`` at once for the LLM stages)."""
 
-    def __init__(self, holder: list):
+    def __init__(self, holder: list, services: dict[str, Any] | None = None):
+        import dataclasses
+
         import ray
 
-        self.state = _WorkerState(ray.get(holder[0]))
+        work = ray.get(holder[0])
+        if services:  # what this pool member adds (its share of the stage's endpoint concurrency)
+            work = dataclasses.replace(work, services={**work.services, **services})
+        self.state = _WorkerState(work)
 
     def run(self, payload: bytes) -> bytes:
         return self.state.run(payload)
 
-    def pid(self) -> int:
+    def pid(self) -> int:  # also the liveness ping: one place of the actor's concurrency is kept for it
         return os.getpid()
+
+    def stop(self) -> None:
+        """The stage stops: shards running here send nothing more; what is on the wire may come back."""
+        self.state.stop.set()
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -209,7 +225,7 @@ class RayEngine:
 
         if not ray.is_initialized():
             logger.info("ray: %s", f"joining {self.address}" if self.address else "starting a local Ray")
-            ray.init(address=self.address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+            ray.init(address=self.address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
                      ignore_reinit_error=True)
 
     def resources(self, work: StageWork) -> dict[str, Any]:
@@ -239,69 +255,100 @@ class RayEngine:
         if need["kind"] == "cpu":
             submit, slots = self._tasks(holder, need, len(tasks))
         else:
-            submit, slots = self._pool(holder, need, len(tasks), max(1, in_flight))
+            submit, slots = self._pool(holder, need, len(tasks), max(1, in_flight), work)
         yield from self._schedule(submit, slots, payloads, on_rows, work.stage.name)
 
     # Each slot is one shard in flight: a task slot, or one of an actor's ``in_flight`` places.
     def _tasks(self, holder: list, need: dict, count: int):
         import ray
 
+        placement = {}
+        if need.get("driver_node"):  # e.g. images: its dedup ledger is a SQLite file, safe within one host
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)
         remote = ray.remote(_run_task).options(num_cpus=need.get("num_cpus") or 1, max_retries=MAX_RETRIES,
-                                               runtime_env=need.get("runtime_env") or None)
+                                               runtime_env=need.get("runtime_env") or None, **placement)
         cpus = ray.cluster_resources().get("CPU", 1)
         width = need.get("workers") or max(1, int(cpus // (need.get("num_cpus") or 1)))
         self.actors = []
         return (lambda slot, payload: remote.remote(holder, payload)), [None] * min(count, width)
 
-    def _pool(self, holder: list, need: dict, count: int, in_flight: int):
+    def _pool(self, holder: list, need: dict, count: int, in_flight: int, work: StageWork):
         import ray
 
         num_gpus = float(need.get("num_gpus") or 0)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if num_gpus and not gpus and need.get("gpu_optional"):
+        if num_gpus and not ray.cluster_resources().get("GPU", 0) and need.get("gpu_optional"):
             logger.info("ray: the cluster has no GPU; the %s workers run on the CPU", need["kind"])
             num_gpus = 0.0
         num_cpus = need.get("num_cpus")
         num_cpus = 1 if num_cpus is None else num_cpus
-        if need["kind"] == "llm" and _driver_node_cpus() < num_cpus:
+        on_driver = need.get("driver_node")
+        if on_driver is None:  # a stage calling an LLM endpoint: its request cache is one SQLite file
+            on_driver = bool(work.stage.llm_endpoints(work.config))
+        if on_driver and need["kind"] == "llm" and _driver_node_cpus() < num_cpus:
             # A head started with --num-cpus=0 (common): the LLM workers, which wait on the network, take no
             # CPU rather than wait for ever for one that the node will never offer.
             logger.warning("ray: the driver's node offers Ray no CPU; the LLM workers run there with num_cpus=0")
             num_cpus = 0
+        fit = _workers_that_fit(num_cpus, num_gpus, driver_only=on_driver)
+        if fit == 0:
+            where = "the driver's node" if on_driver else "any node"
+            raise RuntimeError(
+                f"stage {work.stage.name!r}: no worker fits on {where} ({num_gpus:g} GPU and {num_cpus:g} CPU each)"
+                + ("; it calls an LLM endpoint, whose request cache is one SQLite file that is safe within one "
+                   "host only, so its workers run on the driver's node: run the driver on a node with those "
+                   f"resources, or set run.ray_resources.{work.stage.name}.driver_node: false if the run folder's "
+                   "filesystem gives SQLite working locks across hosts" if on_driver else "")
+                + f" (run.ray_resources.{work.stage.name} sets what a worker asks for)")
         if need.get("workers"):
             width = int(need["workers"])
         elif num_gpus:
-            width = max(1, int(gpus // num_gpus))
+            width = fit
         elif need["kind"] == "llm":
             # One process already sends 1,400+ requests/s (docs/benchmarks.md), more than any account allows:
             # a few workers are for resilience and CPU-bound request building, not for rate.
-            room = int(_driver_node_cpus() // num_cpus) if num_cpus else LLM_WORKERS
-            width = max(1, min(LLM_WORKERS, room))
+            width = LLM_WORKERS
         else:
             width = 1  # a "gpu" stage on a cluster without GPUs: one model on the CPU
-        width = min(width, count)
+        width = max(1, min(width, count, fit))
         placement = {}
-        if need["kind"] == "llm":
-            # LLM workers share the run's request cache, one SQLite file in WAL mode: safe among the processes
-            # of one host only (its lock index is shared memory), so they stay on the driver's node. They wait
-            # on the network; one node holds the few a rate limit needs (docs/scaling.md).
+        if on_driver:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)
+        # One place more than the shards it runs: the driver's pings and stop() get through while it works.
         actor = ray.remote(ShardActor).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=MAX_RETRIES,
-            max_concurrency=in_flight, runtime_env=need.get("runtime_env") or None, **placement)
-        self.actors = [actor.remote(holder) for _ in range(width)]
-        # Started before any shard is sent (an environment that cannot be built fails here, once); the pids
-        # name the workers in the log (and let the tests kill one).
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RETRIES,
+            max_concurrency=in_flight + 1, runtime_env=need.get("runtime_env") or None, **placement)
+        # The stage's endpoint limits are shared by the pool: each worker takes its share of the concurrency
+        # (the rate is leased from the run's budget actor).
+        self.actors = [actor.remote(holder, {WORKER_SHARE: 1.0 / width}) for _ in range(width)]
+        # Started before any shard is sent (an environment that cannot be built fails here, once). Actors that
+        # cannot be placed in time are given up, so the pool never waits for ever for resources that are not
+        # there.
+        pings = {a.pid.remote(): a for a in self.actors}
+        ready, late = ray.wait(list(pings), num_returns=len(pings), timeout=START_TIMEOUT_S)
+        if late:
+            for ref in late:
+                ray.kill(pings[ref], no_restart=True)
+            self.actors = [pings[ref] for ref in ready]
+            logger.warning("ray: %d of %d %s workers of stage %s could not start within %.0f s (resources taken?); "
+                           "going on with %d", len(late), width, need["kind"], work.stage.name, START_TIMEOUT_S,
+                           len(ready))
+            if not ready:
+                raise RuntimeError(f"stage {work.stage.name!r}: no Ray worker started within {START_TIMEOUT_S:.0f} s "
+                                   f"({num_gpus:g} GPU and {num_cpus:g} CPU each); is the cluster busy?")
         try:
-            self.worker_pids = ray.get([a.pid.remote() for a in self.actors])
+            self.worker_pids = ray.get(ready)
         except BaseException:
             self._stop([])
             raise
-        logger.info("ray: %d %s worker(s) (pids %s), %g GPU and %g CPU each, %d shard(s) each at once", width,
-                    need["kind"], ",".join(map(str, self.worker_pids)), num_gpus, num_cpus, in_flight)
+        logger.info("ray: %d %s worker(s) (pids %s), %g GPU and %g CPU each, %d shard(s) each at once%s",
+                    len(self.actors), need["kind"], ",".join(map(str, self.worker_pids)), num_gpus, num_cpus,
+                    in_flight, " on the driver's node" if on_driver else "")
         slots = [a for a in self.actors for _ in range(in_flight)]
         return (lambda slot, payload: slot.run.remote(payload)), slots
 
@@ -310,10 +357,12 @@ class RayEngine:
         import ray
 
         running: dict[Any, tuple[Any, ShardTask]] = {}
-        stopping = False
+        failed: ShardOutcome | None = None
+        deadline = None
+        quiet_since = time.monotonic()
 
         def start(slot) -> None:
-            if payloads and not stopping:
+            if payloads and failed is None:
                 task, payload = payloads.popleft()
                 running[submit(slot, payload)] = (slot, task)
 
@@ -321,28 +370,69 @@ class RayEngine:
             for slot in slots:
                 start(slot)
             while running:
-                done, _ = ray.wait(list(running), num_returns=1)
+                timeout = PROGRESS_CHECK_S if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+                if not done:
+                    if deadline is not None:
+                        break  # the shards still running did not stop in time: _stop ends them
+                    if time.monotonic() - quiet_since > PROGRESS_CHECK_S:
+                        self._check_alive(running)
+                    continue
+                quiet_since = time.monotonic()
                 for ref in done:
                     slot, task = running.pop(ref)
                     try:
                         outcome = cloudpickle.loads(ray.get(ref))
                     except ray.exceptions.RayError as exc:  # out of retries, or the cluster is gone
                         outcome = ShardOutcome(index=task.index, usage={}, unrecorded={}, seconds=0.0, error=exc)
+                    outcome.index = task.index  # a worker that could not open the shard's input did not know it
                     if outcome.error is None:
                         if on_rows is not None:
                             on_rows(len(task.rows))
                         start(slot)
-                    else:
-                        stopping = True  # no new shard starts; the runner stops on this one
-                    yield outcome
+                        yield outcome  # finished, even after another shard failed: the runner commits it
+                    elif failed is None:
+                        failed, deadline = outcome, time.monotonic() + STOP_WAIT_S
+                        self._signal_stop()  # nothing new is sent; what is on the wire may come back
+            if failed is not None:
+                yield failed  # the runner stops on it, with every shard that did finish committed
         finally:
             self._stop(list(running))
 
-    def _stop(self, running: list) -> None:
-        """End the stage's workers (a pool holds a model, a GPU, connections); shards still running stop with
-        them. Their spend journals stay on disk, where the runner adopts them."""
+    def _check_alive(self, running: dict) -> None:
+        """No shard finished for a while: ping the workers holding shards (a free place of each actor answers
+        at once). One that does not answer - restarting, or pending because no node can host it any more (a
+        lost node) - fails its shards instead of leaving the stage waiting for ever."""
         import ray
 
+        actors = {id(slot): slot for slot, _ in running.values() if slot is not None}
+        pings = {actor.pid.remote(): key for key, actor in actors.items()}
+        ready, late = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        dead = {pings[ref] for ref in late}
+        if dead:
+            names = sorted(task.index for slot, task in running.values() if id(slot) in dead)
+            raise RuntimeError(f"Ray workers holding shards {names} did not answer for {PING_TIMEOUT_S:.0f} s "
+                               "(restarting, or waiting for a node that can host them): the stage stops; rerun to "
+                               "resume once the cluster has the resources again")
+
+    def _signal_stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                actor.stop.remote()
+            except Exception:  # noqa: BLE001 - a dead actor needs no telling
+                logger.debug("telling a worker to stop failed", exc_info=True)
+
+    def _stop(self, running: list) -> None:
+        """End the stage's workers (a pool holds a model, a GPU, connections). Shards still running are told to
+        stop first and given ``STOP_WAIT_S`` to unwind (requests on the wire come back, spend journalled);
+        then they end with their workers. Their spend journals stay on disk, where the runner keeps them."""
+        import ray
+
+        if running and self.actors:
+            self._signal_stop()
+            ray.wait(running, num_returns=len(running), timeout=STOP_WAIT_S)
         for ref in running:
             try:
                 ray.cancel(ref, force=not self.actors)  # tasks are force-cancelled; actors go below
@@ -350,9 +440,28 @@ class RayEngine:
                 logger.debug("cancelling a shard failed", exc_info=True)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        if running:
+        if running and not self.actors:
             ray.wait(running, num_returns=len(running), timeout=STOP_WAIT_S)
         self.actors = []
+
+
+def _workers_that_fit(num_cpus: float, num_gpus: float, *, driver_only: bool) -> int:
+    """How many workers asking for ``num_cpus`` and ``num_gpus`` each fit on the alive nodes (each worker on one
+    node: a pool sized from the cluster's totals waited for ever for the ones that did not fit)."""
+    import math
+
+    import ray
+
+    here = ray.get_runtime_context().get_node_id() if driver_only else None
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive") or (here is not None and node.get("NodeID") != here):
+            continue
+        have = node.get("Resources", {})
+        fits = [math.floor(have.get("CPU", 0) / num_cpus + 1e-9) if num_cpus else math.inf,
+                math.floor(have.get("GPU", 0) / num_gpus + 1e-9) if num_gpus else math.inf]
+        total += min(fits) if min(fits) != math.inf else LLM_WORKERS
+    return int(total)
 
 
 def _driver_node_cpus() -> float:

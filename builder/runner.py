@@ -350,12 +350,13 @@ class Runner:
                 # show. Each journal becomes an interrupted record by a rename, so no moment holds both (or
                 # neither), and a full disk cannot stop it; state.json then counts it.
                 for task in pending.values():
-                    if not task.journal_path.exists():
-                        continue
-                    if (folder / rf.shard_name(task.index)).exists():  # committed just before the stop: its
-                        task.journal_path.unlink()  # stats hold this spend; renamed, it would count twice
-                    else:
-                        task.journal_path.replace(interrupted_name(folder, task.index, time.time()))
+                    try:
+                        if (folder / rf.shard_name(task.index)).exists():  # committed just before the stop:
+                            task.journal_path.unlink(missing_ok=True)  # its stats hold this spend
+                        elif task.journal_path.exists():
+                            task.journal_path.replace(interrupted_name(folder, task.index, time.time()))
+                    except FileNotFoundError:  # taken meanwhile (a worker kept a retried attempt's journal)
+                        pass
                 self._write_state_best_effort(folder, base)
                 raise
         return state

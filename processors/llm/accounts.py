@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SERVICE = "llm_accounts"  # the key of the run's accounts in ``StageContext.services``
+WORKER_SHARE = "llm_worker_share"  # services key set by the Ray engine per pool member (builder.ray_engine)
 STOP_POLL_S = 0.05  # how often a waiting caller looks at its stop event
 UNWIND_S = 15.0  # after a stop, how long a cancelled call may take to unwind (> the engine's WIRE_WAIT_S)
 
@@ -59,6 +60,7 @@ class Accounts:
         # Names the run: a worker that receives this (pickled) gets one registry per run, not per process,
         # so a breaker opened in one run never refuses the next run's calls there.
         self.run_id = run_id or uuid.uuid4().hex
+        self.worker_share = 1.0  # set where a pool member runs (``call_accounts``), before its first call
         self._accounts: dict[tuple, Account] = {}
         self._limits: dict[tuple, tuple] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,13 +166,15 @@ class Accounts:
         return account
 
     def scaled(self, endpoint: EndpointSettings) -> EndpointSettings:
-        """The endpoint's limits times this process's share of the account."""
-        if self.budget_share == 1:
+        """The endpoint's limits times this process's share of the account; the concurrency also times its
+        share among the workers of a stage's pool (``worker_share``: a vLLM server's only protection is its
+        window, which N workers must split, not multiply)."""
+        if self.budget_share == 1 and self.worker_share == 1:
             return endpoint
-        share = self.budget_share
+        share, window = self.budget_share, self.budget_share * self.worker_share
         return endpoint.model_copy(update={
-            "max_concurrency": max(1, math.floor(endpoint.max_concurrency * share)),
-            "min_concurrency": max(1, math.floor(endpoint.min_concurrency * share)),
+            "max_concurrency": max(1, math.floor(endpoint.max_concurrency * window)),
+            "min_concurrency": max(1, math.floor(endpoint.min_concurrency * window)),
             "rpm": endpoint.rpm * share if endpoint.rpm else endpoint.rpm,
             "tpm": endpoint.tpm * share if endpoint.tpm else endpoint.tpm,
         })
@@ -266,6 +270,9 @@ def call_accounts(services: dict[str, Any]) -> Iterator[Accounts]:
     """The run's accounts, or - for a call outside a run (a tool, a test) - accounts for this call alone."""
     accounts = services.get(SERVICE)
     if accounts is not None:
+        share = services.get(WORKER_SHARE)
+        if share and not accounts._accounts:  # a pool member's share, before any account is opened
+            accounts.worker_share = float(share)
         yield accounts
         return
     accounts = Accounts()

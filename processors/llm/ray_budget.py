@@ -94,9 +94,15 @@ def shared_budget(decrease: float = 0.7) -> Iterator[str]:
     run (and with the driver, which owns it: a killed driver leaves no budget behind)."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = f"llm-budget-{uuid.uuid4().hex[:12]}"
-    actor = ray.remote(BudgetActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1,
-                                            max_task_retries=-1).remote(decrease)
+    # On the driver's node (not a preemptible GPU node), and never restarted: a restarted budget would forget
+    # the grants it has handed out and the rate its 429s lowered, and hand the same capacity out again; if it
+    # dies, the workers' next leases fail and the stage stops, to resume on a rerun.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(BudgetActor).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                                            scheduling_strategy=here).remote(decrease)
     ray.get(actor.stats.remote())  # started before any worker asks for it
     try:
         yield name

@@ -121,6 +121,12 @@ class ImagesStage(Stage):
     upstream = None
     batch_size = 256
 
+
+    def resources(self, config) -> dict:
+        # On Ray: its duplicate ledger is a SQLite file (WAL), safe between the processes of one host only, and
+        # its shards run in input order (the ledger keeps the first copy): one task at a time on the driver.
+        return {**super().resources(config), "driver_node": True}
+
     def input_key(self, config: ImagesConfig) -> str:
         return "ref"
 

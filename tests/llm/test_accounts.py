@@ -149,3 +149,25 @@ def test_a_stopped_call_sends_nothing_more_and_caches_every_answer_it_paid_for(s
     with RequestCache(ctx.cache_dir / "llm-requests.sqlite") as cache:
         assert len(cache) == answered  # the requests on the wire at the stop came back and were cached
     assert scope.meter.usage["requests"] == answered  # ...and counted, in the shard's own meter
+
+
+def test_accounts_that_lease_from_a_budget_take_its_buckets_and_split_the_window():
+    # The Ray engine's wiring, without Ray: a worker's accounts (lease_from) get the budget's buckets, its
+    # 429s reach the shared rate, and a pool member takes its share of the concurrency window.
+    from processors.llm.accounts import WORKER_SHARE, call_accounts
+    from processors.llm.ray_budget import LeasedBucket
+    from processors.llm.transport import Secret
+
+    accounts = Accounts(lease_from="llm-budget-test")
+    endpoint = EndpointSettings(base_url="http://127.0.0.1:9/v1", api_key_env=None, rpm=600, tpm=100_000,
+                                max_concurrency=64)
+    try:
+        with call_accounts({SERVICE: accounts, WORKER_SHARE: 0.25}) as same:
+            assert same is accounts
+        account = accounts.run(accounts.account("e", endpoint, base_url=endpoint.base_url, api_key=Secret(None),
+                                                key_env=None, breaker_threshold=5))
+        assert isinstance(account.admission.rpm, LeasedBucket) and isinstance(account.admission.tpm, LeasedBucket)
+        assert account.admission.concurrency.listener is not None
+        assert account.admission.concurrency.maximum == 16
+    finally:
+        accounts.close()
