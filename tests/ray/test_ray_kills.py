@@ -40,8 +40,8 @@ def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(ray_cluster, loc
     config = write_config(tmp_path, ONE_PER_SHARD)
     run_dir = copy_until(local_dir, tmp_path / "run", "match")
     errors: list[BaseException] = []
-    # Slow answers, so the stage is still running when the worker dies.
-    with SimulatorThread(SimulatorOptions(latency_ms=300)) as sim:
+    # Slow answers, so the worker dies with its shards' requests on the wire.
+    with SimulatorThread(SimulatorOptions(latency_ms=2000)) as sim:
         services = {"llm_base_url": sim.base_url, "llm_api_key": DRY_RUN_API_KEY}
         runner = open_run(config, run_dir=run_dir, dry_run=True, services=services, progress=False, engine="ray")
 
@@ -54,7 +54,8 @@ def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(ray_cluster, loc
         thread = threading.Thread(target=run)
         thread.start()
         folder = run_dir / "03_filter"
-        wait_for(lambda: shard_files(folder), "the first committed filter shard")
+        # every shard of the last wave is on the wire (one request each): the victim holds some of them
+        wait_for(lambda: sim.stats()["received"] >= 8 and runner.engine.worker_pids, "the last wave's requests")
         committed_at_kill = len(shard_files(folder))
         os.kill(runner.engine.worker_pids[0], signal.SIGKILL)
         thread.join(300)
@@ -68,7 +69,9 @@ def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(ray_cluster, loc
     got, want = counts(run_dir)["filter"], counts(local_dir)["filter"]
     assert (got["rows_in"], got["rows_out"], got["failures_by_reason"]) == \
         (want["rows_in"], want["rows_out"], want["failures_by_reason"])
-    # Asked twice at most: the requests of the two shards the dead worker held, answered but never received.
+    # The dead worker's shards were run again: their requests were sent a second time...
+    assert stats["received"] > 8
+    # ...and answered twice at most: the requests of the two shards it held, answered but never received.
     assert stats["duplicates"] <= 2
     assert got["requests"] >= want["requests"]  # what the dead attempt paid is still counted
 
