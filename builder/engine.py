@@ -58,7 +58,10 @@ class LocalEngine:
             return
         fn = work.build()  # once per stage and process: a finished stage loads no model
         if in_flight <= 1 or len(tasks) == 1:
-            for task in tasks:
+            hint = getattr(fn, "prefetch", None)  # a GPU stage: decode the next shard's head meanwhile
+            for index, task in enumerate(tasks):
+                if hint is not None and index + 1 < len(tasks):
+                    _prefetch(hint, tasks[index + 1])
                 yield execute_shard(fn, task, features=features, batch_size=batch_size, on_rows=on_rows)
             return
         yield from self._concurrently(fn, tasks, features, batch_size, in_flight, on_rows, work.stage.name)
@@ -108,3 +111,13 @@ class LocalEngine:
             left = STOP_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
             concurrent.futures.wait(running, timeout=left)
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prefetch(hint: Callable, task: ShardTask) -> None:
+    """Tell the batch function which shard comes next (``fn.prefetch(rows)``: the match stage decodes its first
+    images while the current shard computes, so the GPU does not idle at the boundary). Only a hint: a
+    failure here is the next shard's to report, when it runs."""
+    try:
+        hint(task.rows)
+    except Exception:  # noqa: BLE001
+        logger.debug("prefetching shard %d failed", task.index, exc_info=True)

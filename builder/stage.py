@@ -228,7 +228,11 @@ class Stage:
         raise NotImplementedError
 
     def make_batch_fn(self, config: StageConfig, ctx: StageContext) -> BatchFn:
-        """The function that turns a batch of input rows into ``BatchOutput.to_columns()``."""
+        """The function that turns a batch of input rows into ``BatchOutput.to_columns()``.
+
+        It may carry a ``prefetch(rows)`` attribute: the local engine then calls it with the *next* shard's
+        input rows as each shard starts (a hint; e.g. the match stage decodes the next shard's first images
+        meanwhile, so the GPU does not idle at the boundary)."""
         raise NotImplementedError
 
     def fingerprint_config(self, config: StageConfig) -> dict[str, Any]:

@@ -135,6 +135,17 @@ class Match(Stage):
             ctx.add_usage(clip_images=encoded)
             return out.to_columns()
 
+        def prefetch(rows) -> None:
+            """The engine's hint with the next shard's rows: its first images decode while this one computes."""
+            paths = []
+            for row_path in column_values(rows, "path"):
+                try:
+                    paths.append(resolve_image_path(ctx.run_dir, row_path, roots))
+                except PathEscapeError:
+                    continue  # fails its row when the shard runs, as above
+            matcher.prefetch(paths)
+
+        fn.prefetch = prefetch
         return fn
 
     def _coverage_batch_fn(self, config: ClipMatchConfig, ctx: StageContext, matcher, tasks, roots) -> BatchFn:

@@ -106,3 +106,31 @@ def test_sigkill_with_two_shards_in_flight_then_resume(tmp_path):
     failures = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p))
                                               for p in sorted((run_dir / "01_square" / "failures").glob("shard-*"))])
     assert sorted(failures["key"]) == ["n00000", "n00007", "n00014", "n00021"]
+
+
+def test_the_engine_tells_a_prefetching_batch_function_which_shard_comes_next(tmp_path):
+    # A GPU stage (match) decodes the next shard's first images while the current one computes.
+    from toy_stages import Numbers, Square
+
+    from builder.config import build_config_model, validate_config
+
+    events: list[tuple[str, int]] = []
+
+    class PrefetchingSquare(Square):
+        def make_batch_fn(self, config, ctx):
+            inner = super().make_batch_fn(config, ctx)
+
+            def fn(batch):
+                events.append(("run", batch["value"][0]))
+                return inner(batch)
+
+            fn.prefetch = lambda rows: events.append(("prefetch", rows["value"][0]))
+            return fn
+
+    stages = [Numbers(), PrefetchingSquare()]
+    config = validate_config(_config(), build_config_model(stages), base_dir=tmp_path)
+    Runner(stages, config, tmp_path / "run", progress=False).run()
+    expected = []
+    for shard in range(6):  # shards of 4 rows, batches of 2: the hint for shard n+1 comes before shard n runs
+        expected += ([("prefetch", 4 * shard + 4)] if shard < 5 else []) + [("run", 4 * shard), ("run", 4 * shard + 2)]
+    assert events == expected

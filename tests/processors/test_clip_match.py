@@ -323,3 +323,48 @@ def test_uint8_worker_tensors_normalise_to_the_full_transform(tmp_path):
     assert small.dtype == torch.uint8 and tuple(small.shape) == (3, 32, 32)
     torch.testing.assert_close(split.normalize(small[None])[0], preprocess(image), atol=0, rtol=0)
     assert split_preprocess(lambda image: image) is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_prefetched_next_pass_gives_the_same_results_and_the_loader_decodes_only_the_rest(tmp_path, workers,
+                                                                                             monkeypatch):
+    # The engine hints the next shard while this one computes (fn.prefetch): its first model batch is decoded
+    # ahead; the pass then takes those and its loader decodes the rest only, positions unchanged.
+    paths = draw_images(tmp_path, 9)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:40])
+    first = paths[:1] + [broken] + paths[1:4]  # a bad image in the prefetched head (batch_size 3)
+    second = paths[4:] + [tmp_path / "missing.jpg"]
+    plain = ClipMatcher(tiny(num_workers=0), tmp_path / "cache")
+    plain.set_tasks(TASK_IDS, TASKS)
+    expected = [run_match(plain, first), run_match(plain, second)]
+
+    matcher = ClipMatcher(tiny(num_workers=workers, batch_size=4), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    from processors.clip import images
+
+    sampled: list[list[str]] = []
+    real_set = images.PathBatches.set_paths
+    monkeypatch.setattr(images.PathBatches, "set_paths",
+                        lambda self, p: (sampled.append([str(x) for x in p]), real_set(self, p))[1])
+    try:
+        matcher.prefetch(first)
+        got_first = run_match(matcher, first)
+        matcher.prefetch(second)
+        matcher.prefetch(["/not/the/next/pass.png"])  # a hint that turns out wrong is dropped
+        got_second = run_match(matcher, second)
+        matcher.prefetch(second)
+        got_again = run_match(matcher, second)
+    finally:
+        matcher.close()
+    assert sampled[0] == [str(p) for p in first[4:]]  # the loader decoded only what the head did not hold
+    assert sampled[1] == [str(p) for p in second]  # the wrong hint: the whole pass through the loader
+    assert sampled[2] == [str(p) for p in second[4:]]
+    for got, want in ((got_first, expected[0]), (got_second, expected[1]), (got_again, expected[1])):
+        assert sorted(got) == sorted(want)
+        for i, result in want.items():
+            if isinstance(result, ImageError):
+                assert got[i].reason == result.reason
+            else:
+                assert [c["task_id"] for c in got[i]] == [c["task_id"] for c in result]
+                np.testing.assert_allclose([c["score"] for c in got[i]], [c["score"] for c in result], atol=1e-6)
