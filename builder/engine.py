@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
-from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard, inband_features  # noqa: F401
+from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard
 
 STOP_WAIT_S = 20.0  # after a stop, how long shards still in flight may take to unwind (> the LLM accounts' UNWIND_S)
 

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import datasets
 
-from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard
+from builder.ray_tasks import ShardActor, run_task
+from builder.work import ShardOutcome, ShardTask, StageWork
 
 logger = logging.getLogger(__name__)
 
@@ -50,163 +47,9 @@ PING_TIMEOUT_S = 120.0  # a worker that does not answer a ping for this long fai
 WORKER_SHARE = "llm_worker_share"  # services key: the share of the stage's endpoint concurrency one worker takes
 LLM_WORKERS = 4  # default pool of an LLM stage (run.ray_resources.<stage>.workers sets another)
 STOP_WAIT_S = 20.0  # after a stop, how long the shards still running may take to unwind (> the LLM UNWIND_S)
-WORKER_CHECKS = "ray_worker_checks"  # services key: callables(StageWork) a worker runs before its first shard
 RESOURCE_KEYS = ("kind", "num_cpus", "num_gpus", "workers", "runtime_env", "gpu_optional", "driver_node")
 
 
-class WorkerStorageError(OSError):
-    """A worker cannot read what every node must see (the run folder, a shard's input, an image root)."""
-
-
-def node_name() -> str:
-    """This worker's node, as an operator finds it: host name, IP and Ray node id."""
-    try:
-        import ray
-
-        context = ray.get_runtime_context()
-        node_id = context.get_node_id()[:12]
-        ip = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - a name for a message; never the reason a shard fails
-        node_id, ip = "?", "?"
-    return f"{socket.gethostname()} ({ip}, Ray node {node_id})"
-
-
-def storage_error(path: Path | str, exc: BaseException | str) -> WorkerStorageError:
-    detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else exc
-    return WorkerStorageError(
-        f"node {node_name()} cannot read {path} ({detail}): the run folder and the image roots must lie on a "
-        "filesystem every node of the Ray cluster mounts at the same path (NFS, Lustre, EFS; docs/scaling.md)")
-
-
-def check_readable(path: Path) -> None:
-    """Raise ``WorkerStorageError`` (naming the path and this node) unless ``path`` can be listed or read."""
-    try:
-        if path.is_dir():
-            os.listdir(path)
-        else:
-            with open(path, "rb") as handle:
-                handle.read(1)
-    except OSError as exc:
-        raise storage_error(path, exc) from None
-
-
-# -- what runs on a worker ----------------------------------------------------------------------------
-class _WorkerState:
-    """One stage's work in one worker process: checked and built once, then every shard it is given."""
-
-    def __init__(self, work: StageWork):
-        self.work = work
-        self._fn = None
-        self._lock = threading.Lock()
-        self.stop = threading.Event()  # set by the driver on a stop: LLM calls send nothing more and unwind
-
-    def batch_fn(self):
-        with self._lock:
-            if self._fn is None:
-                check_readable(self.work.run_dir)
-                for check in self.work.services.get(WORKER_CHECKS, ()):
-                    check(self.work)  # e.g. the image roots are mounted here (processors.ray_worker)
-                self._fn = self.work.build()
-            return self._fn
-
-    def run(self, payload: bytes) -> bytes:
-        started = time.monotonic()
-        index = -1
-        try:
-            index, task, features, batch_size = _load_task(payload)
-            _adopt_previous_attempt(self.work.stage_dir, task)
-            fn = self.batch_fn()
-        except Exception as exc:  # noqa: BLE001 - the shard's error, returned like any other (the runner names it)
-            return _dumps(ShardOutcome(index=index, usage={}, unrecorded={}, seconds=time.monotonic() - started,
-                                       error=exc))
-        outcome = execute_shard(fn, task, features=features, batch_size=batch_size, stop=self.stop)
-        return _dumps(outcome)
-
-
-def _load_task(payload: bytes):
-    """The pickled (index, task, features, batch size); the task's rows are memory-mapped from the shared run
-    folder, so a node that does not mount it fails here, and the error names the file and the node."""
-    import cloudpickle
-
-    index, blob = cloudpickle.loads(payload)
-    try:
-        task, features, batch_size = cloudpickle.loads(blob)
-    except (FileNotFoundError, PermissionError) as exc:
-        raise storage_error(exc.filename or "the shard's input", exc) from None
-    return index, task, features, batch_size
-
-
-def _adopt_previous_attempt(stage_dir: Path, task: ShardTask) -> None:
-    """A journal already at the shard's path was left by an attempt that died on its worker (the runner
-    removes stale ones before a stage starts): keep its spend counted, as a resume would."""
-    from builder.recovery import interrupted_name
-
-    if task.journal_path.exists():
-        target = interrupted_name(stage_dir, task.index, time.time(), "retried")
-        task.journal_path.replace(target)
-        logger.warning("shard %d: an earlier attempt died on its worker; what it paid is kept in %s", task.index,
-                       target.name)
-
-
-def _dumps(outcome: ShardOutcome) -> bytes:
-    """The pickled outcome; an error that does not pickle travels as its text (the runner only reports it)."""
-    import cloudpickle
-
-    try:
-        return cloudpickle.dumps(outcome)
-    except Exception:  # noqa: BLE001
-        outcome.error = RuntimeError(f"{type(outcome.error).__name__}: {outcome.error}")
-        return cloudpickle.dumps(outcome)
-
-
-_BUILT: dict[str, _WorkerState] = {}  # a task worker process: stage work (by its object id) -> built state
-_BUILT_LOCK = threading.Lock()
-
-
-def _task_state(holder: list) -> _WorkerState:
-    """The built work of a task's stage in this worker process; ``holder`` wraps the ObjectRef so Ray passes
-    the ref itself (a stable key) and the work is fetched and built once per process."""
-    import ray
-
-    key = holder[0].hex()
-    with _BUILT_LOCK:
-        state = _BUILT.get(key)
-        if state is None:
-            _BUILT.clear()  # a new stage: drop the last one's batch function
-            state = _BUILT[key] = _WorkerState(ray.get(holder[0]))
-        return state
-
-
-def _run_task(holder: list, payload: bytes) -> bytes:
-    return _task_state(holder).run(payload)
-
-
-class ShardActor:
-    """A pool member of a ``gpu`` or ``llm`` stage: its batch function is built once, in its constructor's
-    process, and serves every shard sent to it (``in_flight`` at once for the LLM stages)."""
-
-    def __init__(self, holder: list, services: dict[str, Any] | None = None):
-        import dataclasses
-
-        import ray
-
-        work = ray.get(holder[0])
-        if services:  # what this pool member adds (its share of the stage's endpoint concurrency)
-            work = dataclasses.replace(work, services={**work.services, **services})
-        self.state = _WorkerState(work)
-
-    def run(self, payload: bytes) -> bytes:
-        return self.state.run(payload)
-
-    def pid(self) -> int:  # also the liveness ping: one place of the actor's concurrency is kept for it
-        return os.getpid()
-
-    def stop(self) -> None:
-        """The stage stops: shards running here send nothing more; what is on the wire may come back."""
-        self.state.stop.set()
-
-
-# -- the driver ---------------------------------------------------------------------------------------
 class RayEngine:
     """Runs pending shards on a Ray cluster: ``address`` None starts a local Ray (or uses the one this process
     already joined); ``overrides`` are ``run.ray_resources``: stage name -> keys of ``Stage.resources``."""
@@ -262,13 +105,9 @@ class RayEngine:
     def _tasks(self, holder: list, need: dict, count: int):
         import ray
 
-        placement = {}
-        if need.get("driver_node"):  # e.g. images: its dedup ledger is a SQLite file, safe within one host
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)
-        remote = ray.remote(_run_task).options(num_cpus=need.get("num_cpus") or 1, max_retries=MAX_RETRIES,
+        # e.g. images: its dedup ledger is a SQLite file, safe within one host
+        placement = _on_driver_node() if need.get("driver_node") else {}
+        remote = ray.remote(run_task).options(num_cpus=need.get("num_cpus") or 1, max_retries=MAX_RETRIES,
                                                runtime_env=need.get("runtime_env") or None, **placement)
         cpus = ray.cluster_resources().get("CPU", 1)
         width = need.get("workers") or max(1, int(cpus // (need.get("num_cpus") or 1)))
@@ -313,12 +152,7 @@ class RayEngine:
         else:
             width = 1  # a "gpu" stage on a cluster without GPUs: one model on the CPU
         width = max(1, min(width, count, fit))
-        placement = {}
-        if on_driver:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)
+        placement = _on_driver_node() if on_driver else {}
         # One place more than the shards it runs: the driver's pings and stop() get through while it works.
         actor = ray.remote(ShardActor).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RETRIES,
@@ -462,6 +296,15 @@ def _workers_that_fit(num_cpus: float, num_gpus: float, *, driver_only: bool) ->
                 math.floor(have.get("GPU", 0) / num_gpus + 1e-9) if num_gpus else math.inf]
         total += min(fits) if min(fits) != math.inf else LLM_WORKERS
     return int(total)
+
+
+def _on_driver_node() -> dict[str, Any]:
+    """Ray options that keep a task or actor on the driver's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
 
 
 def _driver_node_cpus() -> float:

@@ -15,8 +15,11 @@ import logging
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from builder import runfolder as rf
-from builder.outputs import INTERRUPTED_PREFIX, JOURNAL_SUFFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, stage_totals
+from builder.outputs import (INTERRUPTED_PREFIX, JOURNAL_SUFFIX, LIVE_PREFIX, SUPERSEDED_PREFIX, arrow_rows,
+                             stage_totals)
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +120,24 @@ def readable_states(run_dir: Path) -> list[dict]:
         if state is not None:
             states.append({**state, "folder": folder.name})
     return states
+
+
+def check_frozen_input(name: str, folder: Path, frozen: Path) -> None:
+    """A damaged input listing is listed again when no shard was cut from it yet; else the stage stops."""
+    if not frozen.exists():
+        return
+    try:
+        arrow_rows(frozen)
+        return
+    except (pa.ArrowException, OSError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    finished = list(folder.glob("shard-*.arrow"))
+    if not finished:
+        logger.warning("stage %s: its input listing %s is damaged (%s); listing the inputs again", name,
+                       frozen, problem)
+        frozen.unlink()
+        return
+    raise rf.RunFolderError(
+        f"stage {name!r}: its frozen input listing {frozen} is damaged ({problem}), and {len(finished)} finished "
+        f"shards were cut from it, so it cannot be listed again without moving their boundaries. Move {folder} "
+        "aside and rerun the same command to list and compute the stage afresh.", rf.EXIT_DATA)

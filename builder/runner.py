@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow as pa
 from tqdm import tqdm
 
 from builder import runfolder as rf
@@ -30,10 +29,10 @@ from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, write_arrow_table
 from builder.ids import fingerprint
-from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, arrow_rows,
-                             column_values, load_stage_output, require_intact_stage, shard_problem, stage_totals)
-from builder.recovery import (RESUME_KEYS, adopt_killed_usage, clear_keeping_spend, discard_shard, interrupted_name,
-                              readable_states, shard_stats, spent_in)
+from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
+                             shard_problem, stage_totals)
+from builder.recovery import (RESUME_KEYS, adopt_killed_usage, check_frozen_input, clear_keeping_spend, discard_shard,
+                              interrupted_name, readable_states, shard_stats, spent_in)
 from builder.stage import Stage, StageContext
 from builder.work import ShardOutcome, ShardTask, StageWork
 
@@ -296,27 +295,6 @@ class Runner:
                 discarded += 1
         return discarded
 
-    @staticmethod
-    def _check_frozen_input(name: str, folder: Path, frozen: Path) -> None:
-        """A damaged input listing is listed again when no shard was cut from it yet; else the stage stops."""
-        if not frozen.exists():
-            return
-        try:
-            arrow_rows(frozen)
-            return
-        except (pa.ArrowException, OSError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        finished = list(folder.glob("shard-*.arrow"))
-        if not finished:
-            logger.warning("stage %s: its input listing %s is damaged (%s); listing the inputs again", name,
-                           frozen, problem)
-            frozen.unlink()
-            return
-        raise rf.RunFolderError(
-            f"stage {name!r}: its frozen input listing {frozen} is damaged ({problem}), and {len(finished)} finished "
-            f"shards were cut from it, so it cannot be listed again without moving their boundaries. Move {folder} "
-            "aside and rerun the same command to list and compute the stage afresh.", rf.EXIT_DATA)
-
     def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base) -> dict:
         folder, count, fp = work.stage_dir, base["shards_total"], base["fingerprint"]
         adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
@@ -377,7 +355,7 @@ class Runner:
         if stage.upstream:
             return self.load_stage(stage.upstream)
         frozen = folder / "input.arrow"
-        self._check_frozen_input(stage.name, folder, frozen)
+        check_frozen_input(stage.name, folder, frozen)
         if not frozen.exists():  # list once per fingerprint, so shard boundaries never move on resume
             rows = stage.source_rows(config, ctx)
             tmp = folder / f"{rf.TMP_PREFIX}input.arrow"

@@ -1,4 +1,4 @@
-"""What a Ray worker does before its first shard (``run.engine: ray``; ``builder.ray_engine.WORKER_CHECKS``).
+"""What a Ray worker does before its first shard (``run.engine: ray``; ``builder.ray_tasks.WORKER_CHECKS``).
 
 - ``check_image_roots``: the supported layout is one filesystem every node mounts at the same path (NFS,
   Lustre, EFS) holding the run folder and every image root (``NN_images/image_roots.json``: the image store,
@@ -21,7 +21,7 @@ def check_image_roots(work) -> None:
     """Every image root the images stage recorded must be readable on this node. None recorded yet (the
     taxonomy stage): nothing to check. A root inside the run folder (the image store) that does not exist yet
     is the images stage about to fill it; the run folder itself was checked."""
-    from builder.ray_engine import check_readable
+    from builder.ray_tasks import check_readable
     from loaders.images.paths import load_roots, roots_file
 
     run_dir = Path(work.run_dir)

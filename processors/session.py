@@ -141,7 +141,7 @@ def run_services(config: Any, engine: Any = None) -> Iterator[dict[str, Any]]:
         with run_accounts(share) as services:
             yield services
         return
-    from builder.ray_engine import WORKER_CHECKS
+    from builder.ray_tasks import WORKER_CHECKS
     from processors.llm.ray_budget import shared_budget
     from processors.ray_worker import check_image_roots
 

@@ -12,6 +12,7 @@ import pytest
 
 from builder import runfolder as rf
 from builder.outputs import read_spend_record, stage_totals
+from builder.recovery import check_frozen_input
 from builder.runner import StageError
 from taskgalaxy import main
 from toy_llava_run import finished_llava_run
@@ -162,10 +163,10 @@ def test_a_damaged_input_listing_is_listed_again_only_while_no_shard_was_cut_fro
     folder = run_dir / "00_numbers"
     _truncate(folder / "input.arrow")
     with pytest.raises(rf.RunFolderError, match=r"frozen input listing .* is damaged .* 3 finished shards"):
-        Runner._check_frozen_input("numbers", folder, folder / "input.arrow")
+        check_frozen_input("numbers", folder, folder / "input.arrow")
     for shard in folder.glob("shard-*.arrow"):
         shard.unlink()
-    Runner._check_frozen_input("numbers", folder, folder / "input.arrow")  # nothing depends on it yet
+    check_frozen_input("numbers", folder, folder / "input.arrow")  # nothing depends on it yet
     assert not (folder / "input.arrow").exists()
 
 

@@ -31,7 +31,7 @@ def test_workers_opening_a_new_request_cache_at_once_all_succeed(ray_cluster, tm
 
 
 def test_a_node_that_does_not_see_an_image_root_is_refused_by_name(tmp_path):
-    from builder.ray_engine import WorkerStorageError
+    from builder.ray_tasks import WorkerStorageError
     from processors.ray_worker import check_image_roots
 
     run_dir = tmp_path / "run"
