@@ -70,14 +70,21 @@ class TaskGalaxy(datasets.GeneratorBasedBuilder):
 def _cmd_run(args: argparse.Namespace) -> int:
     from processors.session import dry_run_services, open_run
 
+    from builder.runner import UnansweredError
+    from builder.status import format_table, stage_summaries
+
     only = {s.strip() for s in args.stages.split(",") if s.strip()} if args.stages else None
     with dry_run_services(args.dry_run) as services:
         runner = open_run(args.config, run_dir=args.run_dir, dry_run=args.dry_run, services=services,
-                          progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address)
+                          progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address,
+                          accept_unanswered=args.accept_unanswered)
         logger.info("run folder: %s", runner.run_dir)
-        runner.run(only)
-    from builder.status import format_table, stage_summaries
-
+        try:
+            runner.run(only)
+        except UnansweredError as exc:  # every shard ran: show what was done, then what is left to ask
+            print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
     print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
     return 0
 
@@ -129,16 +136,33 @@ def _image_resolver(run_dir: Path):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from builder.export import export_llava
+    from builder.export import ImageRootError, export_llava
 
     run_dir = Path(args.run_dir)
-    result = export_llava(run_dir, Path(args.llava), resolve_image=_image_resolver(run_dir),
-                          image_root=Path(args.image_root) if args.image_root else None, copy_images=args.copy_images)
+    try:
+        result = export_llava(run_dir, Path(args.llava), resolve_image=_image_resolver(run_dir),
+                              image_root=Path(args.image_root) if args.image_root else None,
+                              copy_images=args.copy_images, protected=_image_store(run_dir))
+    except ImageRootError as exc:  # a usage error, like a bad config: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {result.samples} samples to {result.json_path}; images under {result.image_root}"
           + (f"; task types in {result.tasktype_path}" if result.tasktype_path else ""))
-    browser = _browser_writer(run_dir)(Path(args.llava).parent)
+    browser = _browser_writer(run_dir)(result.json_path.parent)  # resolved: `out/../x.json` makes no `out`
     print(f"sample browser: open {browser} in a web browser")
     return 0
+
+
+def _image_store(run_dir: Path) -> list[Path]:
+    """The folder the images stage stores the images it wrote (``store_dir``, by default inside the run
+    folder): an export must not put its links there."""
+    from loaders.images.paths import STORE_ROOT, load_roots
+
+    try:
+        store = load_roots(run_dir).get(STORE_ROOT)
+    except (OSError, ValueError):  # no images stage, or a damaged roots file: the export names that itself
+        return []
+    return [store] if store is not None else []
 
 
 def _browser_writer(run_dir: Path):
@@ -184,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where shards run (default: run.engine): this process, or Ray workers (docs/scaling.md)")
     run.add_argument("--ray-address", help="with --engine ray: the cluster to join, e.g. auto (default: "
                      "run.ray_address, else a local Ray)")
+    run.add_argument("--accept-unanswered", action="store_true",
+                     help="keep rows a server could not answer (HTTP errors, timeouts after the retries) as failures "
+                     "and finish the stage; by default the stage stops unfinished (exit 75) and the next run asks "
+                     "them again")
     run.set_defaults(func=_cmd_run)
 
     status = verbs.add_parser("status", help="what each stage of a run folder has done")
@@ -246,6 +274,12 @@ def _stopped(exc: KeyboardInterrupt, threads_before: set[threading.Thread]) -> i
     """
     code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+    return _leaving(code, threads_before)
+
+
+def _leaving(code: int, threads_before: set[threading.Thread]) -> int:
+    """``code``, once the threads this run started have ended - or, after ``STOP_GRACE_S``, by leaving them
+    (``os._exit``): a stalled or stopped shard may hold a thread that never returns."""
     stuck = _threads_started_since(threads_before)
     if not stuck:
         return code
@@ -264,7 +298,14 @@ def _stopped(exc: KeyboardInterrupt, threads_before: set[threading.Thread]) -> i
 
 
 def _threads_started_since(before: set[threading.Thread]) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    """Threads this run started that the interpreter would join at exit: non-daemon ones, and the workers of
+    every ``ThreadPoolExecutor`` (``concurrent.futures`` joins those at exit even when they are daemons, as
+    they are when a pool is made on a shard's engine thread)."""
+    import concurrent.futures.thread as pool_threads
+
+    joined_at_exit = set(getattr(pool_threads, "_threads_queues", {}))
+    return [t for t in threading.enumerate()
+            if t not in before and t.is_alive() and (not t.daemon or t in joined_at_exit)]
 
 
 def _exit_at_once_on(code: int, *signals: int) -> dict:
@@ -285,6 +326,7 @@ def _exit_now(code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
+    from builder.engine import StageStalledError
     from builder.runfolder import RunFolderError, RunLockedError
     from processors.llm.errors import MissingApiKeyError
 
@@ -305,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StageStalledError as exc:  # the stall watchdog stopped a stage: what stalled, how long, what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return _leaving(exc.exit_code, threads_before)  # the stalled shard's threads may never return
     except BrokenPipeError:  # `taskgalaxy status RUN | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0

@@ -8,9 +8,13 @@ stage's quality report) and plots (``NN_stage/*.png``); the card includes them w
 
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
 from pathlib import Path
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from builder.config import read_config_data
 
@@ -18,6 +22,9 @@ SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
                    (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"),
                    (1_000_000_000_000, "100B<n<1T"))
+
+
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits on
 
 
 class CardSettings(BaseModel):
@@ -35,6 +42,47 @@ class CardSettings(BaseModel):
                                                      "synthetic"])
     task_categories: list[str] = Field(default_factory=lambda: ["visual-question-answering",
                                                                 "image-text-to-text"])
+
+    @field_validator("license", "license_name", "license_link", "pretty_name", "language", "tags",
+                     "task_categories")
+    @classmethod
+    def _one_line(cls, value):
+        """Each of these is one short line: a line break in ``pretty_name`` would end the card's title and
+        start Markdown of its own, and the Hub reads the others as single values."""
+        for text in value if isinstance(value, list) else [value]:
+            if text is None:
+                continue
+            bad = next((ch for ch in text if ch in _LINE_BREAKS or unicodedata.category(ch) == "Cc"), None)
+            if bad is not None:
+                kind = "a line break" if bad in _LINE_BREAKS else "a control character"
+                raise ValueError(f"must be a single line of text, but {text[:60]!r} holds {kind} "
+                                 f"(U+{ord(bad):04X}); write it on one line")
+        return value
+
+
+# Markdown's inline punctuation; ``_`` only where it can open or close emphasis (``task_type`` is left as is).
+_MD_INLINE = re.compile(r"([\\`*\[\]|#~$!])|(?<![^\W_])_|_(?![^\W_])")
+
+
+def md_text(text) -> str:
+    """``text`` as itself on one line of Markdown (a table cell, a heading): whitespace and line breaks as one
+    space; ``<``, ``>``, ``&`` as HTML entities (the Hub renders raw HTML); Markdown's inline punctuation
+    (``| \\ ` * _ [ ] # ~ $ !``) backslash-escaped, so a ``|`` does not start a new cell, nor ``[x](...)`` a
+    link."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return _MD_INLINE.sub(lambda m: "\\" + m.group(0), text)
+
+
+def md_code(text) -> str:
+    """``text`` for inside a code span in a table cell: one line, no backtick (a code span shows everything
+    else as it is, backslashes included), ``|`` escaped (GFM reads it before the code span)."""
+    return " ".join(str(text).split()).replace("`", "'").replace("|", "\\|")
+
+
+def md_fence(text: str) -> str:
+    """A backtick fence longer than any run of backticks in ``text``, so the text cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def size_category(rows: int) -> str:
@@ -89,7 +137,7 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, brows
     title = settings.pretty_name or "TaskGalaxy-style instruction-tuning data"
     lines = [
         _front_matter(configs, settings, run_name),
-        f"# {title}",
+        f"# {md_text(title)}",
         "",
         "Built with the TaskGalaxy builder: a task taxonomy grown by an LLM, images matched to task types by "
         "CLIP and filtered by GPT-4o, questions and answers written by GPT-4o, kept by a vote of VLM referees.",
@@ -101,8 +149,8 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, brows
     ]
     for config in configs:
         name = config["name"]
-        lines.append(f"| `{name}` | {config['rows']:,} | {STAGE_TEXT.get(name, '')} | "
-                     f"`load_dataset(REPO, \"{name}\", split=\"train\")` |")
+        lines.append(f"| `{md_code(name)}` | {config['rows']:,} | {STAGE_TEXT.get(name, '')} | "
+                     f"`load_dataset(REPO, \"{md_code(name)}\", split=\"train\")` |")
     lines += ["", "## What each stage did", "",
               "| stage | rows in | rows out | failed (by reason) | items rejected | tokens | cost $ | fingerprint |",
               "|---|---:|---:|---|---|---:|---:|---|"]
@@ -114,15 +162,16 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, brows
         total_cost += cost
         tokens = int(usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
         lines.append(
-            f"| {state['stage']} | {state['rows_in']:,} | {totals['rows_out']:,} | {_reasons(totals['failed'])} | "
-            f"{_reasons(totals['item_failures'])} | {tokens:,} | {cost:.2f} | `{state['fingerprint'][:12]}` |"
+            f"| {md_text(state['stage'])} | {state['rows_in']:,} | {totals['rows_out']:,} | "
+            f"{md_text(_reasons(totals['failed']))} | {md_text(_reasons(totals['item_failures']))} | {tokens:,} | "
+            f"{cost:.2f} | `{md_code(state['fingerprint'][:12])}` |"
         )
     lines += ["", f"Total API cost: ${total_cost:.2f}.", ""]
     for section in sorted(Path(run_dir).glob("[0-9][0-9]_*/card.md")):
         lines += [section.read_text(encoding="utf-8").rstrip(), ""]
     plots = sorted(p.name for p in Path(run_dir).glob("[0-9][0-9]_*/*.png"))
     if plots:
-        lines += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
+        lines += ["## Plots", ""] + [f"![{md_text(p)}](plots/{quote(p)})" for p in plots] + [""]
     lines += [
         "## LLaVA format", "",
         "`llava/taskgalaxy_llava.json` holds the `final` samples as LLaVA records "
@@ -134,7 +183,8 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, brows
                   "in a browser to see the published samples' images, task paths, questions, answers and votes, "
                   "filtered by category or task type or searched as text.", ""]
     if config_text.exists():
-        lines += ["## Config", "", "```yaml", config_text.read_text(encoding="utf-8").rstrip(), "```", ""]
+        text = config_text.read_text(encoding="utf-8").rstrip()
+        lines += ["## Config", "", f"{md_fence(text)}yaml", text, md_fence(text), ""]
     return "\n".join(lines)
 
 

@@ -88,6 +88,20 @@ class RunSettings(BaseModel):
         description="engine: ray only: per stage name, the resources of one worker (num_gpus, num_cpus, workers, "
         "kind), overriding what the stage asks for (Stage.resources)")
     seed: int = Field(0, description="seed for every sampling decision, so reruns are reproducible")
+    # The engine's stall watchdog (builder/engine.py); like the engine, never part of a fingerprint.
+    stall_warn_s: float | None = Field(
+        300, ge=0, description="a shard with no sign of life (no row finished, no model batch, no LLM reply) "
+        "for this long is named in a warning; 0 or null = never")
+    stall_timeout_s: float | None = Field(
+        1800, ge=0, description="... and for this long stops the run with an error (finished shards are kept, a "
+        "rerun resumes); 0 or null = never")
+
+
+class RunConfigBase(BaseModel):
+    """The base of every composed run config (``build_config_model``): the model ``dump_config`` dumps as
+    given rather than in full."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def build_config_model(stages: Sequence[Stage], sections: Mapping[str, type[BaseModel]] | None = None):
@@ -105,7 +119,7 @@ def build_config_model(stages: Sequence[Stage], sections: Mapping[str, type[Base
     section_fields = {name: (model, model()) for name, model in (sections or {}).items()}
     return create_model(
         "RunConfig",
-        __config__=ConfigDict(extra="forbid", frozen=True),
+        __base__=RunConfigBase,
         run=(RunSettings, ...),
         stages=(stages_model, stages_model.model_construct() if not _required(stages_model) else ...),
         **section_fields,
@@ -209,9 +223,19 @@ def read_config_data(path: str | os.PathLike) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def dump_config(config: BaseModel) -> dict:
-    """The config as plain JSON-able data (what fingerprints and the run folder's copy are made of)."""
-    return config.model_dump(mode="json")
+def dump_config(config: BaseModel, *, as_given: bool | None = None) -> dict:
+    """The config as plain JSON-able data.
+
+    A whole run config (``build_config_model``) is dumped *as given* (the run folder's ``config.yaml``): the
+    keys its file set, at every level, and none it left out, so that file loads back to the config that ran.
+    A key left unset can mean something of its own — a referee preset sizes the images of an endpoint that
+    leaves ``image_max_side`` unset (``RefereeSettings.endpoint_overrides``) — which its default, spelled
+    out, would not: a rerun from a fully spelled-out copy recomputed the score stage. Any other model (a
+    stage's config, recorded in its ``state.json``) is dumped in full. ``as_given`` forces one or the other.
+    No fingerprint is made of this dump (stages hash their own configs in full, ``Stage.fingerprint_config``)."""
+    if as_given is None:
+        as_given = isinstance(config, RunConfigBase)
+    return config.model_dump(mode="json", exclude_unset=as_given)
 
 
 def dump_yaml(data: Any) -> str:

@@ -13,14 +13,16 @@ one are taken back, and the JSON and ``tasktype.txt`` are renamed over their tar
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from builder.outputs import load_stage_output, require_intact_stage
 logger = logging.getLogger(__name__)
 
 LLAVA_FIELDS = ("id", "image", "task_type", "conversations")
+TEXT_FIELDS = ("task_type", "conversations")  # model text; ``image`` is a path, kept byte for byte
 
 
 @dataclass
@@ -40,11 +43,65 @@ class ExportResult:
     tasktype_path: Path | None
 
 
+# The QA stage strips these from model text already (``processors.qa.validate.strip_control``, the same
+# rule); the export strips them again because it also reads final stages of older runs and of other
+# pipelines, and a NUL or an ANSI escape in a published JSON breaks the tools that read it.
+_ANSI_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(value):
+    """``value`` (a string, or lists/dicts of them) without ANSI escape sequences and control characters;
+    newline and tab are kept."""
+    if isinstance(value, str):
+        return _CONTROL_CHARS.sub("", _ANSI_SEQUENCE.sub("", value))
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: printable(v) for k, v in value.items()}
+    return value
+
+
+class OutputWriteError(rf.RunFolderError):
+    """A file of an export or a push that could not be written (a full disk, a read-only folder, no
+    permission). The message is one paragraph in ``runfolder.folder_error``'s style: what failed, the path,
+    why, what was already complete, what to do; ``doing``, ``path`` and the ``OSError`` it was raised from let
+    a caller (``push``) say it again in its own terms."""
+
+    def __init__(self, message: str, *, doing: str, path: Path, cause: str, code: int | None):
+        super().__init__(message, rf.EXIT_IO)
+        self.doing, self.path, self.cause, self.code = doing, Path(path), cause, code
+
+
+def write_failure(exc: OSError, *, doing: str, path: Path, outcome: str, command: str) -> OutputWriteError:
+    """``exc`` (raised while trying to ``doing`` at ``path``) as an ``OutputWriteError``: ``outcome`` says what
+    is complete or untouched, ``command`` what to rerun once the cause is fixed (``"`taskgalaxy export`"``)."""
+    cause = rf._CAUSES.get(exc.errno, exc.strerror or str(exc))
+    folder = next((p for p in Path(path).parents if p.exists()), Path(path).parent)  # one `df` can look at
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"Free space on the disk that holds {folder} (see `df -h {folder}`), then rerun {command}."
+    elif exc.errno == errno.EROFS:
+        fix = f"Write to a folder on a writable disk, then rerun {command}."
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"Give this user write access to {folder} (or choose another folder), then rerun {command}."
+    else:
+        fix = f"Check the disk and the folder, then rerun {command}."
+    return OutputWriteError(f"could not {doing} ({path}): {cause} [errno {exc.errno}]. {outcome} {fix}",
+                            doing=doing, path=Path(path), cause=cause, code=exc.errno)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An ``OSError`` the system raised (it has an errno), not one of this module's refusals with a message."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
 def llava_records(run_dir: Path) -> list[dict]:
-    """The final stage's rows as LLaVA records, sorted by id so the file is identical across reruns."""
+    """The final stage's rows as LLaVA records (text without control characters, see ``printable``), sorted
+    by id so the file is identical across reruns."""
     require_intact_stage(run_dir, "final")
     final = load_stage_output(run_dir, "final")
-    records = [{name: row[name] for name in LLAVA_FIELDS} for row in final]
+    records = [{name: printable(row[name]) if name in TEXT_FIELDS else row[name] for name in LLAVA_FIELDS}
+               for row in final]
     return sorted(records, key=lambda r: r["id"])
 
 
@@ -56,8 +113,10 @@ def export_llava(
     image_root: Path | None = None,
     copy_images: bool = False,
     place_images: bool = True,
+    protected: Sequence[Path] = (),
 ) -> ExportResult:
     """``place_images=False`` writes the JSON only (the Hub copy, whose images travel inside Parquet).
+    ``protected``: folders besides the run folder that the image folder must not lie in (``checked_image_root``).
 
     ``resolve_image`` decides which files may be read: the command line passes
     ``loaders.images.paths.trusted_image_resolver``, which refuses files outside the roots the config named."""
@@ -65,7 +124,10 @@ def export_llava(
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the final stage of {run_dir} holds duplicate ids; rerun the final stage")
+    out_json = Path(os.path.realpath(out_json.parent)) / out_json.name  # `out/../x.json` is ./x.json
     image_root = image_root or out_json.parent / "images"
+    if place_images:
+        image_root = checked_image_root(image_root, run_dir, protected)
     sources = _checked_sources(records, resolve_image)
     tasktype_text = _tasktype(run_dir)
     tasktype = out_json.parent / "tasktype.txt" if tasktype_text is not None else None
@@ -73,15 +135,61 @@ def export_llava(
     try:
         if place_images:
             _place_images(sources, image_root, copy=copy_images, writes=writes)
-        writes.file(out_json.parent / "tasktype.txt", tasktype_text)
-        writes.file(out_json, json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"))
+        writes.file(out_json.parent / "tasktype.txt", tasktype_text, what="the task type list")
+        writes.file(out_json, json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"), what="the LLaVA JSON")
         writes.commit()
-    except BaseException:
+    except BaseException as exc:
         writes.undo()
-        raise
+        if not _is_write_failure(exc):
+            raise
+        doing, path = writes.doing
+        kept = f"{out_json} and {image_root} are" if place_images else f"{out_json} is"
+        raise write_failure(exc, doing=doing, path=path, command="`taskgalaxy export`",
+                            outcome=f"Nothing was exported: {kept} as before (what this export had written so "
+                                    "far was taken back, no temporary file is left).") from exc
     logger.info("exported %d samples to %s%s", len(records), out_json,
                 f" (images under {image_root})" if place_images else "")
     return ExportResult(len(records), out_json, image_root, tasktype)
+
+
+class ImageRootError(ValueError):
+    """An image folder (``--image-root``) the export refuses to fill; the message names it, why, and what to
+    pass instead."""
+
+
+def checked_image_root(image_root: Path, run_dir: Path, protected: Sequence[Path] = ()) -> Path:
+    """The real folder behind ``image_root`` (symlinks and ``..`` resolved as the file system resolves them:
+    ``out/../x`` is ``./x``), which the export fills. ``ImageRootError`` when it is not a folder, or lies in the
+    run folder or in one of ``protected`` (the run's image store): links there would sit among the files the
+    run wrote and reads back, and a later run or export would take them for its own."""
+    real = Path(os.path.realpath(image_root))
+    shown = f"the image folder {image_root}" + (f" (that is {real})" if str(real) != str(image_root) else "")
+    for what, folder in (("the run folder", run_dir), *(("the run's image store", p) for p in protected)):
+        inside = Path(os.path.realpath(folder))
+        if real == inside or inside in real.parents:
+            raise ImageRootError(
+                f"{shown} lies in {what} {folder}: the export would write its links among the run's own files. "
+                "Pass --image-root a folder outside it (by default the images go to images/ beside the JSON, "
+                "so give --llava a path outside the run folder too); nothing was written.")
+    if real.exists() and not real.is_dir():
+        raise ImageRootError(f"{shown} is a file, not a folder: pass --image-root a new or empty folder (or an "
+                             "earlier export's); nothing was written.")
+    return real
+
+
+def _refuse_links_out(image_root: Path, targets: list[Path]) -> None:
+    """Refuse, before the first write, a target whose folder leads out of the image folder through a symlink
+    planted in it (``images/toy -> /elsewhere``): the export would write there, not in the folder it was given."""
+    for target in targets:
+        folder = target.parent
+        while not folder.exists() and folder != image_root:
+            folder = folder.parent
+        real = Path(os.path.realpath(folder))
+        if real != image_root and image_root not in real.parents:
+            raise ImageRootError(
+                f"{folder} inside the image folder {image_root} is a symlink to {real}, outside it: the export "
+                "would write there. Remove that link, or pass --image-root a new or empty folder; nothing was "
+                "written.")
 
 
 def _checked_sources(records: list[dict], resolve: Callable[[str], Path]) -> dict[str, Path]:
@@ -150,18 +258,23 @@ def _place_image(source: Path, target: Path, *, copy: bool) -> None:
 def _place_images(sources: dict[str, Path], image_root: Path, *, copy: bool, writes: "_Writes") -> None:
     """A new image folder is filled beside its target and renamed into place at commit; into an existing one
     the links go straight, each one's undo recorded. Every placement is checked before the first is made."""
+    verb = "copy an image" if copy else "link an image"
     if not image_root.exists():
+        writes.doing = ("make the image folder", image_root)
         staging = writes.staging_folder(image_root)
         for image, source in sources.items():
             target = staging / image
+            writes.doing = (verb, image_root / image)
             target.parent.mkdir(parents=True, exist_ok=True)
             _put(source, target, copy=copy)
         return
     plan = [(source, image_root / image, _placement(source, image_root / image, copy=copy))
             for image, source in sources.items()]
+    _refuse_links_out(image_root, [target for _, target, action in plan if action != KEEP])
     for source, target, action in plan:
         if action == KEEP:
             continue
+        writes.doing = (verb, target)
         writes.make_parents(target)
         if action == REPLACE_LINK:
             writes.remove_link(target)
@@ -177,6 +290,7 @@ class _Writes:
     refused or failed export leaves no trace and the previous export, if any, as it was."""
 
     _pending: list[tuple[Path, Path]] = field(default_factory=list)  # (staged, target): renamed at commit
+    doing: tuple[str, Path] = ("write", Path("."))  # the step under way, for the message if it fails
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _backups: list[Path] = field(default_factory=list)  # files replaced at commit, until it has succeeded
 
@@ -197,10 +311,11 @@ class _Writes:
         self._pending.append((staging, target))
         return staging
 
-    def file(self, target: Path, data: bytes | None) -> None:
-        """Stage ``data`` for ``target`` (None: nothing to write there)."""
+    def file(self, target: Path, data: bytes | None, *, what: str = "a file") -> None:
+        """Stage ``data`` for ``target`` (None: nothing to write there); ``what`` names it in an error."""
         if data is None:
             return
+        self.doing = (f"write {what}", target)
         self.make_parents(target)
         fd, tmp = tempfile.mkstemp(prefix=f"{rf.TMP_PREFIX}{target.name}-", dir=target.parent)
         self._undo.append(lambda: Path(tmp).unlink(missing_ok=True))
@@ -221,6 +336,7 @@ class _Writes:
 
     def commit(self) -> None:
         for staged, target in self._pending:
+            self.doing = ("move the finished file into place", target)
             if staged.is_dir():
                 os.rename(staged, target)  # refuses a target that appeared meanwhile (never merges)
                 self._undo.append(lambda staged=staged, target=target: os.rename(target, staged))
@@ -256,7 +372,11 @@ def _keep_aside(target: Path) -> Path | None:
     try:
         os.link(target, backup)
     except OSError:  # a file system without hard links
-        shutil.copy2(target, backup)
+        try:
+            shutil.copy2(target, backup)
+        except BaseException:  # a disk too full for the copy: no half backup left behind
+            backup.unlink(missing_ok=True)
+            raise
     return backup
 
 

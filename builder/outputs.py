@@ -205,22 +205,31 @@ def stage_totals(folder: Path, shards_total: int) -> dict[str, Any]:
 
     ``usage`` is everything paid for the stage in this run folder; ``stopped_usage`` the part of it that no
     finished shard holds. Both the runner (``state.json``) and ``status`` use this, so a stop that left no
-    fresh ``state.json`` (a kill, a full disk) still shows what it paid."""
+    fresh ``state.json`` (a kill, a full disk) still shows what it paid.
+
+    ``shard_seconds`` adds up the finished shards' own durations; ``seconds`` is the wall-clock time during
+    which at least one of them was running (shards run side by side: ``Stage.shards_in_flight``), see
+    ``_wall_seconds``."""
     shards = []
+    spans = []
     for index in range(shards_total):
-        stats = rf.read_json(folder / "stats" / f"shard-{index:05d}.json")
+        path = folder / "stats" / f"shard-{index:05d}.json"
+        stats = rf.read_json(path)
         if stats is not None and (folder / rf.shard_name(index)).exists():
             shards.append(stats)
-    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "inputs_with_output": 0, "seconds": 0.0}
+            spans.append(_span(path, stats))
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "inputs_with_output": 0, "shard_seconds": 0.0}
     failed: Counter = Counter()
     items: Counter = Counter()
     usage: Counter = Counter()
     for stats in shards:
-        for name in ("rows_in", "rows_out", "inputs_with_output", "seconds"):
-            totals[name] += stats[name]
-        failed.update(stats["failed"])
-        items.update(stats["item_failures"])
-        usage.update(stats["usage"])
+        for name in ("rows_in", "rows_out", "inputs_with_output"):
+            totals[name] += stats.get(name, 0)
+        totals["shard_seconds"] += stats.get("seconds", 0.0)
+        failed.update(stats.get("failed", {}))
+        items.update(stats.get("item_failures", {}))
+        usage.update(stats.get("usage", {}))
+    totals["seconds"] = _wall_seconds(spans)
     stopped: Counter = Counter()
     for record in _stopped_records(folder):
         stopped.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
@@ -228,6 +237,35 @@ def stage_totals(folder: Path, shards_total: int) -> dict[str, Any]:
     totals.update(failed=dict(failed), item_failures=dict(items), usage=dict(usage), stopped_usage=dict(stopped))
     totals["shards_done"] = len(shards)
     return totals
+
+
+def _span(path: Path, stats: dict) -> tuple[float, float]:
+    """(start, end) of a finished shard in wall-clock seconds: its record's ``started``/``finished`` where it
+    has them, else it ended when its stats record was written (the commit follows the shard at once) and
+    started its ``seconds`` before. A run folder copied without its times (``cp -r``, not ``cp -a``) shows
+    a shorter wall time than it took, never a longer one."""
+    seconds = float(stats.get("seconds", 0.0))
+    end = stats.get("finished")
+    if not isinstance(end, (int, float)):
+        try:
+            end = path.stat().st_mtime
+        except OSError:
+            end = 0.0
+    start = stats.get("started")
+    return (float(start) if isinstance(start, (int, float)) else end - seconds), float(end)
+
+
+def _wall_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the spans: shards that ran at the same time count once."""
+    total, reach = 0.0, None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return round(total, 3)
 
 
 def _stopped_records(folder: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 
 from builder.card import render_card
-from builder.export import export_llava
+from builder.export import OutputWriteError, export_llava, write_failure
 from builder.outputs import load_stage_failures, load_stage_output, require_intact_stage, run_states
 from builder.runfolder import TMP_PREFIX, plain_mode
 
@@ -49,18 +49,55 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     for state in states:
         require_intact_stage(run_dir, state["stage"])
     datasets.disable_progress_bars()  # to_parquet's bars, one per config, would drown the summary
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))
+    doing = _Doing("make a folder for the layout", out_dir)
+    staging = None
     try:
-        configs = _lay_out(run_dir, staging, states, resolve_image, extras)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))
+        configs = _lay_out(run_dir, staging, states, resolve_image, extras, doing)
+        doing("move the finished layout into place", out_dir)
         _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        failure = _write_failure(exc, doing, staging, out_dir)
+        if failure is None:
+            raise
+        raise failure from exc
     return configs
 
 
-def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, extras=None) -> list[dict]:
+class _Doing:
+    """The step of the layout under way (what, where), for the message if a write fails."""
+
+    def __init__(self, what: str, path: Path):
+        self(what, path)
+
+    def __call__(self, what: str, path: Path) -> None:
+        self.what, self.path = what, Path(path)
+
+
+def _write_failure(exc: BaseException, doing: _Doing, staging: Path | None, out_dir: Path) -> OutputWriteError | None:
+    """A write that failed while laying out (a full disk, ...) as one paragraph naming the file as it would
+    have been in ``out_dir``; None for anything else (a refusal, a bug: raised as it is)."""
+    if isinstance(exc, OutputWriteError) and isinstance(exc.__cause__, OSError):
+        original, what, path = exc.__cause__, exc.doing, exc.path  # the LLaVA JSON or the browser
+    elif isinstance(exc, OSError) and exc.errno is not None:
+        original, what, path = exc, doing.what, doing.path
+    else:
+        return None
+    if staging is not None and path.is_relative_to(staging):
+        path = out_dir / path.relative_to(staging)
+    laid_out = f" (it was being laid out in {staging} first; that folder was removed)" if staging else ""
+    return write_failure(original, doing=what, path=path, command="`taskgalaxy push`",
+                         outcome=f"Nothing was published: {out_dir} is as it was{laid_out}, and nothing was "
+                                 "uploaded.")
+
+
+def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, extras=None,
+             doing: _Doing | None = None) -> list[dict]:
+    doing = doing or _Doing("lay out", out_dir)
+    doing("write", out_dir / MARKER)
     (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
     scratch = out_dir / SCRATCH  # `datasets` cache files of the embedding step: never in the run folder
     configs = []
@@ -68,21 +105,28 @@ def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, ex
         name = state["stage"]
         dataset = load_stage_output(run_dir, name)
         if name in EMBED_IMAGES:
+            doing(f"embed the images of config {name!r}", scratch / f"{name}.arrow")
             dataset = _with_embedded_images(dataset, EMBED_IMAGES[name], resolve_image, scratch / f"{name}.arrow")
+        doing(f"write the Parquet files of config {name!r}", out_dir / name)
         configs.append(_config_entry(name, dataset, out_dir))
         del dataset
         shutil.rmtree(scratch, ignore_errors=True)  # written to Parquet: a second copy of every image no more
     failures = datasets.concatenate_datasets([load_stage_failures(run_dir, s["stage"]) for s in states])
+    doing("write the Parquet files of config 'failures'", out_dir / "failures")
     configs.append(_config_entry("failures", failures, out_dir))
     if any(s["stage"] == "final" for s in states):
         # the images travel embedded in the `final` config; the JSON's paths are the images stage's
         export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
                      place_images=False)
+    doing("copy the plots", out_dir / "plots")
     _copy_plots(run_dir, out_dir / "plots")
+    doing("copy the reports", out_dir / "reports")
     _copy_reports(run_dir, out_dir / "reports")
     if extras is not None and any(s["stage"] == "final" for s in states):
+        doing("add the sample browser", out_dir)
         extras(out_dir)
     browser = (out_dir / BROWSER).is_file()
+    doing("write the dataset card", out_dir / "README.md")
     (out_dir / "README.md").write_text(render_card(run_dir, configs, states, browser=browser), encoding="utf-8")
     return configs
 
@@ -108,7 +152,11 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         return
     _refuse_foreign_folder(out_dir)  # again, right before replacing it
     aside = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{out_dir.name}-", dir=out_dir.parent))
-    os.rename(out_dir, aside / "old")
+    try:
+        os.rename(out_dir, aside / "old")
+    except BaseException:
+        aside.rmdir()  # nothing was moved: no empty folder left beside it
+        raise
     try:
         os.rename(staging, out_dir)
     except BaseException:

@@ -4,7 +4,8 @@ Layout (design.md §4)::
 
     <run_dir>/
       run.lock                  held (flock) while a run is active; released by the OS even on SIGKILL
-      config.yaml               the validated config this run used (no secrets: only env var *names*)
+      config.yaml               the config this run used, as its file gave it (it loads back to the same
+                                config: ``builder.config.dump_config``; no secrets, only env var *names*)
       cache/                    request cache, embedding caches
       NN_<stage>/
         state.json              fingerprint, shard list, counts, usage; rewritten atomically
@@ -213,17 +214,46 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+# What every state.json has held since the first version: the readers (resume, status, export) need them.
+STATE_KEYS = {"stage": str, "fingerprint": str, "shards_total": int}
+
+
 def read_json(path: Path) -> Any | None:
-    """The parsed file, None when it does not exist; ``CorruptFileError`` (naming it) when it does not parse."""
+    """The parsed file, None when it does not exist; ``CorruptFileError`` (naming it) when it does not parse,
+    or when it is a ``state.json`` that parses but is no stage state (``[]``, ``{}``: see ``STATE_KEYS``) or
+    a shard's stats record that is no object: every reader then takes the path a damaged file takes (the
+    runner rebuilds or recomputes, ``status`` names the file and the fix) instead of a bare ``TypeError``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise CorruptFileError(_corrupt_message(Path(path), exc)) from None
+        problem = f"it is not valid JSON ({type(exc).__name__}: {exc})"
+        raise CorruptFileError(_corrupt_message(Path(path), problem)) from None
+    path = Path(path)
+    if path.name == STATE_FILE and (problem := _not_a_state(value)):
+        raise CorruptFileError(_corrupt_message(path, problem))
+    if path.parent.name == "stats" and path.name.startswith("shard-") and not isinstance(value, dict):
+        raise CorruptFileError(_corrupt_message(path, f"it holds {json.dumps(value)[:40]}, not a shard's stats "
+                                                      "(an object)"))
+    return value
 
 
-def _corrupt_message(path: Path, exc: ValueError) -> str:
+def _not_a_state(value: Any) -> str | None:
+    """Why a parsed ``state.json`` is no stage state, or None when it is one."""
+    if not isinstance(value, dict):
+        return f"it holds {json.dumps(value)[:40]}, not a stage state (an object with {', '.join(STATE_KEYS)})"
+    missing = [key for key in STATE_KEYS if key not in value]
+    if missing:
+        return f"it parses but lacks {', '.join(missing)}, which every stage state holds"
+    wrong = [f"{key}={value[key]!r}" for key, kind in STATE_KEYS.items()
+             if not isinstance(value[key], kind) or isinstance(value[key], bool)]
+    if not wrong and value["shards_total"] < 0:
+        wrong = [f"shards_total={value['shards_total']!r}"]
+    return f"it parses but holds {', '.join(wrong)}, which no stage state does" if wrong else None
+
+
+def _corrupt_message(path: Path, problem: str) -> str:
     stage = stage_of(path)
     during = f"stage {stage!r}: " if stage else ""
     if path.name == STATE_FILE:
@@ -234,7 +264,7 @@ def _corrupt_message(path: Path, exc: ValueError) -> str:
                "recomputed (what it had paid is no longer known).")
     else:
         fix = "Move it aside and rerun the stage that writes it (`taskgalaxy run CONFIG --stages STAGE`)."
-    return f"{during}{path} is damaged: it is not valid JSON ({type(exc).__name__}: {exc}). {fix}"
+    return f"{during}{path} is damaged: {problem}. {fix}"
 
 
 def stage_dir_name(index: int, name: str) -> str:

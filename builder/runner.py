@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 from tqdm import tqdm
 
 from builder import runfolder as rf
 from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
 from builder.config import ConfigError, dump_config, dump_yaml
-from builder.engine import LocalEngine, write_arrow_table
+from builder.engine import LocalEngine, read_arrow_table, write_arrow_table
 from builder.ids import fingerprint
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
@@ -45,6 +46,18 @@ class StageError(RuntimeError):
     """A stage could not finish; finished shards are kept and a rerun resumes."""
 
 
+EXIT_UNANSWERED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, the same command is to be run again
+
+
+class UnansweredError(StageError):
+    """Every shard of a stage ran, but a server could not answer some of its rows (``Stage.unanswered_reasons``):
+    they are no verdict, so the stage is not finished; the next run asks exactly those rows again."""
+
+    exit_code = EXIT_UNANSWERED
+
+    def __init__(self, message: str, stage: str, counts: dict[str, int]):
+        super().__init__(message)
+        self.stage, self.counts = stage, dict(counts)
 
 
 def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +81,9 @@ class Runner:
     # LLM accounts, whose admission and breaker every shard and stage of the run share. Their values join
     # ``services`` in every stage's work.
     run_scope: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]] | None = None
+    # Seal rows a server could not answer as failures (``--accept-unanswered``) instead of stopping the stage
+    # and asking them again on the next run: for a row no fix of the server will ever answer.
+    accept_unanswered: bool = False
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -139,7 +155,7 @@ class Runner:
     def _write_run_files(self) -> None:
         try:
             (self.run_dir / "cache").mkdir(parents=True, exist_ok=True)
-            rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config)).encode())
+            rf.atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(dump_config(self.config, as_given=True)).encode())
         except OSError as exc:
             raise rf.folder_error(exc, doing="write the run's config.yaml before any stage ran",
                                   path=self.run_dir / "config.yaml", run_dir=self.run_dir,
@@ -177,6 +193,8 @@ class Runner:
         try:
             return self._run_stage_in(stage, folder)
         except StageError as exc:  # the batch function hit the disk's limit, not a bug of its own
+            if isinstance(exc.__cause__, rf.RunFolderError):  # a damaged file of the run met in a shard (its cache)
+                raise exc.__cause__ from None
             if exc.__cause__ is None or not rf.is_run_folder_problem(exc.__cause__, self.run_dir):
                 raise
             raise rf.folder_error(exc.__cause__, doing="write a shard", path=folder, stage=stage.name,
@@ -194,6 +212,7 @@ class Runner:
         if previous and previous.get("done") and not self._discard_damaged_shards(stage.name, folder, previous) \
                 and all((folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
             logger.info("stage %s: already done under this config; nothing to do", stage.name)
+            self._warn_sealed_unanswered(stage, folder, previous)
             return previous
         for name in self.reads(stage):
             self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
@@ -228,6 +247,7 @@ class Runner:
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
                 f"rows; the stage folder {folder} is inconsistent: delete it and rerun to recompute the stage")
+        self._check_answered(stage, folder, base)
         try:
             stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
         except OSError as exc:
@@ -295,10 +315,84 @@ class Runner:
                 discarded += 1
         return discarded
 
+    # -- rows a server could not answer ---------------------------------------------------------------
+    @staticmethod
+    def _unanswered_by_shard(stage: Stage, folder: Path, shards_total: int) -> dict[int, dict[str, int]]:
+        """Finished shards holding failures a server caused (row or item), by reason."""
+        reasons = stage.unanswered_reasons
+        found: dict[int, dict[str, int]] = {}
+        if not reasons:
+            return found
+        for index, stats in shard_stats(folder).items():
+            if index >= shards_total or not (folder / rf.shard_name(index)).exists():
+                continue
+            counts: dict[str, int] = {}
+            for table in ("failed", "item_failures"):
+                for reason, n in (stats.get(table) or {}).items():
+                    if reason in reasons and n:
+                        counts[reason] = counts.get(reason, 0) + int(n)
+            if counts:
+                found[index] = counts
+        return found
+
+    def _reopen_unanswered(self, stage: Stage, folder: Path, base: dict) -> None:
+        """Shards a previous run finished with rows its server did not answer are computed again: their
+        answered rows come back from the request cache (nothing is paid twice), the others are asked again.
+        What they paid stays counted (``discard_shard``)."""
+        if self.accept_unanswered:
+            return
+        reopened = self._unanswered_by_shard(stage, folder, base["shards_total"])
+        for index in sorted(reopened):
+            discard_shard(folder, index)
+        if reopened:
+            rows = sum(sum(c.values()) for c in reopened.values())
+            logger.info("stage %s: asking again the %d row(s) its server(s) did not answer last time (%d shard(s); "
+                        "answers already received come from the request cache)", stage.name, rows, len(reopened))
+
+    def _warn_sealed_unanswered(self, stage: Stage, folder: Path, state: dict) -> None:
+        """A stage finished with rows a server did not answer: sealed by ``--accept-unanswered``, or by a version
+        before that rule. A finished stage is never reopened by itself (the stages after it read it as it is)."""
+        if self.accept_unanswered:
+            return
+        sealed = self._unanswered_by_shard(stage, folder, state["shards_total"])
+        if sealed:
+            rows = sum(sum(c.values()) for c in sealed.values())
+            later = [s.name for s in self.stages[self.stages.index(stage) + 1:]]
+            logger.warning("stage %s: finished with %d row(s) a server did not answer, kept as failures. To ask them "
+                           "again, move %s and the folders of the stages after it (%s) aside and rerun: answers "
+                           "already received come from the request cache", stage.name, rows, folder,
+                           ", ".join(later) or "none")
+
+    def _check_answered(self, stage: Stage, folder: Path, base: dict) -> None:
+        """Refuse to call a stage finished while a server left rows of it unanswered (see ``UnansweredError``)."""
+        by_shard = self._unanswered_by_shard(stage, folder, base["shards_total"])
+        if not by_shard:
+            return
+        counts: dict[str, int] = {}
+        for shard in by_shard.values():
+            for reason, n in shard.items():
+                counts[reason] = counts.get(reason, 0) + n
+        total = sum(counts.values())
+        what = ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        example = _first_detail(folder, sorted(by_shard), set(counts))
+        if self.accept_unanswered:
+            logger.warning("stage %s: %d row(s) a server did not answer (%s) are kept as failures "
+                           "(--accept-unanswered)%s", stage.name, total, what, f"; e.g. {example}" if example else "")
+            return
+        self._write_state_best_effort(folder, {**base, "unanswered": counts})
+        raise UnansweredError(
+            f"stage {stage.name!r}: {total} of {base['rows_in']} rows got no answer from the server ({what})"
+            f"{f'; e.g. {example}' if example else ''}. They are not judged, so the stage is not finished and the "
+            f"stages after it did not run. Fix the cause (the server's message above says what it refused) and "
+            f"rerun the same command: only these rows are asked again, and answers already received come from "
+            f"the request cache (nothing is paid twice). Failures by row: {folder / 'failures'}. To keep them as "
+            f"failures instead, rerun with --accept-unanswered.", stage.name, counts)
+
     def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base) -> dict:
         folder, count, fp = work.stage_dir, base["shards_total"], base["fingerprint"]
         adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
         self._discard_damaged_shards(stage.name, folder, base)
+        self._reopen_unanswered(stage, folder, base)
         resume = {name: base[name] for name in RESUME_KEYS}  # in every shard's stats: a lost state.json rebuilds
         state = self._write_state(folder, base, done=False)
         pending = {index: ShardTask(index=index, rows=inputs.shard(count, index, contiguous=True),
@@ -348,7 +442,7 @@ class Runner:
         exc = outcome.error
         raise StageError(
             f"stage {stage.name!r} stopped on shard {task.index} ({len(task.rows)} rows): {type(exc).__name__}: "
-            f"{exc}. Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
+            f"{str(exc).rstrip('.')}. Finished shards are kept in {folder}; fix the cause and rerun the same command to resume."
         ) from exc
 
     def _inputs(self, stage: Stage, config, ctx: StageContext, folder: Path) -> datasets.Dataset:
@@ -377,6 +471,10 @@ class Runner:
             "item_failures": dict(split.item_failures),
             "usage": dict(outcome.usage),
             "seconds": outcome.seconds,
+            # Wall-clock times: ``status`` counts shards that ran side by side once; and two attempts of one
+            # shard never write the same bytes (``discard_shard`` names what it keeps of one by their digest).
+            "started": round(time.time() - outcome.seconds, 3),
+            "finished": time.time(),
             **resume,
         }
         rf.atomic_write_json(folder / "stats" / f"shard-{task.index:05d}.json", stats)
@@ -411,6 +509,23 @@ class Runner:
         except OSError as exc:
             logger.warning("stage %s: could not update %s (%s); `taskgalaxy status` still counts what was paid "
                            "from the stats/ records", base["stage"], folder / rf.STATE_FILE, exc)
+
+
+def _first_detail(folder: Path, shards: list[int], reasons: set[str]) -> str:
+    """The first failure detail of ``reasons`` in those shards' failure tables: what the server said."""
+    import pyarrow.compute as pc
+
+    for index in shards:
+        try:
+            table = read_arrow_table(folder / "failures" / rf.shard_name(index))
+        except (OSError, ValueError) as exc:  # only an example for the message: never a reason to fail
+            logger.debug("could not read the failures of shard %d: %s", index, exc)
+            continue
+        hits = table.filter(pc.is_in(table["reason"], pa.array(sorted(reasons))))
+        if hits.num_rows:
+            detail = hits["detail"][0].as_py() or ""
+            return f"{hits['reason'][0].as_py()} on {hits['key'][0].as_py()!r}: {detail[:400]}"
+    return ""
 
 
 def _postfix(totals: dict) -> str:

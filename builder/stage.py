@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,41 @@ class StageConfig(BaseModel):
         "whose per-shard start-up then matters less; smaller for paid stages, so less is at risk")
 
 
+class Heartbeat:
+    """A shard's last sign of life, for the engine's stall watchdog (``builder.engine``): rows finished, a model
+    batch done, an LLM reply billed or read from the cache. Any thread may beat (LLM replies are counted on the
+    accounts' loop thread); the watchdog reads ``last``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.last = clock()
+
+    def beat(self) -> None:
+        self.last = self.clock()
+
+
+_HEARTBEAT: contextvars.ContextVar[Heartbeat | None] = contextvars.ContextVar("taskgalaxy_heartbeat", default=None)
+
+
+@contextlib.contextmanager
+def heartbeat_scope(heartbeat: Heartbeat) -> Iterator[Heartbeat]:
+    """Work run under this (the engine runs each shard under one) beats ``heartbeat``: through ``beat()`` on
+    this thread, and through every ``UsageMeter`` made here, from any thread."""
+    token = _HEARTBEAT.set(heartbeat)
+    try:
+        yield heartbeat
+    finally:
+        _HEARTBEAT.reset(token)
+
+
+def beat() -> None:
+    """A sign of life of the shard running on this thread (a no-op outside one): for work that finishes no row
+    for a long while - a model batch of a stage that takes the whole shard in one call, say."""
+    heartbeat = _HEARTBEAT.get()
+    if heartbeat is not None:
+        heartbeat.beat()
+
+
 class UsageMeter:
     """The usage of one shard (requests, tokens, cost, cache hits...) and its spend journal on disk.
 
@@ -53,6 +89,9 @@ class UsageMeter:
 
     def __init__(self, path: Path | None = None):
         self.path = path
+        # Each ``add`` is a sign of life of the shard that made this meter (a reply billed, cache hits read),
+        # from whichever thread counts it: the engine's stall watchdog listens (``heartbeat_scope``).
+        self.heartbeat = _HEARTBEAT.get()
         self.usage: dict[str, float] = {}
         self.unrecorded: dict[str, float] = {}  # usage the journal could not take (disk full)
         self._fd: int | None = None
@@ -61,6 +100,8 @@ class UsageMeter:
         self._lock = threading.Lock()
 
     def add(self, **counters: float) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
         with self._lock:
             for name, value in counters.items():
                 self.usage[name] = self.usage.get(name, 0) + value
@@ -150,6 +191,11 @@ class StageContext:
         scope = _SCOPE.get()
         return scope.stop if scope is not None else None
 
+    def beat(self) -> None:
+        """Tell the engine's stall watchdog this shard is alive (``builder.stage.beat``): call it from long work
+        that finishes no row for a while. Rows finished and usage counted beat by themselves."""
+        beat()
+
     def add_usage(self, **counters: float) -> None:
         """Count usage (requests, tokens, cost, cache hits...) for the shard in progress, journalled at once.
 
@@ -189,6 +235,11 @@ class Stage:
     # An LLM stage's answers under --dry-run: "module:attribute" of the simulator Responder for its prompt.
     sim_responder: ClassVar[str | None] = None
     batch_size: ClassVar[int | None] = 64  # rows per batch-function call; None = the whole shard at once
+    # Failure reasons that mean a server could not answer (an HTTP error after the retries, a timeout): no
+    # verdict on the row. A shard holding any is committed (its answers kept, its spend counted) but the stage
+    # is not finished: the runner stops with ``UnansweredError`` and the next run computes those shards again,
+    # so the rows are asked again once the server is fixed (answers already received come from the cache).
+    unanswered_reasons: ClassVar[frozenset[str]] = frozenset()
 
     def shards_in_flight(self, config: StageConfig) -> int:
         """How many of this stage's shards one process may run at once (default 1: one after the other, on the

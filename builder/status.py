@@ -40,7 +40,11 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "fingerprint": state["fingerprint"],
             "stale_inputs": stale_inputs(run_dir, state),
             "damaged_shards": [f"shard {index}: {why}" for index, why in damaged_shards(run_dir, state["stage"])],
+            # wall-clock time with a shard of the stage running; shard_seconds adds up each shard's own time
             "seconds": round(totals.get("seconds", 0.0), 2),
+            "shard_seconds": round(totals.get("shard_seconds", 0.0), 2),
+            # rows a server did not answer when the stage last stopped on them (builder.runner.UnansweredError)
+            "unanswered": {} if state.get("done") else dict(state.get("unanswered") or {}),
         }
         extra = rf.read_json(Path(run_dir) / state["folder"] / "stats.json")
         if extra is not None:
@@ -60,6 +64,10 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
             f"{s['stage']:<10} {shards:>9} {s['rows_in']:>8} {s['rows_out']:>8} {s['failed']:>7} "
             f"{s['tokens']:>10} {s['cost_usd']:>9.2f}  {_done(s):<5} {s['fingerprint'][:12]}"
         )
+        if s.get("unanswered"):
+            lines.append(f"{'':<10} unanswered: {sum(s['unanswered'].values())} rows a server could not answer "
+                         f"({', '.join(f'{k}={v}' for k, v in sorted(s['unanswered'].items()))}); not judged: "
+                         "rerun the same command to ask them again")
         for damage in s["damaged_shards"]:
             lines.append(f"{'':<10} damaged: {damage}; a rerun recomputes it")
         if s["stale_inputs"]:

@@ -66,6 +66,7 @@ def open_run(
     sections=None,
     engine: str | None = None,
     ray_address: str | None = None,
+    accept_unanswered: bool = False,
 ) -> Runner:
     """The run of ``config_path``; ``engine`` and ``ray_address`` (the CLI's ``--engine``, ``--ray-address``)
     replace ``run.engine`` and ``run.ray_address`` when given."""
@@ -85,7 +86,7 @@ def open_run(
 
     runner_engine = make_engine(config, stages)
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
-                  preflight=preflight, engine=runner_engine,
+                  preflight=preflight, engine=runner_engine, accept_unanswered=accept_unanswered,
                   run_scope=functools.partial(run_services, config, runner_engine))
 
 

@@ -17,7 +17,13 @@ the clean run:
   in_flight_repaid counts the ones answered while a kill landed (the client never got them), apart;
 - leaks: files under the run folder, its cache, the logs or the Hub folder that hold the fake key.
 
-Last line: ``identical=1 unaccounted=0 paid_twice=0 kills=K leaks=0 in_flight_repaid=N``.
+Then a referee server that refuses its model name for a while (vLLM's 404 for a wrong ``--served-model-name``)
+and is then fixed: the clean run's score and final stages are computed again against a simulator that serves
+every model but referee_b's. The run must stop with exit 75 and the refused questions unjudged (never sealed as
+failures); after the server is fixed, the same command must judge exactly those (nothing answered is asked
+again) and give the clean run's dataset: ``refused_then_fixed=1``.
+
+Last line: ``identical=1 unaccounted=0 paid_twice=0 kills=K leaks=0 in_flight_repaid=N refused_then_fixed=1``.
 """
 
 from __future__ import annotations
@@ -213,6 +219,10 @@ def main() -> int:
             elif code == 0:
                 break  # it finished before the kill: nothing left to interrupt
         code, _ = run_pipeline(config, chaos_dir, env, work / "chaos.log", None)
+        for _ in range(3):  # a row whose retries all met faults is not judged: the same command asks it again
+            if code != EXIT_UNANSWERED:
+                break
+            code, _ = run_pipeline(config, chaos_dir, env, work / "chaos.log", None)
         if code != 0:
             raise SystemExit(f"the resumed chaos run failed (exit {code}); see {work / 'chaos.log'}")
 
@@ -235,6 +245,10 @@ def main() -> int:
         (work / "sim-stats.json").write_text(json.dumps({"chaos": chaos_stats, "clean": clean_stats,
                                                           "kills": kill_times}))
         twice, flight = paid_twice(chaos_stats, clean_stats, kill_times, args.in_flight_s)
+        faulty_sim.terminate()
+        faulty_sim.wait(timeout=10)
+        faulty_sim = None
+        refused_ok, refused_note = refused_then_fixed(work, port, key, env, clean_dir, args.seed)
     finally:
         for proc in (clean_sim, faulty_sim):
             if proc is not None and proc.poll() is None:
@@ -246,9 +260,57 @@ def main() -> int:
         print(f"leak: {path}", file=sys.stderr)
     print(f"work folder: {work}; clean run {clean_seconds:.0f} s; kills during: {', '.join(killed_in)}",
           file=sys.stderr)
+    if not refused_ok:
+        print(f"refused then fixed: {refused_note}", file=sys.stderr)
     print(f"identical={int(identical)} unaccounted={len(unaccounted)} paid_twice={twice} kills={len(kill_times)} "
-          f"leaks={len(leaked)} in_flight_repaid={flight}")
-    return 0 if identical and not unaccounted and not twice and not leaked else 1
+          f"leaks={len(leaked)} in_flight_repaid={flight} refused_then_fixed={int(refused_ok)}")
+    return 0 if identical and not unaccounted and not twice and not leaked and refused_ok else 1
+
+
+EXIT_UNANSWERED = 75  # builder.runner.EXIT_UNANSWERED: rows a server did not answer, asked again by a rerun
+REFUSED_MODEL = "internvl2-26b"  # referee_b's model in configs/demo.yaml
+
+
+def refused_then_fixed(work: Path, port: int, key: str, env: dict, clean_dir: Path, seed: int) -> tuple[bool, str]:
+    """The clean run's score and final, again, against a server that refuses referee_b's model name, then
+    against the fixed server. (ok, what went wrong)."""
+    config = work / "clean" / "config.yaml"
+    run_dir = work / "refused" / "run"
+    shutil.copytree(clean_dir, run_dir)
+    for folder in [*run_dir.glob("[0-9][0-9]_score"), *run_dir.glob("[0-9][0-9]_final")]:
+        shutil.rmtree(folder)
+    for cache in (run_dir / "cache").glob("llm-requests*"):  # every referee question goes to the server again
+        cache.unlink()
+    served = sorted({e["model"] for e in yaml.safe_load(config.read_text())["llm"]["endpoints"].values()}
+                    - {REFUSED_MODEL})
+    log = work / "refused.log"
+    sim, url = start_simulator(work, "refusing", ["--seed", str(seed), "--served-models", ",".join(served)], key, port)
+    try:
+        code, _ = run_pipeline(config, run_dir, env, log, None)
+        refused = sim_stats(url).get("outcomes", {})
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+    score = status(run_dir, env).get("score", {})
+    unjudged = (score.get("failures_by_reason") or {}).get("vote_unanswered", 0)
+    if code != EXIT_UNANSWERED or score.get("done") or not unjudged:
+        return False, f"against the refusing server: exit {code}, score done={score.get('done')}, " \
+                      f"vote_unanswered={unjudged} (want exit {EXIT_UNANSWERED}, not done, > 0); see {log}"
+    sim, url = start_simulator(work, "fixed", ["--seed", str(seed)], key, port)
+    try:
+        code, _ = run_pipeline(config, run_dir, env, log, None)
+        asked_again = len(sim_stats(url).get("ok_per_key", {}))  # distinct requests the fixed server answered
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+    if code != 0:
+        return False, f"after the fix: exit {code}; see {log}"
+    if final_rows(run_dir) != final_rows(clean_dir):
+        return False, "after the fix the final samples differ from the clean run's"
+    if not 0 < asked_again <= unjudged:  # more: an answer the refusing server gave was paid for again
+        return False, f"after the fix {asked_again} requests were answered, but {unjudged} were unjudged " \
+                      f"(the refusing server answered {refused})"
+    return True, ""
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ it mid-stage) and appends one line per processed row to ``calls_log`` (so a test
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import datasets
 from pydantic import Field
@@ -61,6 +63,9 @@ class SquareConfig(StageConfig):
     in_flight: int = 1  # Stage.shards_in_flight
     slow_rows: list[int] = []  # sleep_s applies to these rows too
     raise_rows: list[int] = []  # a batch holding one of these rows raises
+    # A path to a JSON list of row values the "server" cannot answer (they fail ``api_error``, a reason the
+    # stage declares unanswered): change the file between runs to fix the server.
+    refused_file: str | None = None
 
 
 class Square(Stage):
@@ -69,6 +74,7 @@ class Square(Stage):
     key = "sq_id"
     upstream = "numbers"
     batch_size = 2
+    unanswered_reasons = frozenset({"api_error"})
 
     def input_key(self, config):
         return "num_id"
@@ -84,6 +90,7 @@ class Square(Stage):
     def make_batch_fn(self, config, ctx):
         def fn(batch):
             out = BatchOutput(["sq_id", "num_id", "square"])
+            refused = set(json.loads(Path(config.refused_file).read_text())) if config.refused_file else set()
             for key, value in zip(batch["num_id"], batch["value"]):
                 if config.calls_log:
                     with open(config.calls_log, "a") as log:
@@ -97,6 +104,9 @@ class Square(Stage):
                 held = (value >= config.hold_from if not config.hold_rows else value in config.hold_rows)
                 while config.hold_while and held and os.path.exists(config.hold_while):
                     time.sleep(0.01)
+                if value in refused:
+                    out.fail(key, "api_error", f"HTTP 404: the server does not serve row {value}")
+                    continue
                 if config.fail_every and value % config.fail_every == 0:
                     out.fail(key, "divisible", f"{value} is divisible by {config.fail_every}")
                     continue
@@ -107,7 +117,7 @@ class Square(Stage):
                     out.fail(key, "single_copy", "only one copy", item="copy-1")
             ctx.add_usage(requests=len(batch["num_id"]))
             if set(config.raise_rows) & set(batch["value"]):
-                raise RuntimeError(f"rows {sorted(set(config.raise_rows) & set(batch['value']))} stop the stage")
+                raise RuntimeError(f"rows {sorted(set(config.raise_rows) & set(batch['value']))} stop the stage.")
             if config.raise_from is not None and max(batch["value"]) >= config.raise_from:
                 raise RuntimeError(f"row value {max(batch['value'])} stops the stage (raise_from)")
             return out.to_columns()

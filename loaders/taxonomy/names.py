@@ -35,16 +35,25 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 MIN_LETTERS = 3
 MIN_LETTER_SHARE = 0.4  # of the characters that are not spaces
+# Markup no task name needs: HTML/XML tags (``<img onerror=...>``, ``</script>``), template syntax
+# (``{{ x }}``, ``{% x %}``) and Markdown code spans. A name travels into the card, the HTML sunburst, the
+# sample browser and other models' prompts, where such text would be read as markup, not as a name.
+_MARKUP = (("<", "markup character '<' (HTML)"), (">", "markup character '>' (HTML)"),
+           ("{{", "template syntax '{{'"), ("}}", "template syntax '}}'"), ("{%", "template syntax '{%'"),
+           ("%}", "template syntax '%}'"), ("`", "markup character '`' (Markdown code)"))
 
 
 def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a task type name (decoding debris, invisible characters, too few letters), or
-    None. Shared by the seed loader and the reply parser, so both refuse the same names."""
+    """Why ``name`` cannot be a task type name (decoding debris, invisible characters, markup, too few
+    letters), or None. Shared by the seed loader and the reply parser, so both refuse the same names."""
     if "\ufffd" in name:
         return "replacement character U+FFFD (text that did not decode)"
     for ch in name:
         if unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in "\t":
             return f"invisible or control character U+{ord(ch):04X}"
+    for token, problem in _MARKUP:
+        if token in name:
+            return problem
     visible = [ch for ch in name if not ch.isspace()]
     letters = sum(1 for ch in visible if ch.isalpha())
     if letters < MIN_LETTERS or letters < MIN_LETTER_SHARE * len(visible):

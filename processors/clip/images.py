@@ -8,7 +8,9 @@ function carries it beside the stacked tensors, so the caller fails that row onl
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,7 @@ class ImageFiles:
 
     def __init__(self, preprocess: "Callable | SplitPreprocess", *, min_side: int | None = None,
                  guard_aspect: bool = True):
+        register_decoders()  # here, before a prefetch thread or a decode worker opens the first image
         self.preprocess = preprocess.to_uint8 if isinstance(preprocess, SplitPreprocess) else preprocess
         self.min_side = min_side
         self.guard_aspect = guard_aspect
@@ -269,8 +272,57 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, num_workers: int, pin_m
 
     num_workers, prefetch_factor = fit_workers_to_shm(num_workers, prefetch_factor, sample_bytes * batch_size,
                                                       shm_free_bytes())
-    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    extra = {}
+    if num_workers > 0:  # workers start from the fork server, never as forks of this process (see decode_context)
+        start_decode_server()
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _init_worker,
+                 "multiprocessing_context": decode_context()}
     sampler = PathBatches(batch_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                         pin_memory=pin_memory, **extra)
     return loader, sampler
+
+
+# -- how decode workers start ---------------------------------------------------------------------------------
+# Never by a plain fork of this process. A fork copies the process at one instant, locks included, but only the
+# thread that forked: a lock another thread held then (an import lock, while a prefetch thread imported a PIL
+# plugin) stays held in the child for ever, and the worker that next needs it waits at 0 % CPU (issue 20: the
+# match stage hung in 6 of 20 runs). The fork server is a fresh interpreter, started once per process by
+# fork+exec, that runs no other thread; each worker is a fork of *it*. It imports what a worker needs first,
+# so a worker starts in milliseconds; spawn would import torch, torchvision and open_clip in every worker.
+DECODE_PRELOAD = ["torch", "torchvision.transforms", "open_clip", "processors.clip.images"]
+_SERVER_LOCK = threading.Lock()
+
+
+def decode_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the decode workers: ``forkserver`` (``spawn`` where there is none)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("forkserver")
+
+
+def start_decode_server() -> None:
+    """Start the fork server now, in the background (it takes a few seconds of CPU to import torch and
+    open_clip): the match stage calls it before loading its model, so the two overlap. Idempotent; a server
+    already running (or one another library started) is kept as it is."""
+    context = decode_context()
+    if context.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    with _SERVER_LOCK:
+        context.set_forkserver_preload(DECODE_PRELOAD)  # read only when the server (re)starts
+        forkserver.ensure_running()
+
+
+def register_decoders() -> None:
+    """Import every PIL file-format plugin now (``Image.init``). PIL imports them lazily, the one for a new file
+    extension on its first open: done by several decode threads at once, that is an import racing the other
+    threads' opens (which can then fail to identify a good file) - and, before decode workers stopped being
+    forks, a lock a fork could copy held. Cheap after the first call."""
+    Image.init()
+
+
+def _init_worker(worker_id: int) -> None:
+    """First thing in each decode worker, before its first image."""
+    register_decoders()

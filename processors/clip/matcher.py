@@ -28,6 +28,7 @@ from processors.clip.images import (
     join_batches,
     make_loader,
     split_preprocess,
+    start_decode_server,
 )
 from processors.clip.models import LoadedClip, load_clip
 from processors.clip.text import TextBank, leaf_mask, load_or_embed, normalize_rows
@@ -78,6 +79,8 @@ class ClipMatcher:
         """The model, loaded on first use (so a matcher pickles and constructs cheaply)."""
         if self._clip is None:
             c = self.config
+            if c.num_workers != 0:  # the decode workers' server imports torch meanwhile (images.decode_context)
+                start_decode_server()
             self._clip = load_clip(c.model, c.pretrained, c.device, c.precision)
             self._split = split_preprocess(self._clip.preprocess)
         return self._clip
@@ -217,8 +220,10 @@ class ClipMatcher:
             logger.debug("prefetching the next shard's first images failed", exc_info=True)
             return []
 
-    def iter_batches(self, image_paths: Sequence[str | Path]) -> Iterator[ImageBatch]:
+    def iter_batches(self, image_paths: Sequence[str | Path], on_batch: Callable[[], None] | None = None
+                     ) -> Iterator[ImageBatch]:
         """The data path alone: model-sized batches of pixels (on the device) and per-position errors.
+        ``on_batch()`` is called as each batch is ready (a sign of life: the engine's stall watchdog).
 
         One pass at a time per matcher: the loader and its workers are shared by every pass, so a second pass
         started before the first is finished or closed would take over the first one's stream.
@@ -235,16 +240,22 @@ class ClipMatcher:
         try:
             small = itertools.chain(head, _shifted(loader, done) if done < len(paths) else ())
             if sampler.batch_size < self.batch_size or head:
-                yield from join_batches(small, self.batch_size, self.clip.device)
-            else:
-                yield from small
-        except Exception as exc:
-            # e.g. a worker killed by the OOM killer or a decoder crash: persistent workers do not recover from
-            # that (every later pass waits for the dead one), so the next pass starts fresh ones.
-            logger.warning("CLIP image loading failed (%s: %s); the next pass starts new decode workers",
-                           type(exc).__name__, exc)
-            self._loader = None
-            raise
+                small = join_batches(small, self.batch_size, self.clip.device)
+            while True:
+                try:
+                    batch = next(small)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    # e.g. a worker killed by the OOM killer or a decoder crash: persistent workers do not recover
+                    # from that (every later pass waits for the dead one), so the next pass starts fresh ones.
+                    logger.warning("CLIP image loading failed (%s: %s); the next pass starts new decode workers",
+                                   type(exc).__name__, exc)
+                    self._loader = None
+                    raise
+                if on_batch is not None:
+                    on_batch()  # may raise (a stopped shard): not a loading failure, the workers are fine
+                yield batch
         finally:
             self._pass_open = False
 
@@ -264,8 +275,10 @@ class ClipMatcher:
                                        pin_memory=clip.device.type == "cuda", sample_bytes=sample_bytes)
         return self._loader
 
-    def match(self, image_paths: Sequence[str | Path]) -> Iterator[tuple[int, "Candidates | ImageError"]]:
+    def match(self, image_paths: Sequence[str | Path], on_batch: Callable[[], None] | None = None
+              ) -> Iterator[tuple[int, "Candidates | ImageError"]]:
         """For every image (by position in ``image_paths``): its top-k candidates, or why it has none.
+        ``on_batch()`` is called once per model batch (see ``iter_batches``).
 
         Results come batch by batch in input order, except that unreadable images come first in their batch.
         """
@@ -278,7 +291,7 @@ class ClipMatcher:
         # the device never waits for the host to build candidates or fetch the next batch (on the CPU the
         # copy is synchronous and this is the plain loop).
         pending: tuple[list[int], _HostTopk] | None = None
-        for batch in self.iter_batches(image_paths):
+        for batch in self.iter_batches(image_paths, on_batch):
             ready = None
             if batch.pixels is not None:
                 with torch.inference_mode():

@@ -31,6 +31,7 @@ from processors.llm.transport import Secret, make_transport
 
 logger = logging.getLogger(__name__)
 
+NOT_CACHED = "not_cached"  # a cache-only look-up that found no answer (``RequestGroup.cache_only``)
 CACHE_FILE = "llm-requests.sqlite"
 DRY_RUN_CACHE_FILE = "llm-requests-dry-run.sqlite"  # simulator answers must never satisfy a real run
 
@@ -74,6 +75,9 @@ class RequestGroup:
     requests: list[LLMRequest]
     endpoint: str
     overrides: dict[str, Any] | None = None
+    # Answer from the request cache only, sending nothing (a miss fails ``not_cached``): what a server that
+    # went down had answered before, so moving its share to another server pays for none of it again.
+    cache_only: bool = False
 
 
 def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
@@ -87,14 +91,15 @@ def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
     return run_request_groups([RequestGroup(requests, endpoint, overrides)], ctx=ctx)[0]
 
 
-def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.Event | None = None
-                       ) -> list[list[LLMResult]]:
+def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.Event | None = None,
+                       return_exceptions: bool = False) -> list[list[LLMResult] | BaseException]:
     """Several calls at once, on the run's one event loop (``processors.llm.accounts``): every endpoint is kept
     busy at the same time (the score stage's referees, each on its own servers), and calls to one endpoint -
     from any shard or stage of the run - share its admission and breaker. Results per group, in order. If an
     endpoint's breaker opens, the other calls still finish (their answers are cached for the rerun), then its
     ``CircuitOpenError`` is raised. Setting ``stop`` (from another thread), or the shard's own stop event,
-    cancels every call: nothing more is sent."""
+    cancels every call: nothing more is sent. With ``return_exceptions`` a group's error takes its place in
+    the list instead (a referee moves the share of a server whose breaker opened to its other servers)."""
     calls = [_call(group, ctx) for group in groups]  # a missing key fails here, before anything is sent
     shard_stop = ctx.stop_event() if hasattr(ctx, "stop_event") else None
     stops = [event for event in (stop, shard_stop) if event is not None]
@@ -107,7 +112,8 @@ def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.
             async def all_calls() -> list[Any]:
                 return await asyncio.gather(
                     *(execute(group.requests, settings, group.endpoint, connection, cache_path=cache_path,
-                              state_dir=Path(ctx.stage_dir), tally=tally, accounts=accounts)
+                              state_dir=Path(ctx.stage_dir), tally=tally, accounts=accounts,
+                              cache_only=group.cache_only)
                       for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
                     return_exceptions=True)
 
@@ -116,8 +122,9 @@ def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.
         for *_, tally in calls:
             tally.on_free(cache_hits=tally.cache_hits, retries=tally.retries)
     failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    if failed:
-        raise failed[0]
+    stopped_by = [exc for exc in failed if not isinstance(exc, Exception)]  # a cancellation, a KeyboardInterrupt
+    if stopped_by or (failed and not return_exceptions):
+        raise (stopped_by or failed)[0]
     return outcomes
 
 
@@ -175,10 +182,11 @@ def _from_cache(prepared: list[Prepared], cache: RequestCache | None, tally: Tal
 
 
 async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: str, connection: Connection, *,
-                  cache_path: Path | None, state_dir: Path, tally: Tally, accounts: Accounts | None = None
-                  ) -> list[LLMResult]:
+                  cache_path: Path | None, state_dir: Path, tally: Tally, accounts: Accounts | None = None,
+                  cache_only: bool = False) -> list[LLMResult]:
     """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools). Without
-    ``accounts`` (awaited on the caller's own loop) the call has an admission and breaker of its own."""
+    ``accounts`` (awaited on the caller's own loop) the call has an admission and breaker of its own. With
+    ``cache_only`` nothing is sent: what the cache lacks fails ``not_cached``."""
     ep = settings.endpoint(endpoint)
     # Reading and hashing the images, and the cache look-up, block: off the loop, which every shard and
     # endpoint of the run shares (a shard of 2,000 images would stall the others' replies and buckets).
@@ -188,7 +196,11 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
     try:
         results = await asyncio.to_thread(_from_cache, unique, cache, tally)
         todo = [p for p in unique if p.cache_key not in results]
-        if todo:
+        if cache_only:
+            results.update((p.cache_key, LLMResult(key=p.request.key, ok=False, reason=NOT_CACHED,
+                                                   detail="not in the request cache (nothing was sent)"))
+                           for p in todo)
+        elif todo:
             call_id = fingerprint("llm-call", sorted(p.cache_key for p in unique))  # stable across a restart
             results.update(await _send(todo, settings, endpoint, connection, cache, state_dir, tally, call_id,
                                         accounts))

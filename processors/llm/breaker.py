@@ -16,6 +16,8 @@ class CircuitBreaker:
     def __init__(self, threshold: int, *, endpoint: str, base_url: str, model: str, key_env: str | None):
         self.threshold = threshold
         self._where = f"LLM endpoint {endpoint!r} ({base_url}, model {model})"
+        self._endpoint = endpoint
+        self._openai = base_url.rstrip("/").startswith("https://api.openai.com")
         self._key_env = key_env
         self._streak = 0
         self._kinds: Counter[str] = Counter()
@@ -62,4 +64,11 @@ class CircuitBreaker:
             return ("The server rejected the request itself, not the connection: its message above says what "
                     "it refused (a parameter it does not accept, a server flag it needs, a limit exceeded). "
                     "Change the endpoint or referee settings, or the server's flags, to match.")
+        if what == "timeout":
+            batch = (" For a large run, `mode: batch` (the Batch API: half the price, answers within 24 h) has no "
+                     "per-request timeout at all.") if self._openai else ""
+            return (f"No reply came within the endpoint's timeout: raise `timeout_s` in llm.endpoints."
+                    f"{self._endpoint} (default 120 s) if the server is just slow (long replies, large images, a "
+                    f"queue), or lower its `max_concurrency` if it is overloaded; check its logs if it hangs."
+                    f"{batch}")
         return "Check that the server is reachable and healthy (its URL, port and logs)."

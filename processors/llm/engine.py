@@ -29,6 +29,7 @@ from processors.llm.transport import Transport
 
 logger = logging.getLogger(__name__)
 
+_PADDING_WARNED: set[str] = set()  # servers (base URL and model) already warned about padded structured output
 WIRE_WAIT_S = 5.0  # on a stop, how long requests already sent may take to bring back the answer they pay for
 
 
@@ -228,9 +229,11 @@ class OnlineEngine:
                 raise
             finally:
                 self._on_wire.discard(task)
+        reply = self._answer_of(completion)
         self.breaker.success()
         self.admission.concurrency.on_success()
-        reply = rp.normalise(completion)
+        if p.request.json_schema is not None:
+            self._note_padding(reply)
         try:
             value = rp.interpret(reply, p.request)
         except AttemptError as exc:
@@ -255,6 +258,38 @@ class OnlineEngine:
         else:
             self.tally.billed(Usage(**reply["usage"]))
         return reply, value
+
+    def _answer_of(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """The normalised reply, or a retryable ``AttemptError`` that counts for the breaker when the body is
+        no answer of the model (``rp.fault``): a proxy's empty stub is a fault on the way, like a 502, never
+        "the same unusable reply twice" (which ends a greedy request's retries)."""
+        try:
+            reply = rp.normalise(completion)
+            why = rp.fault(reply)
+            if why is not None:
+                usage = Usage(**reply["usage"])
+                if usage.prompt_tokens or usage.completion_tokens:  # the server says it billed it
+                    self.tally.billed(usage)
+                raise rp.no_answer(why, completion)
+        except AttemptError as exc:
+            self.breaker.failure(exc.what, redact(exc.detail, self._secret))
+            self.breaker.check()
+            raise
+        return reply
+
+    def _note_padding(self, reply: dict[str, Any]) -> None:
+        """Warn once per server when its structured replies are padded with whitespace (vLLM's default
+        grammar): the padding is paid for on every reply, and only a server flag stops it."""
+        where = f"{self.endpoint.base_url} {self.endpoint.model}"
+        if where in _PADDING_WARNED:
+            return
+        excess = rp.padding(reply.get("text"))
+        if excess >= rp.PADDED_CHARS:
+            _PADDING_WARNED.add(where)
+            logger.warning("LLM endpoint %s (model %s): structured replies are padded with whitespace between "
+                           "their JSON tokens (%d characters beyond pretty-printing in one reply of %d): every "
+                           "reply pays for it, and a long one runs out of max_tokens. %s", self.endpoint.base_url,
+                           self.endpoint.model, excess, len(reply.get("text") or ""), rp.PADDING_CURE)
 
     async def _committed(self, key: str, reply: dict[str, Any]) -> None:
         """Returns once ``reply`` is committed and counted as paid. Replies that arrive in the same turn of the

@@ -23,6 +23,9 @@ TRUNCATED = "truncated"  # finish_reason="length" on every attempt
 REFUSED = "refused"  # finish_reason="content_filter" or a refusal
 BATCH_FAILED = "batch_failed"  # a Batch API item failed or expired and was not retried online
 REASONS = (API_ERROR, RATE_LIMITED, TIMEOUT, UNPARSABLE, TRUNCATED, REFUSED, BATCH_FAILED)
+# The reasons that say the server did not answer (no verdict on the request): a stage declares them as its
+# ``Stage.unanswered_reasons``, so the rows are asked again on the next run instead of being sealed as failed.
+UNANSWERED = frozenset({API_ERROR, RATE_LIMITED, TIMEOUT, BATCH_FAILED})
 
 
 def _identity(text: str) -> str:

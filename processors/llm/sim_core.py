@@ -12,7 +12,9 @@ from typing import Any
 from builder.ids import fingerprint
 from processors.llm.sim_responders import Responder, message_text, reply_text
 
-FAULT_KINDS = ("429", "500", "timeout", "drop", "malformed", "length", "bad_body")
+# "empty": a 200 chat completion with empty content, no finish_reason and no usage (a proxy's stub for an
+# answer it lost): no answer of the model, so never "the same unusable reply" twice.
+FAULT_KINDS = ("429", "500", "timeout", "drop", "malformed", "length", "bad_body", "empty")
 
 
 @dataclass
@@ -167,7 +169,7 @@ def pad_json(text: str, rng: random.Random) -> str:
 
 def completion(body: dict[str, Any], responders: list[Responder], seed: int, fault: str | None = None,
                options: Any = None, nonce: int = 0) -> dict:
-    """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed" spoil it."""
+    """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed"/"empty" spoil it."""
     rng = request_rng(body, seed)
     text = reply_text(responders, body, rng)
     choices = choice_constraint(body)
@@ -183,6 +185,10 @@ def completion(body: dict[str, Any], responders: list[Responder], seed: int, fau
         text, finish = text[: max(1, len(text) // 2)], "length"
     elif fault == "malformed":  # a glitch, not the model's answer: no two are alike (nonce per attempt)
         text = f"{{\"oops-{nonce:08x}\": " + text[: len(text) // 2] + " ,,"
+    if fault == "empty":
+        return {"id": f"chatcmpl-sim{nonce:08x}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "sim"),
+                "choices": [{"index": 0, "finish_reason": None, "message": {"role": "assistant", "content": ""}}]}
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
                               "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None}
     if body.get("logprobs"):

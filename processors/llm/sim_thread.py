@@ -65,6 +65,9 @@ class SimulatorThread:
         urllib.request.urlopen(request, timeout=10).read()
 
     def close(self) -> None:
+        """Stop serving (a test may stop a server mid-way, then the fixture again at its end: a no-op)."""
+        if self._loop.is_closed():
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
             self._runner = None

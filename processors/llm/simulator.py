@@ -169,7 +169,7 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
         return web.Response(status=500)  # never written: aiohttp drops it quietly on a closed transport
     if fault == "bad_body":
         return web.Response(text="<html>502 Bad Gateway</html>", content_type="application/json")
-    if fault not in ("malformed", "length", "timeout"):  # a timed-out client never gets the answer
+    if fault not in ("malformed", "length", "timeout", "empty"):  # a timed-out client never gets the answer
         stats.ok_per_key[key] += 1
         stats.answered_at[key].append(time.time())
     return web.json_response(completion(body, state.responders, options.seed, fault, options,

@@ -19,6 +19,9 @@ Per item, in this order (the first rule broken is the reason recorded):
                     under any task type;
 ``over_quota``      more than ``questions_per_type`` valid questions for one type (the first ones are kept).
 
+Question and answer lose ANSI escape sequences and control characters (all but newline and tab) before
+they are judged (``strip_control``): terminal debris is not text, and a kept row carries none of it.
+
 Afterwards, when the reply held fewer items than it was asked for (types x questions_per_type), each
 missing one is a ``missing_question`` failure named by its task type: every slot asked for ends up as a
 row or a failure, while an invalid item that stood in for a slot is counted once, not twice.
@@ -48,6 +51,13 @@ ALIASES = {
     "question": ("question", "q", "query"),
     "answer": ("answer", "a", "response"),
 }
+# Terminal debris in model text: ANSI escape sequences (CSI ``ESC [ ... m``, OSC ``ESC ] ... BEL`` or
+# ``ESC \\``, any other ``ESC [intermediates] x``), then every other control character but newline and
+# tab (C0, DEL, C1, NUL included) and lone surrogates (a JSON ``\\ud800`` decodes to one; no file can
+# encode it). None of it is part of a question or an answer, and all of it would reach the LLaVA JSON, the
+# sample browser and terminals that print a sample.
+ANSI_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 LATIN_WORD = re.compile(r"[A-Za-z]+")
 MIN_LETTERS_JUDGED = 4
 ITEM_CHARS = 200
@@ -89,9 +99,15 @@ class TypeIndex:
         return self._full.get(key) or self._leaf.get(key)
 
 
+def strip_control(text: str) -> str:
+    """``text`` without ANSI escape sequences and control characters (newline and tab are kept)."""
+    return CONTROL_CHARS.sub("", ANSI_SEQUENCE.sub("", text))
+
+
 def clean_text(text: str, kind: str) -> str:
-    """Trim whitespace and the "Question:"/"A:" debris models put in front of a field."""
-    text = unicodedata.normalize("NFC", text).strip()
+    """Drop control characters and escape sequences, then trim whitespace and the "Question:"/"A:" debris
+    models put in front of a field."""
+    text = unicodedata.normalize("NFC", strip_control(text)).strip()
     return PREFIX[kind].sub("", text, count=1).strip()
 
 
@@ -121,8 +137,8 @@ def _field(item: dict[str, Any], name: str) -> str | None:
 def _describe(item: Any) -> str:
     if isinstance(item, dict):
         parts = [_field(item, "task_type") or "?", _field(item, "question") or "?"]
-        return " | ".join(p.strip() for p in parts)[:ITEM_CHARS]
-    return repr(item)[:ITEM_CHARS]
+        return strip_control(" | ".join(p.strip() for p in parts))[:ITEM_CHARS]
+    return repr(item)[:ITEM_CHARS]  # repr shows control characters as escapes
 
 
 def question_key(question: str) -> str:

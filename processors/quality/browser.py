@@ -16,9 +16,11 @@ import html
 import io
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+from builder.export import printable
 from builder.outputs import StageNotReadyError, column_values, load_stage_output
 
 logger = logging.getLogger(__name__)
@@ -62,8 +64,8 @@ def browser_records(run_dir: Path, resolve_image: Callable[[str], Path], max_sam
         votes, p_yes = ballots.get(columns.get("qa_id", ids)[i], ({}, {}))
         human, gpt = columns["conversations"][i][0]["value"], columns["conversations"][i][1]["value"]
         records.append({
-            "id": ids[i], "task_type": columns["task_type"][i],
-            "question": human.removeprefix("<image>\n"), "answer": gpt,
+            "id": ids[i], "task_type": printable(columns["task_type"][i]),
+            "question": printable(human.removeprefix("<image>\n")), "answer": printable(gpt),
             "votes": votes, "p_yes": {k: (None if v is None else round(v, 3)) for k, v in (p_yes or {}).items()},
             "thumb": thumbnail_data_url(resolve_image(columns["image"][i])),
         })
@@ -90,9 +92,17 @@ def shown_note(shown: int, total: int) -> str:
     return f"a deterministic sample of {shown:,} of {total:,} kept samples"
 
 
+_SLOTS = re.compile(r"__(TITLE|NOTE|DATA)__")
+
+
 def render_browser(records: list[dict], total: int, title: str = "TaskGalaxy samples") -> str:
-    return (PAGE.replace("__TITLE__", html.escape(title)).replace("__NOTE__", html.escape(shown_note(len(records), total)))
-            .replace("__DATA__", embedded_json(records)))
+    """The page. Text reaches it three ways, each escaped for where it lands: the title and the note as HTML
+    text (``html.escape``), the records as JSON inside <script> (``embedded_json``), and from there into the
+    page only through ``textContent`` and ``new Option`` (never ``innerHTML``). One pass fills the slots, so
+    a title holding ``__DATA__`` stays text."""
+    values = {"TITLE": html.escape(title), "NOTE": html.escape(shown_note(len(records), total)),
+              "DATA": embedded_json(records)}
+    return _SLOTS.sub(lambda m: values[m.group(1)], PAGE)
 
 
 def write_browser(run_dir: Path, folder: Path, resolve_image: Callable[[str], Path],
@@ -100,13 +110,24 @@ def write_browser(run_dir: Path, folder: Path, resolve_image: Callable[[str], Pa
     """Write ``folder/index.html`` listing at most ``max_samples`` kept samples (the page says how many of how
     many); returns its path."""
     records, total = browser_records(run_dir, resolve_image, max_samples)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / "index.html"
     from processors.shared_files import unique_tmp
 
     tmp = unique_tmp(target)
-    tmp.write_text(render_browser(records, total), encoding="utf-8")
-    tmp.replace(target)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(render_browser(records, total).encode("utf-8"))
+        tmp.replace(target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half page behind
+        if not isinstance(exc, OSError) or exc.errno is None:
+            raise
+        from builder.export import write_failure
+
+        raise write_failure(exc, doing="write the sample browser", path=target, command="the same command",
+                            outcome=f"No partial page is left; what was written before the browser in "
+                                    f"{folder.parent} is complete (for `export`: the LLaVA JSON and its "
+                                    "images).") from exc
     logger.info("browser: %s in %s", shown_note(len(records), total), target)
     return target
 

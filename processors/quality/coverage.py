@@ -81,15 +81,25 @@ def coverage_report(leaves: Sequence[str], stage_paths: Mapping[str, Iterable[st
     return report, counts
 
 
+# A cell a spreadsheet would read as a formula (OWASP "CSV injection"): prefixed with ' so it shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text_cell(text: str) -> str:
+    """``text`` for a CSV cell a spreadsheet opens: one starting like a formula gets a leading ``'``."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def per_leaf_csv(leaves: Sequence[str], counts: Mapping[str, Counter]) -> str:
-    """One line per leaf: its path, depth, and the rows of each stage carrying it (a spreadsheet's view)."""
+    """One line per leaf: its path, depth, and the rows of each stage carrying it (a spreadsheet's view; a
+    path starting like a formula is prefixed with ``'``, see ``csv_text_cell``)."""
     import csv
     import io
 
     stages = [s for s in STAGE_ORDER if s in counts] + [s for s in counts if s not in STAGE_ORDER]
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)  # a quoted \r ends no row
     writer.writerow(["task_type", "depth", *stages])
     for leaf in leaves:
-        writer.writerow([leaf, leaf.count(SEPARATOR) + 1, *(counts[s].get(leaf, 0) for s in stages)])
+        writer.writerow([csv_text_cell(leaf), leaf.count(SEPARATOR) + 1, *(counts[s].get(leaf, 0) for s in stages)])
     return buffer.getvalue()

@@ -90,10 +90,23 @@ def plan_final(config, rows: dict[str, list], *, known_images: set[str],
         "scored": len(rows["qa_id"]),
         "protocol_kept": len(protocol_kept),
         "rejected_by_check": rejected,
+        "checks_run": _checks_run(config, contamination is not None),
         "selection": selection.summary,
         "kept": len(rows["qa_id"]) - len(failures),
     }
     return FinalPlan(failures=failures, protocol_total=totals, summary=summary)
+
+
+def _checks_run(config, decontaminated: bool) -> list[str]:
+    """The checks of ``rejected_by_check`` this config ran: a check that ran and rejected nothing is shown
+    (``0``), one that did not run is not (its count is 0 as well)."""
+    decontamination = getattr(config, "decontamination", None)
+    return [name for name, ran in (
+        (ANSWER_INCORRECT, bool(config.answer_referees)),
+        (ANSWERABLE_WITHOUT_IMAGE, bool(config.blind_referees)),
+        ("benchmark_image", decontaminated and bool(getattr(decontamination, "benchmark_images", True))),
+        ("benchmark_question", decontaminated and bool(getattr(decontamination, "benchmark_questions", True))),
+    ) if ran]
 
 
 PLAN_FILE = "plan.arrow"

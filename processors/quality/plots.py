@@ -82,7 +82,8 @@ def _kept_by_source(data, stats, ax) -> bool:
     if not sources:
         return False
     names = [name for name, _ in sources.most_common(30)]
-    ax.barh(names[::-1], [sources[n] for n in names[::-1]], color="tab:green")
+    shown = [str(n).replace("$", r"\$") for n in names]  # a pair of $ would be typeset as mathematics
+    ax.barh(shown[::-1], [sources[n] for n in names[::-1]], color="tab:green")
     ax.set(title="Kept samples per image source", xlabel="samples")
     return True
 

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+from builder.card import md_code, md_text
+
 STAGES = ("match", "filter", "qa", "score", "final")
 
 
 def cell(text) -> str:
-    """Text safe inside a Markdown table cell: a ``|`` would start a new cell, a newline end the row."""
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+    """Text shown as itself inside a Markdown table cell (category and referee names come from a model or a
+    config): a ``|`` would start a new cell, a newline end the row, ``<script>`` or ``[x](...)`` be markup.
+    See ``builder.card.md_text``."""
+    return md_text(text)
 
 
 def _k(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def checks_run(final: dict) -> dict[str, int]:
+    """What each check that ran rejected, 0 included; a plan written before ``checks_run`` was recorded
+    shows the checks that rejected something (which ran was not written down)."""
+    rejected = final.get("rejected_by_check", {})
+    if "checks_run" in final:
+        return {name: rejected.get(name, 0) for name in final["checks_run"]}
+    return {name: n for name, n in rejected.items() if n}
+
+
 def summary_lines(stats: dict) -> list[str]:
     lines = []
     final = stats.get("final", {})
     if final:
-        rejected = {k: v for k, v in final.get("rejected_by_check", {}).items() if v}
+        rejected = checks_run(final)
         sel = final.get("selection", {})
         lines.append(f"kept {final.get('kept')} of {final.get('scored')} scored; the paper's protocol keeps "
                      f"{final.get('protocol_kept')}" + (f"; checks reject {rejected}" if rejected else ""))
@@ -89,7 +102,7 @@ def card_section(stats: dict) -> str:
         lines += [f"The paper's protocol (referee votes at the threshold) keeps {final['protocol_kept']:,} of "
                   f"{final['scored']:,} scored questions; {final['kept']:,} are published.", "",
                   "| check | protocol-kept samples it rejects |", "|---|---:|"]
-        lines += [f"| `{cell(reason)}` | {n:,} |" for reason, n in final.get("rejected_by_check", {}).items()]
+        lines += [f"| `{md_code(reason)}` | {n:,} |" for reason, n in final.get("rejected_by_check", {}).items()]
         sel = final.get("selection", {})
         lines += [f"| balanced selection (`balance_cap`, `balance_target`) | "
                   f"{sum(sel.get('dropped_by_reason', {}).values()):,} |", ""]

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from processors.referees.endpoint import EndpointReferee
+from processors.referees.endpoint import EndpointReferee, unfenced
 from processors.referees.protocol import RefereeItem, Vote
 
 BLIND_PROMPT_VERSION = "blind-v2"
@@ -130,7 +130,7 @@ class BlindReferee(EndpointReferee):
         if item.answer is None:
             return Vote(item.qa_id, None, None, error="unparsable",
                         detail="the blind check needs the sample's answer: give the referee see_answer: true")
-        reply = (result.raw_text or "").strip()
+        reply = unfenced(result.raw_text or "")  # an answer sent as a code block is the answer inside it
         agreement = answers_agree(item.question, item.answer, reply, self.f1_threshold)
         return Vote(item.qa_id, int(agreement >= self.f1_threshold), agreement,
                     detail=f"answered without the image: {reply[:80]!r}")

@@ -15,7 +15,11 @@ each *image* goes to one of them, so all questions about an image hit the same s
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +29,13 @@ from processors.referees.prompt import PROMPT_VERSION, build_messages
 from processors.referees.protocol import RefereeItem, Vote
 from processors.referees.settings import RefereeSettings
 
+logger = logging.getLogger(__name__)
+
 DIGITS = ("0", "1")
 # cl100k_base and o200k_base (GPT-4, GPT-4o) encode the bare digits 0-9 as the token ids 15-24.
 OPENAI_DIGIT_TOKEN_IDS = {"0": 15, "1": 16}
 MASKED_LOGPROB = -9000.0  # vLLM reports tokens a constraint excluded at -9999: not candidates
+VOTE_SCAN_TOKENS = 8  # how far into the reply a fenced or quoted vote's digit is looked for
 
 
 def endpoint_factory(ctx: Any) -> Callable[[RefereeSettings], "EndpointReferee"]:
@@ -76,9 +83,35 @@ def constraint_body(constraint: str) -> dict[str, Any]:
     return {}
 
 
+# What may wrap a vote's digit: a code fence (with its language), quotes, brackets; and what may follow it (JSON
+# debris: closing brackets, quotes, a fence, punctuation). No letter, no other digit: "1 or 0", "10", "yes 1"
+# and '{"vote": 1}' are no vote.
+_VOTE_WRAP = re.compile(r"\s*(?:```[A-Za-z]*)?[\s\"'\[{(]*")
+_VOTE_DEBRIS = re.compile(r"[\s\"'`\[\]{}(),.;:]*")
+_FENCED = re.compile(r"\s*```[A-Za-z]*[ \t]*\n?(.*?)\s*```\s*", re.S)
+
+
+def vote_digit(text: str | None) -> str | None:
+    """The "0" or "1" a vote reply gives: the digit alone, or wrapped in a code fence, quotes or brackets and
+    followed by JSON debris (``"```json\\n1\\n```"``, ``'"1"'``, ``"[1]"``, ``"1\\n}]"``); None for anything
+    else, and for anything holding another digit or a word."""
+    text = text or ""
+    body = text[_VOTE_WRAP.match(text).end():]
+    if body[:1] in DIGITS and _VOTE_DEBRIS.fullmatch(body, 1):
+        return body[0]
+    return None
+
+
+def unfenced(text: str) -> str:
+    """``text`` without a Markdown code fence around it (a free answer sent as a code block)."""
+    match = _FENCED.fullmatch(text)
+    return match.group(1) if match else text.strip()
+
+
 def one_digit(text: str) -> str:
-    """A constrained reply is one digit; anything else is a broken reply, asked again (the engine retries)."""
-    if text.strip() not in DIGITS:
+    """A constrained reply is one digit (perhaps fenced or followed by JSON debris: ``vote_digit``); anything
+    else is a broken reply, asked again (the engine retries)."""
+    if vote_digit(text) is None:
         raise ValueError(f"the vote was constrained to 0 or 1 but the reply is {text[:40]!r}")
     return text
 
@@ -99,7 +132,7 @@ def read_digits(logprobs: list[dict[str, Any]] | None) -> DigitReading | None:
     """The digits' probabilities from the first generated token's top logprobs; None without logprobs."""
     if not logprobs:
         return None
-    first = logprobs[0]
+    first = logprobs[_vote_position(logprobs)]
     candidates = first.get("top_logprobs") or [first]
     mass: dict[str, float | None] = {digit: None for digit in DIGITS}
     listed = []
@@ -116,6 +149,18 @@ def read_digits(logprobs: list[dict[str, Any]] | None) -> DigitReading | None:
     return DigitReading(mass["0"], mass["1"], floor, len(listed), tuple(listed[:5]))
 
 
+def _vote_position(logprobs: list[dict[str, Any]]) -> int:
+    """The generated token that holds the vote: the first, or the first digit after tokens that only wrap it
+    (a code fence, quotes, brackets: ``vote_digit``'s wrapping) when the first is no digit."""
+    prefix = ""
+    for index, entry in enumerate(logprobs[:VOTE_SCAN_TOKENS]):
+        token = str(entry.get("token", ""))
+        if token.strip().lstrip("▁Ġ") in DIGITS:
+            return index if _VOTE_WRAP.fullmatch(prefix) else 0
+        prefix += token
+    return 0
+
+
 def digit_probabilities(logprobs: list[dict[str, Any]] | None) -> tuple[float, float] | None:
     """(p0, p1) when both digits are among the top logprobs, else None."""
     reading = read_digits(logprobs)
@@ -130,6 +175,29 @@ class EndpointReferee:
         self.name = settings.name
         self.ctx = ctx
         self.preset = settings.resolved_preset()
+        # Servers of this referee taken out for the rest of the run (their breaker opened), with why: their
+        # share goes to the others. Shared by the shards in flight (one batch function), like the breakers.
+        self._down: dict[str, BaseException] = {}
+        self._down_lock = threading.Lock()
+
+    def live_endpoints(self) -> list[str]:
+        """The servers still serving this referee; the breaker's error when none is left."""
+        names = endpoint_names(self.settings)
+        live = [name for name in names if name not in self._down]
+        if not live:
+            raise self._down[names[-1]]
+        return live
+
+    def take_out(self, endpoint: str, error: BaseException) -> None:
+        """A server whose breaker opened serves no more of this referee's questions in this run."""
+        with self._down_lock:
+            if endpoint in self._down:
+                return
+            self._down[endpoint] = error
+            left = [name for name in endpoint_names(self.settings) if name not in self._down]
+        if left:
+            logger.warning("referee %s: server llm.endpoints.%s is taken out for the rest of this run (%s); its "
+                           "questions go to %s", self.name, endpoint, error, ", ".join(left))
 
     def _request(self, item: RefereeItem, constraint: str):
         from processors.llm.request import LLMRequest
@@ -152,7 +220,7 @@ class EndpointReferee:
         from processors.llm.api import RequestGroup, llm_settings
 
         llm = llm_settings(self.ctx)
-        names = endpoint_names(self.settings)
+        names = self.live_endpoints()
         by_endpoint = spread_by_image(items, names)
         plan = []
         for name, share in by_endpoint.items():
@@ -184,12 +252,57 @@ class EndpointReferee:
                 "endpoint.vote_constraint to one the server applies (vLLM >= 0.12: structured_outputs, SGLang: "
                 "regex, OpenAI: logit_bias) or to none (the vote is then read from the logprobs alone)")
 
+    def settle(self, items: Sequence[RefereeItem], plan: list[tuple[Any, str]], outcomes: list,
+               run: Callable[[list], list]) -> list[Vote]:
+        """The votes of ``items`` from the outcomes of ``plan``'s calls (results, or the error of a call).
+
+        A server whose breaker opened is taken out (``take_out``) and its share goes to the others: first what
+        it had answered before is read from the request cache (not paid again), then the rest is planned over
+        the servers left and sent with ``run`` (groups -> outcomes); until every question has an answer or no
+        server is left (its breaker's error is raised then, as with one server)."""
+        from processors.llm.errors import CircuitOpenError
+
+        by_id = {item.qa_id: item for item in items}
+        settled_plan, settled = [], []
+        while True:
+            errors = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, CircuitOpenError)]
+            if errors:
+                raise errors[0]
+            dead = [(group, constraint, error) for (group, constraint), error in zip(plan, outcomes)
+                    if isinstance(error, CircuitOpenError)]
+            for (group, constraint), outcome in zip(plan, outcomes):
+                if not isinstance(outcome, BaseException):
+                    settled_plan.append((group, constraint))
+                    settled.append(outcome)
+            if not dead:
+                return self.votes(items, settled_plan, settled)
+            for group, _, error in dead:
+                self.take_out(group.endpoint, error)
+            salvage = [(dataclasses.replace(group, cache_only=True), constraint) for group, constraint, _ in dead]
+            answered: set[str] = set()
+            for (group, constraint), results in zip(salvage, run([group for group, _ in salvage])):
+                if isinstance(results, BaseException):
+                    raise results
+                kept = [result for result in results if result.ok]
+                answered.update(result.key for result in kept)
+                settled_plan.append((group, constraint))
+                settled.append(kept)
+            left = [by_id[request.key] for group, _, _ in dead for request in group.requests
+                    if request.key not in answered]
+            if not left:
+                return self.votes(items, settled_plan, settled)
+            plan = self.plan(left)  # over the servers still up; raises the breaker's error when none is
+            outcomes = run([group for group, _ in plan])
+
     def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
         """Score ``items``, every endpoint of this referee at once (``ScoreStage`` runs all referees at once)."""
         from processors.llm.api import run_request_groups
 
+        def run(groups: list) -> list:
+            return run_request_groups(groups, ctx=self.ctx, return_exceptions=True)
+
         plan = self.plan(items)
-        return self.votes(items, plan, run_request_groups([group for group, _ in plan], ctx=self.ctx))
+        return self.settle(items, plan, run([group for group, _ in plan]), run)
 
 
 def spread_by_image(items: Sequence[RefereeItem], names: Sequence[str]) -> dict[str, list[RefereeItem]]:
@@ -219,8 +332,9 @@ def _vote(result, asked: int, constraint: str) -> Vote:
     reading = read_digits(result.logprobs)
     text = (result.raw_text or "").strip()
     if reading is None:  # a server that returns no logprobs: the reply text is the vote
-        if text[:1] in DIGITS:
-            return Vote(result.key, int(text[0]), float(text[0]),
+        digit = vote_digit(text)
+        if digit is not None:
+            return Vote(result.key, int(digit), float(digit),
                         detail="the server returned no logprobs: p_yes is the reply digit itself")
         return Vote(result.key, None, None, error="unparsable",
                     detail=f"referee reply {text[:40]!r} is not 0 or 1 and the server returned no logprobs")

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from builder.stage import Stage, StageConfig
 from processors.filter.prompt import PROMPT_VERSION, SCHEMA_VERSION
+from processors.llm.request import UNANSWERED
 
 
 PROMPT_BASE_CHARS = 900  # estimate: the instruction around the candidates
@@ -35,6 +36,7 @@ class FilterStage(Stage):
     upstream = "match"
     side_inputs = ("images",)
     batch_size = None
+    unanswered_reasons = UNANSWERED  # an API failure is asked again on the next run, never sealed
 
     def shards_in_flight(self, config) -> int:
         return 2  # the next shard's requests fill the window while this one's last answers come back

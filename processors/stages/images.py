@@ -39,7 +39,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -172,7 +172,8 @@ class ImagesStage(Stage):
                 prefetched = fetcher.prefetch(rows, resumed)
                 ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
                 budget = DecodeBudget(config.memory_budget_mb * 2**20)
-                results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget)
+                results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget,
+                                       stop=ctx.stop_event())
                 for row, (verdict, path) in zip(rows, results):
                     _emit(out, row, verdict, path, ledger, config, ctx)
             return out.to_columns()
@@ -193,19 +194,32 @@ def _resumed_downloads(rows: list[dict], ledger: Ledger, roots: dict[str, Path])
     return found
 
 
-def _run_workers(rows: list[dict], work, workers: int, budget: "DecodeBudget") -> list:
+STOP_POLL_S = 0.2  # how often a batch waiting on its workers looks at the shard's stop event
+
+
+def _run_workers(rows: list[dict], work, workers: int, budget: "DecodeBudget",
+                 stop: threading.Event | None = None) -> list:
     """``work(row)`` for every row on ``workers`` threads, results in row order.
 
-    On a stop (Ctrl-C/SIGTERM, or a crash) the rows not started are dropped and the decodes waiting for the
-    budget released: ``with ThreadPoolExecutor`` would instead run the whole rest of the batch before letting
-    the stop through. An interrupt does not wait even for the rows in progress (the CLI bounds that wait).
-    """
+    On a stop (Ctrl-C/SIGTERM, the stall watchdog, or a crash) the rows not started are dropped and the decodes
+    waiting for the budget released: ``with ThreadPoolExecutor`` would instead run the whole rest of the batch
+    before letting the stop through. A stop does not wait even for the rows in progress (a read stuck on a hung
+    mount never returns; the CLI bounds the wait for those threads). The shard runs on an engine thread, so a
+    stop reaches it as ``stop`` (the shard's stop event), looked at every ``STOP_POLL_S``."""
+    from builder.engine import ShardStopped
+
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images-worker")
     try:
-        results = list(pool.map(work, rows))
+        futures = [pool.submit(work, row) for row in rows]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=STOP_POLL_S if stop is not None else None)
+            if pending and stop is not None and stop.is_set():
+                raise ShardStopped("the images stage is stopping: rows still being read are left")
+        results = [future.result() for future in futures]
     except BaseException as exc:
         budget.close()
-        pool.shutdown(wait=isinstance(exc, Exception), cancel_futures=True)
+        pool.shutdown(wait=isinstance(exc, Exception) and not isinstance(exc, ShardStopped), cancel_futures=True)
         raise
     pool.shutdown()
     return results

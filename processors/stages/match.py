@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.engine import ShardStopped
 from builder.ids import canonical_json
 from builder.outputs import column_values
 from builder.rows import BatchOutput
@@ -125,7 +126,14 @@ class Match(Stage):
                 except PathEscapeError as exc:
                     out.fail(ids[index], "path_escape", str(exc))
             encoded = 0
-            for position, result in matcher.match(paths):
+            stop = ctx.stop_event()
+
+            def on_batch() -> None:  # per model batch: a sign of life, and where a stopped shard stops
+                ctx.beat()
+                if stop is not None and stop.is_set():
+                    raise ShardStopped("match: the shard was told to stop (Ctrl-C, or the stall watchdog)")
+
+            for position, result in matcher.match(paths, on_batch):
                 index = positions[position]
                 if isinstance(result, list):
                     out.add(ids[index], {"image_id": ids[index], "candidates": result})

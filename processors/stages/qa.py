@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from builder.stage import BatchFn, Stage, StageContext
 from processors.image_locator import image_locator
+from processors.llm.request import UNANSWERED
 from processors.qa.config import QAConfig
 from processors.qa.generate import COLUMNS, run_batch
 from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, SCHEMA_VERSION
@@ -33,6 +34,7 @@ class QAStage(Stage):
     upstream = "filter"
     side_inputs = ("images",)
     batch_size = None
+    unanswered_reasons = UNANSWERED  # an API failure is asked again on the next run, never sealed
 
     def shards_in_flight(self, config) -> int:
         return 2  # the next shard's requests fill the window while this one's last answers come back

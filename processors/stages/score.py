@@ -10,6 +10,8 @@ key). A vote a referee could not give follows ``missing_vote``:
 - ``abstain``: it counts as nothing (the total is the sum of the votes that were cast).
 
 Under ``zero``/``abstain`` the referee's name is listed in the row's ``missing`` column: explicit, never silent.
+A vote the *server* could not give (an HTTP error or timeout after the retries) is none of these: the row fails
+``vote_unanswered`` under every policy, the stage does not finish, and the next run asks it again.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pydantic import Field, field_validator
 
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
+from processors.llm.request import UNANSWERED
 from processors.referees.protocol import RefereeItem
 from processors.referees.settings import RefereeSettings
 
 REFEREE_PROMPT_CHARS = 700  # estimate: instruction + task type + question
+VOTE_UNANSWERED = "vote_unanswered"  # a referee's server could not answer: not judged, asked again next run
 QA_COLUMNS = ("qa_id", "image_id", "task_type", "question", "answer")
 PAPER_REFEREES = [
     RefereeSettings(name="glm4v_9b", preset="glm-4v-9b"),
@@ -57,6 +61,9 @@ class ScoreStage(Stage):
     upstream = "qa"
     side_inputs = ("images",)
     batch_size = 256
+    # A vote the referee's server did not give (an HTTP error, a timeout) is no vote: the row fails
+    # ``vote_unanswered`` whatever ``missing_vote`` says, and the next run asks it again.
+    unanswered_reasons = UNANSWERED | {VOTE_UNANSWERED}
 
     def shards_in_flight(self, config: ScoreConfig) -> int:
         """Two when every referee is an endpoint (the next shard fills the servers' windows at a boundary);
@@ -197,8 +204,8 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints")
     # The helper thread runs in this thread's context: the shard's usage meter and stop event go with it.
-    pending = pool.submit(contextvars.copy_context().run, run_request_groups, groups, ctx=ctx, stop=stop) \
-        if groups else None
+    pending = pool.submit(contextvars.copy_context().run, run_request_groups, groups, ctx=ctx, stop=stop,
+                          return_exceptions=True) if groups else None
     try:
         for s, referee in zip(settings, referees):
             if not isinstance(referee, EndpointReferee):
@@ -211,9 +218,12 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    def run(more_groups: list) -> list:  # a server went down: its share to the referee's other servers
+        return run_request_groups(more_groups, ctx=ctx, return_exceptions=True)
+
     for name, referee, plan in remote:
         mine, results = results[:len(plan)], results[len(plan):]
-        ballots[name] = {vote.qa_id: vote for vote in referee.votes(shown[name], plan, mine)}
+        ballots[name] = {vote.qa_id: vote for vote in referee.settle(shown[name], plan, mine, run)}
     return {s.name: ballots[s.name] for s in settings}
 
 
@@ -230,16 +240,21 @@ def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns
         if unavailable and qa_id in unavailable:
             out.fail(qa_id, IMAGE_MISSING, unavailable[qa_id])
             continue
-        votes, p_yes, missing, errors = {}, {}, [], []
+        votes, p_yes, missing, errors, unanswered = {}, {}, [], [], []
         for name, by_qa in ballots.items():
             vote = by_qa.get(qa_id)
             if vote is None or not vote.ok:
                 missing.append(name)
                 errors.append(f"{name}: {vote.error if vote else 'no vote returned'}"
                               f"{f' ({vote.detail})' if vote and vote.detail else ''}")
+                if vote is not None and vote.error in UNANSWERED:
+                    unanswered.append(errors[-1])
                 votes[name], p_yes[name] = (0 if policy == "zero" else None), None
             else:
                 votes[name], p_yes[name] = vote.vote, vote.p_yes
+        if unanswered:  # the server gave no answer: not a vote of 0, not an abstention, but a row to ask again
+            out.fail(qa_id, VOTE_UNANSWERED, "; ".join(unanswered))
+            continue
         if missing and policy == "fail":
             out.fail(qa_id, "vote_missing", "; ".join(errors))
             continue

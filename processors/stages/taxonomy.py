@@ -34,6 +34,7 @@ from builder.ids import text_id
 from builder.rows import BatchOutput
 from builder.runfolder import atomic_write_json
 from builder.stage import BatchFn, Stage, StageConfig, StageContext
+from processors.llm.request import UNANSWERED
 from processors.taxonomy.grow import GrowthPlan, GrowthReport, grow, seed_tree
 from processors.taxonomy.parse import NameLimits
 from processors.taxonomy.source import NEW_FIRST_LEVEL
@@ -104,6 +105,7 @@ class TaxonomyStage(Stage):
     key = "task_id"
     upstream = None
     batch_size = None  # growth is global over the shard's rows
+    unanswered_reasons = UNANSWERED  # a node whose request failed is asked again on the next run
 
     def input_key(self, config: TaxonomyConfig) -> str:
         return "root_id"

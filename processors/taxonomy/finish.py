@@ -48,7 +48,8 @@ def write_outputs(ctx: "StageContext", output: "datasets.Dataset", *, plots: boo
 
         started = time.monotonic()
         title = f"Task taxonomy: {stats['leaves']} task types, {stats['first_level']} first-level categories"
-        write_sunburst_html(folder / HTML_FILE, paths, title)
-        write_sunburst_png(folder / PNG_FILE, paths, title)
-        logger.info("taxonomy: sunburst written in %.1f s", time.monotonic() - started)
+        html_sectors = write_sunburst_html(folder / HTML_FILE, paths, title)
+        png_sectors = write_sunburst_png(folder / PNG_FILE, paths, title)
+        logger.info("taxonomy: sunburst written in %.1f s (%d sectors in the HTML, %d in the PNG)",
+                    time.monotonic() - started, html_sectors, png_sectors)
     return stats

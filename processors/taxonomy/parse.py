@@ -14,7 +14,8 @@ Rules, in the order they apply to each line:
 6. the segments are aligned with the parent path: a repeated parent prefix (up to and including the parent's
    name) is removed; nothing left -> ``repeats_parent``; more than one level left -> ``too_deep``; a prefix
    without the parent's name -> ``wrong_parent``; an empty level (``A~~B``), no letter, U+FFFD, an invisible
-   or control character, or fewer than 3 letters / 40% letters (``~\ufffdJ\ufffd$0``) -> ``malformed``;
+   or control character, markup (``<``, ``>``, ``{{``, ``}}``, ``{%``, ``%}``: an HTML tag or a template the
+   model invented), or fewer than 3 letters / 40% letters (``~\ufffdJ\ufffd$0``) -> ``malformed``;
 7. the name is cleaned (case, whitespace, trailing punctuation); over ``max_chars`` characters or
    ``max_words`` words -> ``too_long``; equal to an ancestor -> ``repeats_parent``; a second line with the
    same key in this reply -> ``duplicate``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,57 @@ def test_a_stage_shard_size_overrides_the_run_one_and_changing_it_reruns_nothing
     make_runner(run, config).run()
     assert _fingerprints(run) == before and _calls(log) == 12
     assert sorted(load_stage_output(run, "square")["square"]) == sorted(i * i for i in range(12))
+
+
+# Every stage fingerprint of the shipped configs, as runs made with them carry it: a change here makes every
+# such run recompute from that stage on (the paper run's cost thousands of dollars). Change a pin only with a
+# change that must recompute, and say so in its notes.
+PINNED = {
+    ("demo.yaml", False): {
+        "taxonomy": "6fff5c0cf44c65798d9fa49ccc63abdb", "images": "6e63894793648989c05045b443be6401",
+        "match": "d70bc800b2ce11714cab238b8ef6e414", "filter": "e77fb1a7098d2e4ae29edd9632fd4965",
+        "qa": "fb4a6d69f0de44ac018fbdf3e3dc383a", "score": "41c22c4c5eb8db87ced9992e7ef68a7d",
+        "final": "421b5d60cc5913fbdae916172f7bc36c"},
+    ("demo.yaml", True): {
+        "taxonomy": "be3fb1ad2d746c0827051927c3e21adf", "images": "257696d1197562f1ba5063165fb7015d",
+        "match": "b62ad7bcf16cdebbc490af2fae568245", "filter": "85245235e8d910811dd5ee5338044353",
+        "qa": "1d61031a4211a2fc509ee2c5f957fa97", "score": "59c68870be612f4fdbd5fcfd04424245",
+        "final": "90f31fbaf43e1c1b2de404104d4e8dd4"},
+    ("taskgalaxy.yaml", False): {
+        "taxonomy": "0a834fa2969193af64b83d197b6cf9b9", "images": "7d11521d9c0956d99878cf26669e3186",
+        "match": "a139b8e92fbc4ad9c5f12b7cbfc0d3ab", "filter": "76557334a7b1a65e1d403da03c60d07c",
+        "qa": "8010723a332e6d9ddf534894d390d11b", "score": "616945baf9c652e87d69bb38ba58f289",
+        "final": "7996f3fc4df6f2fab403139c2dc98e2d"},
+    ("taskgalaxy.yaml", True): {
+        "taxonomy": "a98a71fe91484418533a571c3946e3ed", "images": "786c98c96641dfd9082255f58f6cce11",
+        "match": "c8f9ee6dc9f6711a09448b8a8dfd7a7c", "filter": "0cf74cc344c95172179db07d5cbf119c",
+        "qa": "8deec2c4230376a703edb8087f19f5f5", "score": "4ffdcc7367d4647bd7a8b0135ae29a50",
+        "final": "7312a7f8b6165988b0fd747890ff4426"},
+}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _prints(config: Path, run_dir: Path, dry_run: bool) -> dict[str, str]:
+    from processors.session import open_run
+
+    runner = open_run(config, run_dir=run_dir, dry_run=dry_run, progress=False)
+    return {stage.name: runner.fingerprint_of(stage.name) for stage in runner.stages}
+
+
+@pytest.mark.parametrize("name,dry_run", list(PINNED))
+def test_the_shipped_configs_keep_their_fingerprints(tmp_path, name, dry_run):
+    assert _prints(CONFIGS / name, tmp_path / "run", dry_run) == PINNED[name, dry_run]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "taskgalaxy.yaml"])
+def test_the_written_config_yaml_loads_back_to_every_fingerprint(tmp_path, name):
+    """A run folder's config.yaml, run again, is the same run: a key it spells out that the config left unset
+    (an endpoint's image_max_side, which a referee preset fills only when unset) would recompute score."""
+    from processors.session import open_run
+
+    runner = open_run(CONFIGS / name, run_dir=tmp_path / "run", progress=False)
+    runner._write_run_files()  # what `taskgalaxy run` writes before the first stage
+    written = tmp_path / "run" / "config.yaml"
+    for dry_run in (False, True):
+        assert _prints(written, tmp_path / "again", dry_run) == PINNED[name, dry_run], \
+            f"{written} is not the config that ran:\n{written.read_text()}"

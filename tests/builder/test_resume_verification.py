@@ -117,6 +117,33 @@ def test_a_corrupt_state_json_is_rebuilt_from_the_shard_stats(tmp_path, caplog):
     assert any(str(state) in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("text", ["[]", "{}", "null", '{"stage": "square", "fingerprint": 7}'])
+def test_a_state_json_that_parses_but_is_no_state_is_rebuilt_like_a_corrupt_one(tmp_path, caplog, text):
+    run_dir, log, config = _finished(tmp_path)
+    reference = _rows(run_dir, "square")
+    state = run_dir / "01_square" / rf.STATE_FILE
+    state.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="builder.runner"):
+        states = make_runner(run_dir, config).run()
+    assert log.read_text() == "", "no finished shard is recomputed"
+    assert states["square"]["done"] and json.loads(state.read_text())["shards_done"] == 3
+    assert _rows(run_dir, "square") == reference
+    assert any(f"{state} is damaged: it " in r.getMessage() for r in caplog.records)  # named, with the reason
+
+
+@pytest.mark.parametrize("text", ["[]", "{}"])
+def test_status_of_a_state_json_that_is_no_state_names_the_file_and_the_fix(tmp_path, capsys, text):
+    run_dir, _, _ = _finished(tmp_path)
+    state = run_dir / "01_square" / rf.STATE_FILE
+    state.write_text(text)
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == rf.EXIT_DATA
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: stage 'square': {state} is damaged: it ")
+    assert "Rerun `taskgalaxy run` with the same config: it rebuilds this file" in err
+    assert "Traceback" not in err and "TypeError" not in err and "KeyError" not in err and err.count("\n") == 1
+
+
 def test_a_corrupt_state_json_whose_shards_cannot_be_matched_stops_rather_than_lose_paid_work(tmp_path, capsys):
     run_dir, log, config = _finished(tmp_path)
     folder = run_dir / "01_square"

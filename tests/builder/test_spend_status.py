@@ -87,3 +87,31 @@ def test_spend_paid_before_a_full_disk_stopped_the_stage_is_counted_exactly(tmp_
     make_runner(run_dir, config).run()
     square = _square(run_dir)
     assert square["done"] and square["requests"] == 24 + 4 and square["stopped_usage"] == {"requests": 4}
+
+
+def _time_shards(folder, spans: list[tuple[float, float]], *, recorded: bool) -> None:
+    """Give the finished shards of a stage folder these (start, end) times: in their stats records (as the
+    runner writes them), or only as each record's file time (a run folder of a version that did not)."""
+    import json
+    import os
+
+    for index, (start, end) in enumerate(spans):
+        path = folder / "stats" / f"shard-{index:05d}.json"
+        record = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("started", "finished")}
+        record["seconds"] = end - start
+        if recorded:
+            record.update(started=start, finished=end)
+        path.write_text(json.dumps(record))
+        os.utime(path, (end, end))
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_status_seconds_is_wall_time_and_shards_side_by_side_count_once(tmp_path, recorded):
+    run_dir = tmp_path / "run"
+    config = {"run": {"name": "toy", "shard_size": 4}, "stages": {"numbers": {"count": 12}, "square": {}}}
+    make_runner(run_dir, config).run()
+    # shards 0 and 1 ran side by side (two in flight), shard 2 later, after a pause
+    _time_shards(run_dir / "01_square", [(1000.0, 1010.0), (1004.0, 1012.0), (1100.0, 1105.0)], recorded=recorded)
+    square = _square(run_dir)
+    assert square["shard_seconds"] == 10 + 8 + 5  # each shard's own time, added up
+    assert square["seconds"] == 12 + 5  # the time a shard of the stage was running

@@ -72,3 +72,17 @@ def test_a_key_echoed_by_a_hostile_server_is_masked_everywhere(simulator, ctx_fo
     texts = [str(caught.value), caplog.text, captured.out, captured.err]
     assert "HTTP 401" in str(caught.value) and "You sent: ***" in str(caught.value)
     assert not [t for t in texts if TEST_KEY in t or TEST_KEY[:12] in t]
+
+
+@pytest.mark.parametrize("base_url,batch", [("https://api.openai.com/v1", True), ("http://localhost:8001/v1", False)])
+def test_a_streak_of_timeouts_names_the_endpoints_timeout_s(base_url, batch):
+    from processors.llm.breaker import CircuitBreaker
+
+    breaker = CircuitBreaker(3, endpoint="glm4v", base_url=base_url, model="glm-4v-9b", key_env=None)
+    for _ in range(3):
+        breaker.failure("timeout", "no reply within 120 s")
+    message = breaker.open_message
+    assert "failed 3 attempts in a row (timeout x3)" in message and "no reply within 120 s" in message
+    assert "raise `timeout_s` in llm.endpoints.glm4v" in message and "max_concurrency" in message
+    assert ("mode: batch" in message) == batch  # the Batch API is OpenAI's
+    assert "reachable" not in message  # the server answered the connection; it was slow

@@ -63,7 +63,7 @@ def test_a_spend_journal_that_cannot_be_written_never_stops_paid_work(simulator,
     assert "could not record spend" in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["500", "429", "timeout", "drop", "bad_body", "malformed", "length"])
+@pytest.mark.parametrize("kind", ["500", "429", "timeout", "drop", "bad_body", "malformed", "length", "empty"])
 def test_each_fault_kind_is_retried(simulator, ctx_for, kind):
     sim = simulator(fail_kind=kind, fail_first=2, retry_after_s=0.05, hang_s=5)
     ctx = ctx_for(sim, timeout_s=0.3)

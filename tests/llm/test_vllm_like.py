@@ -222,3 +222,42 @@ def test_a_server_that_ignores_the_vote_constraint_stops_the_stage_with_advice()
     assert referee.votes(items, [(RequestGroup([], "vllm_a"), "none")], [ignored])[0].error == "unparsable"
     assert resolved_constraint(referee.settings, "https://x.openai.azure.com/openai/v1") == "logit_bias"
     assert resolved_constraint(referee.settings, "http://gpu1:8000/v1") == "structured_outputs"
+
+
+def _replicas(tmp_path, a, b, breaker: int = 3):
+    ctx = _ctx(tmp_path, {"a": _vllm_endpoint(a), "b": _vllm_endpoint(b)}, breaker)
+    settings = RefereeSettings(name="iv", preset="internvl2-26b", endpoint={"endpoints": ["a", "b"]})
+    return ctx, settings
+
+
+def test_a_dead_replica_hands_its_share_to_the_others_without_paying_twice(simulator, tmp_path, items, caplog):
+    from processors.referees.endpoint import spread_by_image
+
+    a, b = simulator(flavor="vllm", seed=1), simulator(flavor="vllm", seed=2)
+    ctx, settings = _replicas(tmp_path, a, b)
+    b_share = spread_by_image(items, ["a", "b"])["b"]
+    assert len(b_share) == 6
+    # b answers half its share, then goes down (its answers are cached under b's address)...
+    only_b = RefereeSettings(name="iv", preset="internvl2-26b", endpoint={"endpoint": "b"})
+    assert all(v.ok for v in EndpointReferee(only_b, ctx).score(b_share[:3]))
+    b.close()
+    referee = EndpointReferee(settings, ctx)
+    with caplog.at_level(logging.WARNING, logger="processors.referees.endpoint"):
+        votes = referee.score(items)
+    # ... and the referee still votes on every question: b's cached answers kept, the rest sent to a.
+    assert [v.error for v in votes] == [None] * len(items)
+    assert a.stats()["outcomes"] == {"ok": 6 + 3}  # its own share and b's unanswered half, nothing else
+    assert "llm.endpoints.b is taken out" in caplog.text and "go to a" in caplog.text
+    assert referee.live_endpoints() == ["a"]  # the next shard goes to a at once
+    again = referee.score(items[:4])
+    assert all(v.ok for v in again)
+
+
+def test_the_referee_stops_only_when_no_replica_is_left(simulator, tmp_path, items):
+    a, b = simulator(flavor="vllm", seed=1), simulator(flavor="vllm", seed=2)
+    ctx, settings = _replicas(tmp_path, a, b)
+    a.close()
+    b.close()
+    with pytest.raises(CircuitOpenError) as caught:
+        EndpointReferee(settings, ctx).score(items)
+    assert "reachable" in str(caught.value)

@@ -368,3 +368,24 @@ def test_a_prefetched_next_pass_gives_the_same_results_and_the_loader_decodes_on
             else:
                 assert [c["task_id"] for c in got[i]] == [c["task_id"] for c in result]
                 np.testing.assert_allclose([c["score"] for c in got[i]], [c["score"] for c in result], atol=1e-6)
+
+
+def test_on_batch_is_called_per_model_batch_and_what_it_raises_is_not_a_loading_failure(tmp_path, caplog):
+    paths = draw_images(tmp_path, 7)
+    matcher = ClipMatcher(tiny(batch_size=3, num_workers=1), tmp_path / "cache")
+    matcher.set_tasks(TASK_IDS, TASKS)
+    calls: list[int] = []
+    try:
+        assert sorted(dict(matcher.match(paths, on_batch=lambda: calls.append(1)))) == list(range(7))
+        assert len(calls) == 3  # 3 + 3 + 1 images
+        loader = matcher._loader
+
+        def stop() -> None:  # a stopped shard (the match stage raises ShardStopped here)
+            raise InterruptedError("stop")
+
+        with pytest.raises(InterruptedError):
+            list(matcher.match(paths, on_batch=stop))
+        assert matcher._loader is loader and "loading failed" not in caplog.text  # the workers are kept
+        assert sorted(run_match(matcher, paths)) == list(range(7))
+    finally:
+        matcher.close()

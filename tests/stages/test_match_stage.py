@@ -133,3 +133,34 @@ def test_a_top_k_above_the_number_of_task_types_is_clamped_with_a_warning(run_di
         run(run_dir, top_k=50)
     assert "top_k 50 is more than the 6 task types" in caplog.text
     assert all(len(c) == 6 for c in load_stage_output(run_dir, "match")["candidates"])
+
+
+def test_the_batch_function_beats_per_model_batch_and_a_stopped_shard_stops_at_the_next_one(run_dir):
+    """Signs of life for the engine's stall watchdog: the whole shard is one batch-function call, so it beats per
+    model batch; and it is where a stopped shard (Ctrl-C, the watchdog) stops, not at the end of the shard."""
+    import threading
+
+    from builder.engine import ShardStopped
+    from builder.stage import Heartbeat, ShardScope, UsageMeter, heartbeat_scope, shard_scope
+
+    class Counting(Heartbeat):
+        beats = 0
+
+        def beat(self) -> None:
+            self.beats += 1
+            super().beat()
+
+    runner, _ = run(run_dir, batch_size=2)
+    work = runner.stage_work("match")
+    fn = work.build()
+    rows = load_stage_output(run_dir, "images")[:]  # 10 rows: 9 pictures and the corrupt file
+    heartbeat, stop = Counting(), threading.Event()
+    try:
+        with heartbeat_scope(heartbeat), shard_scope(ShardScope(UsageMeter(), stop)):
+            fn(rows)
+            assert heartbeat.beats == 5 + 1  # 5 model batches of 2 images, then the usage counted
+            stop.set()
+            with pytest.raises(ShardStopped):
+                fn(rows)
+    finally:
+        work.stage.close(work.config)

@@ -21,10 +21,10 @@ BATCH = {
 }
 
 
-def _ballots(missing_q3: bool) -> dict:
+def _ballots(missing_q3: bool, error: str = "unparsable") -> dict:
     first = {q: Vote(q, 1, 0.9) for q in ("q1", "q2", "q3")}
     second = {"q1": Vote("q1", 0, 0.2), "q2": Vote("q2", 1, 0.7)}
-    second["q3"] = Vote("q3", None, None, error="api_error", detail="HTTP 500") if missing_q3 else Vote("q3", 1, 0.6)
+    second["q3"] = Vote("q3", None, None, error=error, detail="reply 'x'") if missing_q3 else Vote("q3", 1, 0.6)
     return {"first": first, "second": dict(reversed(list(second.items())))}  # order must not matter: a hash join
 
 
@@ -51,6 +51,17 @@ def test_missing_vote_policies_are_explicit(policy, total, reason):
         assert q3["votes"]["second"] == (0 if policy == "zero" else None)
 
 
+@pytest.mark.parametrize("policy", ["fail", "zero", "abstain"])
+@pytest.mark.parametrize("error", ["api_error", "timeout", "rate_limited", "batch_failed"])
+def test_a_vote_the_server_did_not_give_is_never_judged(policy, error):
+    # Not a 0 (zero), not an abstention, not a sealed vote_missing: a row the next run asks again.
+    from processors.stages.score import VOTE_UNANSWERED, ScoreStage
+
+    q3 = _rows(_join(BATCH, _ballots(True, error), policy, COLUMNS))["q3"]
+    assert q3["reason"] == VOTE_UNANSWERED and q3["total"] is None
+    assert VOTE_UNANSWERED in ScoreStage.unanswered_reasons and "vote_missing" not in ScoreStage.unanswered_reasons
+
+
 def test_p_yes_from_logprobs_sums_every_spelling_of_each_digit():
     top = [{"token": " 1", "logprob": math.log(0.5)}, {"token": "1", "logprob": math.log(0.1)},
            {"token": "0", "logprob": math.log(0.2)}, {"token": "maybe", "logprob": math.log(0.2)}]
@@ -72,7 +83,7 @@ def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
 
     stopped = threading.Event()
 
-    def slow_calls(groups, *, ctx, stop=None):
+    def slow_calls(groups, *, ctx, stop=None, return_exceptions=False):
         assert stop is not None and stop.wait(timeout=20)  # returns as soon as the stop is set
         stopped.set()
         return [[] for _ in groups]

@@ -142,7 +142,8 @@ def test_the_match_stages_vectors_are_reused(tmp_path):
     run = tmp_path / "run"
     (run / "02_match" / "coverage").mkdir(parents=True)
     match = ClipMatchConfig(model="tg-tiny-clip", pretrained=None, device="cpu", num_workers=0, batch_size=4)
-    (run / "02_match" / "state.json").write_text(json.dumps({"fingerprint": "f", "config": match.model_dump(mode="json")}))
+    (run / "02_match" / "state.json").write_text(json.dumps({"stage": "match", "fingerprint": "f", "shards_total": 0,
+                                                             "config": match.model_dump(mode="json")}))
     for name, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
         Image.new("RGB", (64, 48), colour).save(tmp_path / f"{name}.png")
     saved = np.zeros((1, 32), dtype=np.float32)  # tg-tiny-clip's width
