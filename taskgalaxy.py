@@ -29,8 +29,6 @@ from builder.outputs import load_stage_output, stage_state
 
 logger = logging.getLogger("taskgalaxy")
 
-STAGE_NAMES = ("taxonomy", "images", "match", "filter", "qa", "score", "final")
-
 
 class TaskGalaxy(datasets.GeneratorBasedBuilder):
     """Reads one stage of a run folder (``data_dir``) as a `datasets` dataset with a single ``train`` split.
@@ -39,7 +37,8 @@ class TaskGalaxy(datasets.GeneratorBasedBuilder):
     """
 
     # No fixed BUILDER_CONFIGS: the config name is any stage that exists in the run folder (the product's are
-    # STAGE_NAMES); an unknown one is refused by ``stage_state`` with a message saying how to produce it.
+    # in processors.pipeline.default_stages); an unknown one is refused by ``stage_state`` with a message saying
+    # how to produce it.
     DEFAULT_CONFIG_NAME = "final"
 
     def __init__(self, config_name: str | None = None, *, data_dir: str | None = None, **kwargs):
@@ -105,6 +104,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from builder.outputs import StageNotReadyError
     from processors.session import default_run_dir, load_run_config
     from processors.estimate import Assumptions, estimate, format_estimate
+    from processors.pipeline import default_stages
 
     config = load_run_config(args.config)
     images = args.images
@@ -119,14 +119,15 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
               f"taskgalaxy run {args.config} --stages images --dry-run)", file=sys.stderr)
         return 2
     assumptions = Assumptions(images=images, kept_per_image=args.kept_per_image, filter_pass=args.filter_pass)
-    print(format_estimate(estimate(config, assumptions), assumptions))
+    print(format_estimate(estimate(config, assumptions, default_stages()), assumptions))
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from processors.llm.sim_thread import main_from_args
+    from processors.pipeline import default_responders
+    from processors.simulator.thread import main_from_args
 
-    return main_from_args(args)
+    return main_from_args(args, default_responders())
 
 
 def _image_resolver(run_dir: Path):
@@ -136,7 +137,7 @@ def _image_resolver(run_dir: Path):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from builder.export import ImageRootError, export_llava
+    from processors.publish.export import ImageRootError, export_llava
 
     run_dir = Path(args.run_dir)
     try:
@@ -176,17 +177,18 @@ def _browser_writer(run_dir: Path):
 def _cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from builder.publish import build_repo_folder, push_to_hub
+    from processors.pipeline import default_stages
+    from processors.publish.hub import build_repo_folder, push_to_hub
 
     run_dir = Path(args.run_dir)
     if args.local_dir:
         configs = build_repo_folder(run_dir, Path(args.local_dir), resolve_image=_image_resolver(run_dir),
-                                    extras=_browser_writer(run_dir))
+                                    extras=_browser_writer(run_dir), stages=default_stages())
         print(f"wrote {len(configs)} configs to {args.local_dir}: " + ", ".join(c["name"] for c in configs))
         return 0
     with tempfile.TemporaryDirectory(prefix="taskgalaxy-push-") as tmp:
         build_repo_folder(run_dir, Path(tmp) / "repo", resolve_image=_image_resolver(run_dir),
-                          extras=_browser_writer(run_dir))
+                          extras=_browser_writer(run_dir), stages=default_stages())
         url = push_to_hub(Path(tmp) / "repo", args.repo_id, tag=args.tag, private=args.private)
     print(f"pushed to {url}")
     return 0
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(func=_cmd_estimate)
 
     simulate = verbs.add_parser("simulate-api", help="serve the OpenAI-compatible simulator (tests, benchmarks)")
-    from processors.llm.sim_thread import add_arguments
+    from processors.simulator.thread import add_arguments
 
     add_arguments(simulate)
     simulate.set_defaults(func=_cmd_simulate)

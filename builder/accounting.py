@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -25,6 +26,7 @@ FAILURE_SCHEMA = pa.schema(
         ("item", pa.string()),
     ]
 )
+FAILURE_FEATURES = datasets.Features({name: datasets.Value("string") for name in FAILURE_SCHEMA.names})
 
 
 class AccountingError(RuntimeError):

@@ -14,11 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow as pa
 
 from builder.stage import Heartbeat, heartbeat_scope
 from builder.work import ShardOutcome, ShardTask, StageWork, execute_shard
@@ -27,24 +25,6 @@ STOP_WAIT_S = 20.0  # after a stop, how long shards still in flight may take to 
 POLL_S = 5.0  # how often the caller looks at the running shards' heartbeats (the stall watchdog)
 
 logger = logging.getLogger(__name__)
-
-
-def read_arrow_table(path: Path) -> pa.Table:
-    """Read a `datasets` Arrow file (IPC stream) memory-mapped."""
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()
-
-
-def write_arrow_table(path: Path, table: pa.Table, features: datasets.Features | None = None) -> None:
-    """Write ``table`` as a `datasets` Arrow file that ``Dataset.from_file`` reads with its features."""
-    from datasets.arrow_writer import ArrowWriter
-
-    writer = ArrowWriter(path=str(path), features=features)
-    try:
-        writer.write_table(table)
-        writer.finalize()
-    finally:
-        writer.close()
 
 
 class ShardStopped(Exception):

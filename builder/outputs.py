@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 
 from builder import runfolder as rf
+from builder.accounting import FAILURE_FEATURES
 
 
 class StageNotReadyError(RuntimeError):
@@ -81,8 +82,6 @@ def stale_inputs(run_dir: Path, state: dict) -> list[str]:
 
 def load_stage_failures(run_dir: Path, name: str) -> datasets.Dataset:
     folder, state = stage_state(run_dir, name)
-    from builder.runner import FAILURE_FEATURES
-
     return _concat(
         [folder / "failures" / rf.shard_name(i) for i in range(state["shards_total"])], FAILURE_FEATURES
     )

@@ -44,10 +44,10 @@ MAX_RESTARTS = 3  # times a pool's actor is restarted; then its shards fail (the
 START_TIMEOUT_S = 300.0  # how long a pool's workers may take to be placed and started
 PROGRESS_CHECK_S = 120.0  # no shard finished for this long: the workers holding shards are pinged
 PING_TIMEOUT_S = 120.0  # a worker that does not answer a ping for this long fails its shards
-WORKER_SHARE = "llm_worker_share"  # services key: the share of the stage's endpoint concurrency one worker takes
 LLM_WORKERS = 4  # default pool of an LLM stage (run.ray_resources.<stage>.workers sets another)
 STOP_WAIT_S = 20.0  # after a stop, how long the shards still running may take to unwind (> the LLM UNWIND_S)
-RESOURCE_KEYS = ("kind", "num_cpus", "num_gpus", "workers", "runtime_env", "gpu_optional", "driver_node")
+RESOURCE_KEYS = ("kind", "num_cpus", "num_gpus", "workers", "runtime_env", "gpu_optional", "driver_node",
+                 "limit_share")
 
 
 class RayEngine:
@@ -123,9 +123,7 @@ class RayEngine:
             num_gpus = 0.0
         num_cpus = need.get("num_cpus")
         num_cpus = 1 if num_cpus is None else num_cpus
-        on_driver = need.get("driver_node")
-        if on_driver is None:  # a stage calling an LLM endpoint: its request cache is one SQLite file
-            on_driver = bool(work.stage.llm_endpoints(work.config))
+        on_driver = bool(need.get("driver_node"))  # e.g. a stage whose request cache is one SQLite file
         if on_driver and need["kind"] == "llm" and _driver_node_cpus() < num_cpus:
             # A head started with --num-cpus=0 (common): the LLM workers, which wait on the network, take no
             # CPU rather than wait for ever for one that the node will never offer.
@@ -136,8 +134,8 @@ class RayEngine:
             where = "the driver's node" if on_driver else "any node"
             raise RuntimeError(
                 f"stage {work.stage.name!r}: no worker fits on {where} ({num_gpus:g} GPU and {num_cpus:g} CPU each)"
-                + ("; it calls an LLM endpoint, whose request cache is one SQLite file that is safe within one "
-                   "host only, so its workers run on the driver's node: run the driver on a node with those "
+                + ("; it keeps files that are safe within one host only (e.g. a SQLite request cache: "
+                   "resources driver_node), so its workers run on the driver's node: run the driver on a node with those "
                    f"resources, or set run.ray_resources.{work.stage.name}.driver_node: false if the run folder's "
                    "filesystem gives SQLite working locks across hosts" if on_driver else "")
                 + f" (run.ray_resources.{work.stage.name} sets what a worker asks for)")
@@ -157,9 +155,10 @@ class RayEngine:
         actor = ray.remote(ShardActor).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RETRIES,
             max_concurrency=in_flight + 1, runtime_env=need.get("runtime_env") or None, **placement)
-        # The stage's endpoint limits are shared by the pool: each worker takes its share of the concurrency
-        # (the rate is leased from the run's budget actor).
-        self.actors = [actor.remote(holder, {WORKER_SHARE: 1.0 / width}) for _ in range(width)]
+        # Limits the pool divides (a stage's ``limit_share``: an LLM endpoint's concurrency): each worker learns
+        # its share through that service key (the rate itself is leased from the run's budget actor).
+        share = {need["limit_share"]: 1.0 / width} if need.get("limit_share") else {}
+        self.actors = [actor.remote(holder, share) for _ in range(width)]
         # Started before any shard is sent (an environment that cannot be built fails here, once). Actors that
         # cannot be placed in time are given up, so the pool never waits for ever for resources that are not
         # there.

@@ -47,7 +47,7 @@ def adopt_killed_usage(folder: Path) -> None:
                        "counted as spent (%s)", folder.name, index, target.name)
 
 
-RESUME_KEYS = ("fingerprint", "shard_size", "shards_total")  # copied into every shard's stats (see _recover_state)
+RESUME_KEYS = ("fingerprint", "shard_size", "shards_total")  # copied into every shard's stats (see recover_state)
 
 
 def discard_shard(folder: Path, index: int) -> None:
@@ -141,3 +141,31 @@ def check_frozen_input(name: str, folder: Path, frozen: Path) -> None:
         f"stage {name!r}: its frozen input listing {frozen} is damaged ({problem}), and {len(finished)} finished "
         f"shards were cut from it, so it cannot be listed again without moving their boundaries. Move {folder} "
         "aside and rerun the same command to list and compute the stage afresh.", rf.EXIT_DATA)
+
+
+def recover_state(name: str, folder: Path, fp: str, damage: rf.CorruptFileError) -> dict | None:
+    """``state.json`` does not parse. Rebuild what a resume needs from the shard stats written under this
+    fingerprint; when there are none, recompute the stage — unless that would throw paid work away."""
+    logger.warning("%s", damage)
+    records = shard_stats(folder)
+    layouts = {tuple(r.get(k) for k in RESUME_KEYS) for r in records.values() if r.get("fingerprint") == fp}
+    if len(layouts) == 1 and None not in (layout := layouts.pop()):
+        rebuilt = {"stage": name, "done": False, **dict(zip(RESUME_KEYS, layout))}
+        logger.warning("stage %s: rebuilt its state from the stats of its finished shards; every one is "
+                       "verified before it is kept", name)
+        return rebuilt
+    finished = sorted(folder.glob("shard-*.arrow"))
+    spent = spent_in(folder, records)
+    if finished and (spent is None or spent.get("cost_usd") or spent.get("requests")):
+        paid = "an unknown amount" if spent is None else \
+            f"{spent.get('requests', 0):g} requests (${spent.get('cost_usd', 0):.2f})"
+        raise rf.RunFolderError(
+            f"stage {name!r}: {folder / rf.STATE_FILE} is damaged and cannot be rebuilt: the stats of its "
+            f"{len(finished)} finished shards do not say which config they were computed under (they predate "
+            f"that record), and they paid {paid}. Nothing was recomputed. Restore the file from a backup; or, "
+            f"to recompute the stage (answers in the request cache are not paid again), move {folder} aside "
+            "and rerun the same command.", rf.EXIT_DATA)
+    logger.warning("stage %s: no shard of it can be matched to this config; recomputing it (what it had "
+                   "recorded as spent stays counted)", name)
+    clear_keeping_spend(folder, spent)
+    return None

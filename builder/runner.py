@@ -22,49 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow as pa
 from tqdm import tqdm
 
 from builder import runfolder as rf
-from builder.accounting import FAILURE_SCHEMA, AccountingError, split_shard
+from builder.accounting import FAILURE_FEATURES, AccountingError, split_shard
+from builder.arrowfiles import write_arrow_table
 from builder.config import ConfigError, dump_config, dump_yaml
-from builder.engine import LocalEngine, read_arrow_table, write_arrow_table
-from builder.ids import fingerprint
+from builder.engine import LocalEngine
+from builder.fingerprints import stage_fingerprints, stage_reads
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
 from builder.recovery import (RESUME_KEYS, adopt_killed_usage, check_frozen_input, clear_keeping_spend, discard_shard,
-                              interrupted_name, readable_states, shard_stats, spent_in)
-from builder.stage import Stage, StageContext
+                              interrupted_name, readable_states, recover_state)
+from builder.stage import Stage, StageContext, StageError
+from builder.unanswered import (EXIT_UNANSWERED, UnansweredError, check_answered, reopen_unanswered,
+                                warn_sealed_unanswered)
 from builder.work import ShardOutcome, ShardTask, StageWork
 
 logger = logging.getLogger(__name__)
 
-FAILURE_FEATURES = datasets.Features({name: datasets.Value("string") for name in FAILURE_SCHEMA.names})
-
-
-class StageError(RuntimeError):
-    """A stage could not finish; finished shards are kept and a rerun resumes."""
-
-
-EXIT_UNANSWERED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, the same command is to be run again
-
-
-class UnansweredError(StageError):
-    """Every shard of a stage ran, but a server could not answer some of its rows (``Stage.unanswered_reasons``):
-    they are no verdict, so the stage is not finished; the next run asks exactly those rows again."""
-
-    exit_code = EXIT_UNANSWERED
-
-    def __init__(self, message: str, stage: str, counts: dict[str, int]):
-        super().__init__(message)
-        self.stage, self.counts = stage, dict(counts)
-
-
-def without_shard_size(config: dict[str, Any]) -> dict[str, Any]:
-    """A stage's fingerprinted config minus its ``shard_size``. Like ``run.shard_size`` it only decides how
-    the work is cut, so changing it must not re-run finished work; a stage that resumes keeps the boundaries
-    recorded in its state (for the row-wise stages they never change a row's output at all)."""
-    return {k: v for k, v in config.items() if k != "shard_size"}
+__all__ = ["EXIT_UNANSWERED", "Runner", "StageError", "UnansweredError"]  # the last three re-exported
 
 
 @dataclass
@@ -89,7 +66,7 @@ class Runner:
         self.run_dir = Path(self.run_dir)
         self._by_name = {stage.name: stage for stage in self.stages}
         self._verified: set[str] = set()  # stages whose finished shards this run has verified
-        self._fingerprints = self._compute_fingerprints()
+        self._fingerprints = stage_fingerprints(self.stages, self.config, self.dry_run)
         self._run_services: dict[str, Any] = dict(self.services)
 
     # -- fingerprints -------------------------------------------------------------------------------
@@ -97,28 +74,7 @@ class Runner:
         return getattr(self.config.stages, stage.name)
 
     def reads(self, stage: Stage) -> tuple[str, ...]:
-        return tuple(n for n in (stage.upstream, *stage.side_inputs) if n)
-
-    def _compute_fingerprints(self) -> dict[str, str]:
-        prints: dict[str, str] = {}
-        for stage in self.stages:
-            missing = [n for n in self.reads(stage) if n not in prints]
-            if missing:
-                raise ValueError(f"stage {stage.name!r} reads {missing}, which do not come before it")
-            config = self.stage_config(stage)
-            try:
-                shared = stage.settings_parts(config, self.config)
-            except (KeyError, ValueError) as exc:  # e.g. a stage naming an endpoint the config lacks
-                raise ConfigError(f"config error: {exc.args[0] if exc.args else exc}") from None
-            prints[stage.name] = fingerprint(
-                stage.name,
-                {n: prints[n] for n in self.reads(stage)},
-                without_shard_size(stage.fingerprint_config(config)),
-                stage.fingerprint_parts(config),
-                shared,
-                {"dry_run": self.dry_run},
-            )
-        return prints
+        return stage_reads(stage)
 
     def fingerprint_of(self, name: str) -> str:
         return self._fingerprints[name]
@@ -212,7 +168,9 @@ class Runner:
         if previous and previous.get("done") and not self._discard_damaged_shards(stage.name, folder, previous) \
                 and all((folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
             logger.info("stage %s: already done under this config; nothing to do", stage.name)
-            self._warn_sealed_unanswered(stage, folder, previous)
+            if not self.accept_unanswered:
+                later = [s.name for s in self.stages[self.stages.index(stage) + 1:]]
+                warn_sealed_unanswered(stage, folder, previous, later)
             return previous
         for name in self.reads(stage):
             self.load_stage(name)  # fail early, with a clear message, when an input is missing or stale
@@ -247,7 +205,8 @@ class Runner:
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
                 f"rows; the stage folder {folder} is inconsistent: delete it and rerun to recompute the stage")
-        self._check_answered(stage, folder, base)
+        check_answered(stage, folder, base, accept=self.accept_unanswered,
+                       record=lambda counts: self._write_state_best_effort(folder, {**base, "unanswered": counts}))
         try:
             stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
         except OSError as exc:
@@ -262,7 +221,7 @@ class Runner:
         try:
             state = rf.read_json(folder / rf.STATE_FILE)
         except rf.CorruptFileError as exc:
-            return self._recover_state(name, folder, fp, exc)
+            return recover_state(name, folder, fp, exc)
         if state is None or state.get("fingerprint") != fp:
             spent = stage_totals(folder, state.get("shards_total", 0))["usage"] if state is not None else {}
             if state is not None:
@@ -272,33 +231,6 @@ class Runner:
         if rf.remove_temporaries(folder):
             logger.info("stage %s: removed the half-written files of an interrupted run", name)
         return state
-
-    def _recover_state(self, name: str, folder: Path, fp: str, damage: rf.CorruptFileError) -> dict | None:
-        """``state.json`` does not parse. Rebuild what a resume needs from the shard stats written under this
-        fingerprint; when there are none, recompute the stage — unless that would throw paid work away."""
-        logger.warning("%s", damage)
-        records = shard_stats(folder)
-        layouts = {tuple(r.get(k) for k in RESUME_KEYS) for r in records.values() if r.get("fingerprint") == fp}
-        if len(layouts) == 1 and None not in (layout := layouts.pop()):
-            rebuilt = {"stage": name, "done": False, **dict(zip(RESUME_KEYS, layout))}
-            logger.warning("stage %s: rebuilt its state from the stats of its finished shards; every one is "
-                           "verified before it is kept", name)
-            return rebuilt
-        finished = sorted(folder.glob("shard-*.arrow"))
-        spent = spent_in(folder, records)
-        if finished and (spent is None or spent.get("cost_usd") or spent.get("requests")):
-            paid = "an unknown amount" if spent is None else \
-                f"{spent.get('requests', 0):g} requests (${spent.get('cost_usd', 0):.2f})"
-            raise rf.RunFolderError(
-                f"stage {name!r}: {folder / rf.STATE_FILE} is damaged and cannot be rebuilt: the stats of its "
-                f"{len(finished)} finished shards do not say which config they were computed under (they predate "
-                f"that record), and they paid {paid}. Nothing was recomputed. Restore the file from a backup; or, "
-                f"to recompute the stage (answers in the request cache are not paid again), move {folder} aside "
-                "and rerun the same command.", rf.EXIT_DATA)
-        logger.warning("stage %s: no shard of it can be matched to this config; recomputing it (what it had "
-                       "recorded as spent stays counted)", name)
-        clear_keeping_spend(folder, spent)
-        return None
 
     def _discard_damaged_shards(self, name: str, folder: Path, state: dict) -> int:
         """Verify every finished shard a resume would skip (see ``builder.outputs.shard_problem``); remove each
@@ -315,84 +247,12 @@ class Runner:
                 discarded += 1
         return discarded
 
-    # -- rows a server could not answer ---------------------------------------------------------------
-    @staticmethod
-    def _unanswered_by_shard(stage: Stage, folder: Path, shards_total: int) -> dict[int, dict[str, int]]:
-        """Finished shards holding failures a server caused (row or item), by reason."""
-        reasons = stage.unanswered_reasons
-        found: dict[int, dict[str, int]] = {}
-        if not reasons:
-            return found
-        for index, stats in shard_stats(folder).items():
-            if index >= shards_total or not (folder / rf.shard_name(index)).exists():
-                continue
-            counts: dict[str, int] = {}
-            for table in ("failed", "item_failures"):
-                for reason, n in (stats.get(table) or {}).items():
-                    if reason in reasons and n:
-                        counts[reason] = counts.get(reason, 0) + int(n)
-            if counts:
-                found[index] = counts
-        return found
-
-    def _reopen_unanswered(self, stage: Stage, folder: Path, base: dict) -> None:
-        """Shards a previous run finished with rows its server did not answer are computed again: their
-        answered rows come back from the request cache (nothing is paid twice), the others are asked again.
-        What they paid stays counted (``discard_shard``)."""
-        if self.accept_unanswered:
-            return
-        reopened = self._unanswered_by_shard(stage, folder, base["shards_total"])
-        for index in sorted(reopened):
-            discard_shard(folder, index)
-        if reopened:
-            rows = sum(sum(c.values()) for c in reopened.values())
-            logger.info("stage %s: asking again the %d row(s) its server(s) did not answer last time (%d shard(s); "
-                        "answers already received come from the request cache)", stage.name, rows, len(reopened))
-
-    def _warn_sealed_unanswered(self, stage: Stage, folder: Path, state: dict) -> None:
-        """A stage finished with rows a server did not answer: sealed by ``--accept-unanswered``, or by a version
-        before that rule. A finished stage is never reopened by itself (the stages after it read it as it is)."""
-        if self.accept_unanswered:
-            return
-        sealed = self._unanswered_by_shard(stage, folder, state["shards_total"])
-        if sealed:
-            rows = sum(sum(c.values()) for c in sealed.values())
-            later = [s.name for s in self.stages[self.stages.index(stage) + 1:]]
-            logger.warning("stage %s: finished with %d row(s) a server did not answer, kept as failures. To ask them "
-                           "again, move %s and the folders of the stages after it (%s) aside and rerun: answers "
-                           "already received come from the request cache", stage.name, rows, folder,
-                           ", ".join(later) or "none")
-
-    def _check_answered(self, stage: Stage, folder: Path, base: dict) -> None:
-        """Refuse to call a stage finished while a server left rows of it unanswered (see ``UnansweredError``)."""
-        by_shard = self._unanswered_by_shard(stage, folder, base["shards_total"])
-        if not by_shard:
-            return
-        counts: dict[str, int] = {}
-        for shard in by_shard.values():
-            for reason, n in shard.items():
-                counts[reason] = counts.get(reason, 0) + n
-        total = sum(counts.values())
-        what = ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        example = _first_detail(folder, sorted(by_shard), set(counts))
-        if self.accept_unanswered:
-            logger.warning("stage %s: %d row(s) a server did not answer (%s) are kept as failures "
-                           "(--accept-unanswered)%s", stage.name, total, what, f"; e.g. {example}" if example else "")
-            return
-        self._write_state_best_effort(folder, {**base, "unanswered": counts})
-        raise UnansweredError(
-            f"stage {stage.name!r}: {total} of {base['rows_in']} rows got no answer from the server ({what})"
-            f"{f'; e.g. {example}' if example else ''}. They are not judged, so the stage is not finished and the "
-            f"stages after it did not run. Fix the cause (the server's message above says what it refused) and "
-            f"rerun the same command: only these rows are asked again, and answers already received come from "
-            f"the request cache (nothing is paid twice). Failures by row: {folder / 'failures'}. To keep them as "
-            f"failures instead, rerun with --accept-unanswered.", stage.name, counts)
-
     def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base) -> dict:
         folder, count, fp = work.stage_dir, base["shards_total"], base["fingerprint"]
         adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
         self._discard_damaged_shards(stage.name, folder, base)
-        self._reopen_unanswered(stage, folder, base)
+        if not self.accept_unanswered:
+            reopen_unanswered(stage, folder, base["shards_total"])
         resume = {name: base[name] for name in RESUME_KEYS}  # in every shard's stats: a lost state.json rebuilds
         state = self._write_state(folder, base, done=False)
         pending = {index: ShardTask(index=index, rows=inputs.shard(count, index, contiguous=True),
@@ -509,23 +369,6 @@ class Runner:
         except OSError as exc:
             logger.warning("stage %s: could not update %s (%s); `taskgalaxy status` still counts what was paid "
                            "from the stats/ records", base["stage"], folder / rf.STATE_FILE, exc)
-
-
-def _first_detail(folder: Path, shards: list[int], reasons: set[str]) -> str:
-    """The first failure detail of ``reasons`` in those shards' failure tables: what the server said."""
-    import pyarrow.compute as pc
-
-    for index in shards:
-        try:
-            table = read_arrow_table(folder / "failures" / rf.shard_name(index))
-        except (OSError, ValueError) as exc:  # only an example for the message: never a reason to fail
-            logger.debug("could not read the failures of shard %d: %s", index, exc)
-            continue
-        hits = table.filter(pc.is_in(table["reason"], pa.array(sorted(reasons))))
-        if hits.num_rows:
-            detail = hits["detail"][0].as_py() or ""
-            return f"{hits['reason'][0].as_py()} on {hits['key'][0].as_py()!r}: {detail[:400]}"
-    return ""
 
 
 def _postfix(totals: dict) -> str:

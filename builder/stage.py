@@ -31,6 +31,10 @@ BatchFn = Callable[[dict[str, list]], dict[str, list]]
 
 logger = logging.getLogger(__name__)
 
+class StageError(RuntimeError):
+    """A stage could not finish; finished shards are kept and a rerun resumes."""
+
+
 class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys are errors, not silently ignored."""
 
@@ -228,12 +232,11 @@ class Stage:
     """Subclass per stage. Class attributes describe it; methods build its input and its batch function."""
 
     name: ClassVar[str]
+    description: ClassVar[str] = ""  # what its output holds, in a phrase (the dataset card's table of configs)
     Config: ClassVar[type[StageConfig]]
     key: ClassVar[str]  # the key column of this stage's output rows (e.g. "image_id")
     upstream: ClassVar[str | None] = None  # primary input; None = a source stage (implements source_rows)
     side_inputs: ClassVar[tuple[str, ...]] = ()  # other stages it reads; part of its fingerprint
-    # An LLM stage's answers under --dry-run: "module:attribute" of the simulator Responder for its prompt.
-    sim_responder: ClassVar[str | None] = None
     batch_size: ClassVar[int | None] = 64  # rows per batch-function call; None = the whole shard at once
     # Failure reasons that mean a server could not answer (an HTTP error after the retries, a timeout): no
     # verdict on the row. A shard holding any is committed (its answers kept, its spend counted) but the stage
@@ -256,15 +259,15 @@ class Stage:
         - ``num_cpus``, ``num_gpus`` per worker (fractions allowed: several CLIP actors may share a GPU);
         - ``workers``: actors in the pool, or tasks at once (None = the engine's choice: one per GPU, per CPU,
           or a few for LLM stages); 1 runs the shards strictly one after another, in input order;
-        - ``runtime_env``: a Ray runtime_env for the workers (pip list or conda env), or None.
+        - ``runtime_env``: a Ray runtime_env for the workers (pip list or conda env), or None;
+        - ``driver_node``: run on the driver's node only (a stage that keeps a SQLite file: safe within one host);
+        - ``limit_share``: the name of a service key through which each pool member learns its share (1/width)
+          of limits the pool divides between its workers (an LLM endpoint's concurrency).
 
-        Default: ``"llm"`` for a stage that calls an LLM endpoint (half a CPU each: they wait on the network),
-        else ``"cpu"`` with ``workers: 1``. One at a time because a CPU stage may carry state from shard to
+        Default: ``"cpu"`` with ``workers: 1``. One at a time because a CPU stage may carry state from shard to
         shard, as the images stage's dedup ledger does (the first ref of an image wins, so shards must run in
         input order); a stage whose shards are independent overrides this with ``workers: None``."""
-        llm = bool(self.llm_endpoints(config))
-        return {"kind": "llm" if llm else "cpu", "num_cpus": 0.5 if llm else 1, "num_gpus": 0,
-                "workers": None if llm else 1, "runtime_env": None}
+        return {"kind": "cpu", "num_cpus": 1, "num_gpus": 0, "workers": 1, "runtime_env": None}
 
     def features(self, config: StageConfig) -> "datasets.Features":
         """The output rows' schema (without the runner's in-band columns)."""

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import datasets
 import pyarrow as pa
 
+from builder.arrowfiles import read_arrow_table
+from builder.outputs import load_stage_output
 from builder.rows import INBAND_COLUMNS
 from builder.stage import BatchFn, ShardScope, Stage, StageConfig, StageContext, UsageMeter, shard_scope
 
@@ -30,8 +32,6 @@ logger = logging.getLogger(__name__)
 def load_finished_stage(run_dir: Path, fingerprints: dict[str, str], name: str) -> datasets.Dataset:
     """A side input where the work runs: the finished stage's output, refused when its fingerprint is not the
     one the runner checked (a stale folder). Module-level, so the partial of it pickles."""
-    from builder.outputs import load_stage_output
-
     if name not in fingerprints:
         raise KeyError(f"stage output {name!r} is not among the inputs this stage declares ({sorted(fingerprints)})")
     return load_stage_output(run_dir, name, expect_fingerprint=fingerprints[name])
@@ -87,8 +87,6 @@ class ShardOutcome:
 
     def table(self) -> pa.Table:
         if self._table is None:
-            from builder.engine import read_arrow_table
-
             self._table = read_arrow_table(self.table_path)
         return self._table
 

@@ -21,12 +21,9 @@ class Assumptions:
     notes: list[str] = field(default_factory=list)
 
 
-def estimate(run_config, assumptions: Assumptions, stages=None) -> list[tuple[str, Projection]]:
-    """Every stage's own projection (``Stage.estimate``), in pipeline order."""
-    if stages is None:
-        from processors.pipeline import default_stages
-
-        stages = default_stages()
+def estimate(run_config, assumptions: Assumptions, stages) -> list[tuple[str, Projection]]:
+    """Every stage's own projection (``Stage.estimate``), in the order of ``stages`` (the pipeline's: the
+    composer passes ``processors.pipeline.default_stages()``)."""
     rows: list[tuple[str, Projection]] = []
     for stage in stages:
         rows += stage.estimate(getattr(run_config.stages, stage.name), run_config, assumptions)

@@ -306,7 +306,3 @@ def dhash(image: Image.Image) -> int:
         for col in range(8):
             bits = (bits << 1) | (pixels[row * 9 + col] > pixels[row * 9 + col + 1])
     return bits
-
-
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()

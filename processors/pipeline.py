@@ -1,15 +1,19 @@
-"""The explicit stage list and the services a dry run needs. Adding a stage adds one line here."""
+"""The explicit stage list and the services a dry run needs. Adding a stage adds one line here (an LLM stage
+one more: its simulator responder, in ``default_responders``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from builder.stage import Stage
+
+if TYPE_CHECKING:
+    from processors.simulator.responders import Responder
 
 DRY_RUN_API_KEY = "sk-dry-run-simulator"  # the simulator accepts any key; this one is not a secret
 
@@ -19,17 +23,29 @@ def default_stages() -> list[Stage]:
     from processors.stages.filter import FilterStage
     from processors.stages.final import FinalStage
     from processors.stages.images import ImagesStage
-    from processors.stages.match import Match
+    from processors.stages.match import MatchStage
     from processors.stages.qa import QAStage
     from processors.stages.score import ScoreStage
     from processors.stages.taxonomy import TaxonomyStage
 
-    return [TaxonomyStage(), ImagesStage(), Match(), FilterStage(), QAStage(), ScoreStage(), FinalStage()]
+    return [TaxonomyStage(), ImagesStage(), MatchStage(), FilterStage(), QAStage(), ScoreStage(), FinalStage()]
+
+
+def default_responders() -> list[Responder]:
+    """The simulator's answer to each LLM stage's prompt, in pipeline order (taxonomy, filter, qa, score's
+    referees), for ``--dry-run`` and ``taskgalaxy simulate-api``. The simulator imports no stage: it answers
+    with what it is handed, this list unless a caller composes another."""
+    from processors.filter.simulate import SIM_RESPONDER as filter_responder
+    from processors.qa.simulate import SIM_RESPONDER as qa_responder
+    from processors.referees.simulate import SIM_RESPONDER as referee_responder
+    from processors.taxonomy.simulate import SIM_RESPONDER as taxonomy_responder
+
+    return [taxonomy_responder, filter_responder, qa_responder, referee_responder]
 
 
 def config_sections() -> dict[str, type[BaseModel]]:
     """Top-level config sections besides ``run`` and ``stages``."""
-    from builder.card import CardSettings
+    from processors.publish.card import CardSettings
     from processors.llm.settings import LLMSettings
 
     return {"llm": LLMSettings, "card": CardSettings}
@@ -42,9 +58,8 @@ def check_credentials(config: Any, stages: list[Stage], *, dry_run: bool) -> Non
     if dry_run:
         return
     from processors.llm.errors import MissingApiKeyError
-    from processors.llm.settings import LLMSettings
 
-    llm = getattr(config, "llm", None) or LLMSettings()
+    llm = config.llm
     missing = []
     for stage in stages:
         for name in stage.llm_endpoints(getattr(config.stages, stage.name)):
@@ -93,8 +108,10 @@ def _referee_problems(score: Any, final: Any) -> list[str]:
     if not_blind:
         problems.append(f"stages.final.blind_referees names {', '.join(map(repr, not_blind))}, which see the image: "
                         "give them blind: true in stages.score.referees")
+    from processors.referees.factory import runs_on_device
+
     for referee in score.referees:
-        if referee.blind and referee.resolved_preset().backend != "endpoint":
+        if referee.blind and runs_on_device(referee):
             problems.append(f"stages.score.referees[{referee.name}] has blind: true but runs locally (a local "
                             "referee always sees the image): serve it as an endpoint referee (docs/referees.md)")
         if referee.blind and referee.name not in final.blind_referees:
@@ -110,9 +127,11 @@ def _referee_problems(score: Any, final: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def start_dry_run_services() -> Iterator[dict[str, Any]]:
-    """The OpenAI-compatible simulator, in a background thread, for every LLM endpoint of the run."""
-    from processors.llm.sim_thread import SimulatorThread
+def start_dry_run_services(responders: Iterable[Responder] | None = None) -> Iterator[dict[str, Any]]:
+    """The OpenAI-compatible simulator, in a background thread, for every LLM endpoint of the run; it answers
+    with ``responders`` (None: ``default_responders()``)."""
+    from processors.simulator.thread import SimulatorThread
 
-    with SimulatorThread() as simulator:
+    chosen = default_responders() if responders is None else responders
+    with SimulatorThread(responders=chosen) as simulator:
         yield {"llm_base_url": simulator.base_url, "llm_api_key": DRY_RUN_API_KEY}

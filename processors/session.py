@@ -8,15 +8,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from builder.config import ConfigError, build_config_model, load_config
 from builder.runner import Runner
 from builder.stage import Stage
+
+if TYPE_CHECKING:
+    from processors.simulator.responders import Responder
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +46,17 @@ def load_run_config(path: str | Path, stages: Sequence[Stage] | None = None, sec
 
 
 @contextlib.contextmanager
-def dry_run_services(enabled: bool) -> Iterator[dict[str, Any]]:
-    """Under ``--dry-run``: an in-process OpenAI-compatible simulator that every LLM call goes to."""
+def dry_run_services(enabled: bool, responders: Iterable[Responder] | None = None) -> Iterator[dict[str, Any]]:
+    """Under ``--dry-run``: an in-process OpenAI-compatible simulator that every LLM call goes to.
+
+    It answers with ``responders``, None meaning the pipeline's (``processors.pipeline.default_responders``);
+    a test running a pipeline with an extra LLM stage passes ``[*default_responders(), its_responder]``."""
     if not enabled:
         yield {}
         return
     from processors.pipeline import start_dry_run_services
 
-    with start_dry_run_services() as services:
+    with start_dry_run_services(responders) as services:
         logger.info("dry run: LLM calls go to the local simulator at %s", services.get("llm_base_url"))
         yield services
 
@@ -134,10 +140,8 @@ def run_services(config: Any, engine: Any = None) -> Iterator[dict[str, Any]]:
     actor, ``processors.llm.ray_budget``), and each worker checks it sees the image roots and opens the request
     cache safely (``processors.ray_worker``)."""
     from processors.llm.accounts import run_accounts
-    from processors.llm.settings import LLMSettings
 
-    llm = getattr(config, "llm", None)
-    share = llm.budget_share if isinstance(llm, LLMSettings) else 1.0
+    share = config.llm.budget_share
     if getattr(engine, "name", "local") != "ray":
         with run_accounts(share) as services:
             yield services

@@ -191,7 +191,7 @@ def run_match_stage(run_dir: Path, images: list[Path], image_root: Path, tasks: 
     from builder.rows import BatchOutput
     from builder.runner import Runner
     from builder.stage import Stage, StageConfig
-    from processors.stages.match import Match
+    from processors.stages.match import MatchStage
 
     class Source(Stage):
         """A source stage that lists fixed rows (the real taxonomy/images stages are other modules)."""
@@ -227,7 +227,7 @@ def run_match_stage(run_dir: Path, images: list[Path], image_root: Path, tasks: 
     stages = [Source("taxonomy", "task_id", {"task_id": [f"t{i}" for i in range(len(paths))], "path": paths}),
               Source("images", "image_id", {"image_id": [p.stem for p in images],
                                             "path": [f"pics/{p.name}" for p in images]}, {"pics": image_root}),
-              Match()]
+              MatchStage()]
     config = validate_config({"run": {"name": "bench", "shard_size": 100_000},
                               "stages": {"match": {**match, "shard_size": shard_size}}},
                              build_config_model(stages), base_dir=run_dir.parent)

@@ -97,7 +97,7 @@ class LatencyServer:
 
 def bench_download(count: int, concurrency: int, latency_s: float) -> tuple[float, float]:
     from loaders.images.download import fetch_urls
-    from loaders.images.sources import DownloadConfig
+    from loaders.images.download import DownloadConfig
 
     server = LatencyServer(latency_s)
     config = DownloadConfig(concurrency=concurrency, allowed_networks=("127.0.0.1/32",), retries=0)

@@ -32,7 +32,8 @@ from processors.llm.api import Connection, execute  # noqa: E402
 from processors.llm.engine import Tally  # noqa: E402
 from processors.llm.request import LLMRequest  # noqa: E402
 from processors.llm.settings import EndpointSettings, LLMSettings  # noqa: E402
-from processors.llm.sim_thread import add_arguments, fetch_stats, main_from_args  # noqa: E402
+from processors.pipeline import default_responders  # noqa: E402
+from processors.simulator.thread import add_arguments, fetch_stats, main_from_args  # noqa: E402
 from processors.llm.transport import Secret  # noqa: E402
 
 logger = logging.getLogger("bench_llm")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.serve_sim:
-        return main_from_args(args)
+        return main_from_args(args, default_responders())  # as simulate-api (bench_score sends referee prompts)
     logging.basicConfig(level=logging.WARNING)
     scale = 5 if args.quick else 1
     a = scenario_a(2000 // scale, args.sleep_after_error)

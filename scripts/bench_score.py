@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from builder.stage import StageContext  # noqa: E402
 from processors.llm.accounts import run_accounts  # noqa: E402
-from processors.llm.api import run_request_groups  # noqa: E402
+from processors.llm.client import LLMClient  # noqa: E402
 from processors.llm.settings import EndpointSettings, LLMSettings  # noqa: E402
 from processors.referees import RefereeItem, RefereeSettings  # noqa: E402
 from processors.referees.endpoint import EndpointReferee  # noqa: E402
@@ -67,15 +67,16 @@ def referees(servers: list[list[str]]) -> list[RefereeSettings]:
 
 
 def timed(settings: list[RefereeSettings], ctx: StageContext, items: list[RefereeItem], *, ours: bool) -> float:
-    built = [EndpointReferee(s, ctx) for s in settings]
+    client = LLMClient.for_stage(ctx)
+    built = [EndpointReferee(s, client) for s in settings]
     start = time.perf_counter()
     if ours:
-        ballots = score_all(settings, built, {s.name: items for s in settings}, ctx)
+        ballots = score_all(settings, built, {s.name: items for s in settings}, client)
     else:  # the loop it replaces: referee by referee, server by server, each image to a server by its hash
         ballots = {}
         for s, referee in zip(settings, built):
             plan = hashed_plan(referee, items)
-            results = [run_request_groups([group], ctx=ctx)[0] for group, _ in plan]
+            results = [client.send_groups([group])[0] for group, _ in plan]
             ballots[s.name] = {v.qa_id: v for v in referee.votes(items, plan, results)}
     elapsed = time.perf_counter() - start
     assert all(v.ok for votes in ballots.values() for v in votes.values())

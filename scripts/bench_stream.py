@@ -2,7 +2,7 @@
 """Benchmark: does an LLM stage keep the account's rate limit busy across shard boundaries? (issue 14)
 
 6,000 requests through the runner's LLM-stage path (a source stage of prompts and a stage that sends one
-request per row with ``run_requests``, like ``filter``), ``shard_size`` 2,000, against the simulator in its
+request per row with ``EndpointCall.send``, like ``filter``), ``shard_size`` 2,000, against the simulator in its
 own process enforcing 10,000 RPM per sliding second with 3 s latency. Two runs, same machine, same run:
 
 - baseline: shards one after the other, each ``run_requests`` call with its own admission (no run-level
@@ -74,7 +74,7 @@ class AskConfig(StageConfig):
 
 
 class Ask(Stage):
-    """One request per row, the whole shard in one ``run_requests`` call (the filter stage's shape)."""
+    """One request per row, the whole shard in one ``EndpointCall.send`` (the filter stage's shape)."""
 
     name = "ask"
     Config = AskConfig
@@ -92,15 +92,17 @@ class Ask(Stage):
         return datasets.Features({"row_id": datasets.Value("string"), "reply": datasets.Value("string")})
 
     def make_batch_fn(self, config, ctx):
-        from processors.llm.api import run_requests
+        from processors.llm.client import LLMClient
         from processors.llm.request import LLMRequest
+
+        call = LLMClient.for_stage(ctx).endpoint("bench")
 
         def fn(batch):
             requests = [LLMRequest(key=key, prompt_version="bench-stream-v1", max_tokens=32, parse=json.loads,
                                    messages=[{"role": "user", "content": text}])
                         for key, text in zip(batch["row_id"], batch["text"])]
             out = BatchOutput(["row_id", "reply"])
-            for result in run_requests(requests, endpoint="bench", ctx=ctx):
+            for result in call.send(requests):
                 if result.ok:
                     out.add(result.key, {"row_id": result.key, "reply": result.raw_text})
                 else:

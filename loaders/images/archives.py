@@ -21,10 +21,9 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from loaders.images.download import make_session
+from loaders.images.download import DownloadConfig, make_session
 from loaders.images.netguard import BadUrlError, BlockedAddressError, check_url
 from loaders.images.paths import NotRegularFileError, PathEscapeError, require_regular_file, safe_join
-from loaders.images.sources import DownloadConfig
 
 logger = logging.getLogger(__name__)
 

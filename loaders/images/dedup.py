@@ -19,10 +19,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from processors.image_validate import hamming
-
 MAX_BANDS = 8
 _SIGN = 1 << 63  # SQLite integers are signed 64-bit
+
+
+def hamming(a: int, b: int) -> int:
+    """How many bits two perceptual hashes differ in (``processors.image_validate.dhash`` makes them)."""
+    return (a ^ b).bit_count()
 
 
 def _bands(value: int, count: int) -> list[int]:

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.images.download import fetch_urls
+from loaders.images.download import DownloadConfig, fetch_urls
 from loaders.images.hub import HubCellError, cell_bytes, open_hub_dataset
 from loaders.images.paths import (
     FileTooLargeError,
@@ -27,7 +27,7 @@ from loaders.images.paths import (
     read_regular_file,
     safe_join,
 )
-from loaders.images.sources import DownloadConfig, HubSource, SyntheticSource
+from loaders.images.sources import HubSource, SyntheticSource
 from loaders.images.synthetic import synthetic_image
 
 logger = logging.getLogger(__name__)

@@ -27,11 +27,12 @@ import json
 import logging
 from pathlib import Path
 
+from loaders.images.download import DownloadConfig
 from loaders.images.folder import FolderListing, scan_images
 from loaders.images.paths import STORE_ROOT, require_regular_file
-from loaders.images.recipes import RECIPES, check_count, prepare_recipe, recipe_root
+from loaders.images.prepare import check_count, prepare_recipe, recipe_root
+from loaders.images.recipes import RECIPES
 from loaders.images.sources import (
-    DownloadConfig,
     FolderSource,
     HubSource,
     RecipeSource,

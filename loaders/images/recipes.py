@@ -1,9 +1,9 @@
-"""Named recipes for the paper's image sets: official URLs, folder layout, counts/checksums, download + unpack.
+"""Named recipes for the paper's image sets, as data: official URLs, folder layout, counts/checksums.
 
 A recipe says which archives make up a set, where its images sit after unpacking (``image_dirs``, relative to
-the recipe root) and, when published, the MD5 of each archive and the number of images. ``prepare_recipe``
-downloads missing archives (resumable), checks them, unpacks each once (a ``.unpacked-<archive>`` marker
-records it), and returns the folders to list. Sets that need a person (licence acceptance, Google Drive
+the recipe root) and, when published, the MD5 of each archive and the number of images.
+``loaders.images.prepare.prepare_recipe`` downloads missing archives (resumable), checks them, unpacks each
+once (a ``.unpacked-<archive>`` marker records it), and returns the folders to list. Sets that need a person (licence acceptance, Google Drive
 folders, a crawl script) have ``manual`` set: the stage then stops with that text unless the images are
 already in place under the root.
 
@@ -15,14 +15,7 @@ note, the ALLaVA-4V and MathV360K Hub repos, the COCO download page.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from loaders.images.archives import ArchiveError, download_file, unpack
-from loaders.images.sources import DownloadConfig, RecipeSource
-
-logger = logging.getLogger(__name__)
 
 _HF = "https://huggingface.co/datasets"
 _SHAREGPT4V_WEBDATA = "https://drive.google.com/drive/folders/1tCUQ-sq6vdshZVkF0ZeF3K4eztkXJgax"
@@ -152,44 +145,3 @@ RECIPES: dict[str, Recipe] = {
         _webdata("wikiart"),
     )
 }
-
-
-def recipe_root(source: RecipeSource, run_dir: Path) -> Path:
-    return Path(source.root) if source.root else run_dir / "sources" / source.recipe
-
-
-def prepare_recipe(source: RecipeSource, run_dir: Path, download: DownloadConfig) -> list[Path]:
-    """Make the set's images present under its root; return the folders to list. Raises ``ArchiveError``."""
-    recipe = RECIPES[source.recipe]
-    root = recipe_root(source, run_dir)
-    dirs = [root / d for d in recipe.image_dirs]
-    if recipe.manual:
-        if not all(d.is_dir() for d in dirs):
-            raise ArchiveError(f"recipe {recipe.name!r} needs a manual step: {recipe.manual.replace('<root>', str(root))}")
-        return dirs
-    for archive in recipe.archives:
-        marker = root / f".unpacked-{archive.filename}"
-        if marker.exists():
-            continue
-        if not source.download:
-            raise ArchiveError(
-                f"recipe {recipe.name!r}: {archive.filename} is not unpacked under {root} and download is off; "
-                f"fetch {archive.url} and unzip it into {root}, or set download: true"
-            )
-        url = f"{source.mirror.rstrip('/')}/{archive.filename}" if source.mirror else archive.url
-        path = download_file(url, root / ".downloads" / archive.filename, download, md5=archive.md5)
-        logger.info("unpacking %s into %s", path, root)
-        unpack(path, root)
-        marker.write_text(f"{url}\n", encoding="utf-8")
-        if not source.keep_archives:
-            path.unlink()
-    missing = [str(d) for d in dirs if not d.is_dir()]
-    if missing:
-        raise ArchiveError(f"recipe {recipe.name!r}: expected folders {missing} after unpacking; the layout changed?")
-    return dirs
-
-
-def check_count(recipe_name: str, found: int) -> None:
-    expected = RECIPES[recipe_name].expected_count
-    if expected is not None and found != expected:
-        logger.warning("recipe %s: found %d images, the set's authors publish %d", recipe_name, found, expected)

@@ -1,4 +1,4 @@
-"""Typed configs of the image sources, one model per ``type``, and the download settings they share.
+"""Typed configs of the image sources, one model per ``type`` (their download settings: ``download.DownloadConfig``).
 
 A source config only *describes* where images are; ``loaders.images.listing`` turns it into reference rows
 and ``loaders.images.fetch`` reads the bytes behind a reference. Every source has a ``name`` (default derived
@@ -136,30 +136,6 @@ class SyntheticSource(_Source):
 SourceConfig = Annotated[
     FolderSource | HubSource | UrlListSource | RecipeSource | SyntheticSource, Field(discriminator="type")
 ]
-
-
-class DownloadConfig(BaseModel):
-    """How URLs (URL lists and recipe archives) are fetched."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    concurrency: int = Field(32, ge=1, le=1024, description="requests in flight at once")
-    per_host: int = Field(0, ge=0, description="requests in flight per host; 0 = no extra limit")
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next chunk of a body")
-    total_timeout_s: float = Field(120.0, gt=0, description="whole request incl. redirects, per attempt")
-    retries: int = Field(3, ge=0, description="extra attempts on 429/5xx/timeouts/connection errors")
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per attempt, with jitter")
-    max_backoff_s: float = Field(30.0, ge=0)
-    max_redirects: int = Field(5, ge=0)
-    max_bytes: int = Field(50 * 2**20, ge=1, description="bodies above this fail with download_too_large")
-    allow_private_addresses: bool = Field(
-        False, description="allow loopback/private/link-local targets (tests, intranet mirrors)"
-    )
-    allowed_networks: tuple[str, ...] = Field(
-        (), description="CIDRs allowed although not public, e.g. ['10.1.2.0/24'] for an intranet mirror"
-    )
-    user_agent: str = "taskgalaxy-images/0.1 (+https://github.com/Kwai-YuanQi/TaskGalaxy)"
 
 
 def _slug(text: str) -> str:

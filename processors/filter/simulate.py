@@ -11,7 +11,7 @@ import random
 import re
 
 from processors.filter.prompt import MARKER
-from processors.llm.sim_responders import Messages, Responder, message_text
+from processors.simulator.responders import Messages, Responder, message_text
 
 
 def _candidates(text: str) -> list[str]:

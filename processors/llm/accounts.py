@@ -1,10 +1,10 @@
 """The run's LLM accounts: one event loop, and per endpoint one admission, one breaker and one connection pool.
 
-Before, every ``run_requests`` call made its own event loop, ``Admission`` (RPM/TPM buckets, AIMD window) and
-breaker, so an account's state restarted at every shard, taxonomy round and score batch: the rate limit went
-unused at each boundary, and a 429 storm in one shard taught the next one nothing. ``Accounts`` keeps them for
-as long as the run: every call of every shard and stage is a coroutine on its one long-lived loop (a daemon
-thread), and calls to the same endpoint share its account. Two shards in flight then fill one window.
+Every LLM call of the run (``LLMClient.send_groups`` in ``processors.llm.client``, from any shard or stage) is a
+coroutine on the one long-lived loop of ``Accounts`` (a daemon thread), and calls to the same endpoint share
+its account: its ``Admission`` (RPM/TPM buckets, AIMD window), breaker and connection pool last as long as the
+run, not one call. So the rate limit is not left unused at a shard, taxonomy round or score batch boundary,
+a 429 storm in one shard slows the next one too, and two shards in flight fill one window.
 
 ``budget_share`` scales every account's RPM, TPM and concurrency, so N processes (Ray workers) that share one
 provider account can each take 1/N of its limit. Pickled (into a Ray worker or a subprocess), an ``Accounts``
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SERVICE = "llm_accounts"  # the key of the run's accounts in ``StageContext.services``
-WORKER_SHARE = "llm_worker_share"  # services key set by the Ray engine per pool member (builder.ray_engine)
+WORKER_SHARE = "llm_worker_share"  # services key: an LLM stage's ``limit_share`` (the Ray engine sets it per pool member)
 STOP_POLL_S = 0.05  # how often a waiting caller looks at its stop event
 UNWIND_S = 15.0  # after a stop, how long a cancelled call may take to unwind (> the engine's WIRE_WAIT_S)
 

@@ -1,8 +1,10 @@
-"""The synchronous entry point stages call once per shard: ``run_requests``.
+"""The async core of an LLM call (``execute``) and what it needs: the connection, the request group.
 
-It resolves the endpoint (the simulator under ``--dry-run``), answers what it can from the request cache,
-sends the rest online or through the Batch API on the run's one event loop (``processors.llm.accounts``), and adds usage and cost to the stage.
-Identical requests in one call are sent once and their answer is shared.
+``execute`` answers what it can from the request cache and sends the rest online or through the Batch API.
+Identical requests in one call are sent once and their answer is shared. Stages never call it directly: they
+go through ``processors.llm.client`` (``LLMClient`` / ``EndpointCall``), which resolves the endpoint once and
+runs every call on the run's one event loop (``processors.llm.accounts``); ``run_requests`` and
+``run_request_groups`` are one-off wrappers around that client for tests and tools.
 """
 
 from __future__ import annotations
@@ -11,18 +13,16 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from builder.ids import fingerprint
 from processors.llm import reply as rp
-from processors.llm.accounts import Accounts, call_accounts
+from processors.llm.accounts import Accounts
 from processors.llm.breaker import CircuitBreaker
 from processors.llm.cache import RequestCache
 from processors.llm.engine import OnlineEngine, Tally
 from processors.llm.errors import AttemptError, MissingApiKeyError
-from processors.llm.estimate import cost_usd
 from processors.llm.limits import Admission
 from processors.llm.prepare import Prepared, prepare
 from processors.llm.request import LLMRequest, LLMResult, Usage
@@ -62,11 +62,6 @@ def resolve_connection(endpoint: EndpointSettings, *, dry_run: bool, services: d
     return Connection(endpoint.base_url, Secret(value), endpoint.api_key_env)
 
 
-def llm_settings(ctx: Any) -> LLMSettings:
-    settings = getattr(ctx.settings, "llm", None)
-    return settings if isinstance(settings, LLMSettings) else LLMSettings()
-
-
 @dataclasses.dataclass
 class RequestGroup:
     """The requests of one call to one endpoint; ``overrides`` replace settings of that endpoint for it (a
@@ -78,76 +73,6 @@ class RequestGroup:
     # Answer from the request cache only, sending nothing (a miss fails ``not_cached``): what a server that
     # went down had answered before, so moving its share to another server pays for none of it again.
     cache_only: bool = False
-
-
-def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: Any,
-                 overrides: dict[str, Any] | None = None) -> list[LLMResult]:
-    """Answer ``requests`` (results in the same order); per-request failures come back as ``ok=False``.
-
-    Raises ``CircuitOpenError`` when the endpoint keeps failing and ``MissingApiKeyError`` when the key's env
-    var is unset. Usage (requests, cache_hits, retries, prompt/completion tokens, cost_usd) goes to ``ctx``,
-    journalled reply by reply.
-    """
-    return run_request_groups([RequestGroup(requests, endpoint, overrides)], ctx=ctx)[0]
-
-
-def run_request_groups(groups: list[RequestGroup], *, ctx: Any, stop: threading.Event | None = None,
-                       return_exceptions: bool = False) -> list[list[LLMResult] | BaseException]:
-    """Several calls at once, on the run's one event loop (``processors.llm.accounts``): every endpoint is kept
-    busy at the same time (the score stage's referees, each on its own servers), and calls to one endpoint -
-    from any shard or stage of the run - share its admission and breaker. Results per group, in order. If an
-    endpoint's breaker opens, the other calls still finish (their answers are cached for the rerun), then its
-    ``CircuitOpenError`` is raised. Setting ``stop`` (from another thread), or the shard's own stop event,
-    cancels every call: nothing more is sent. With ``return_exceptions`` a group's error takes its place in
-    the list instead (a referee moves the share of a server whose breaker opened to its other servers)."""
-    calls = [_call(group, ctx) for group in groups]  # a missing key fails here, before anything is sent
-    shard_stop = ctx.stop_event() if hasattr(ctx, "stop_event") else None
-    stops = [event for event in (stop, shard_stop) if event is not None]
-
-    def stopped() -> bool:
-        return any(event.is_set() for event in stops)
-
-    try:
-        with call_accounts(getattr(ctx, "services", None) or {}) as accounts:
-            async def all_calls() -> list[Any]:
-                return await asyncio.gather(
-                    *(execute(group.requests, settings, group.endpoint, connection, cache_path=cache_path,
-                              state_dir=Path(ctx.stage_dir), tally=tally, accounts=accounts,
-                              cache_only=group.cache_only)
-                      for group, (settings, connection, cache_path, tally) in zip(groups, calls)),
-                    return_exceptions=True)
-
-            outcomes = accounts.run(all_calls(), stop=stopped if stops else None)
-    finally:  # the counters that cost nothing, once per call (zeros keep every key present)
-        for *_, tally in calls:
-            tally.on_free(cache_hits=tally.cache_hits, retries=tally.retries)
-    failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    stopped_by = [exc for exc in failed if not isinstance(exc, Exception)]  # a cancellation, a KeyboardInterrupt
-    if stopped_by or (failed and not return_exceptions):
-        raise (stopped_by or failed)[0]
-    return outcomes
-
-
-def _call(group: RequestGroup, ctx: Any) -> tuple[LLMSettings, Connection, Path | None, Tally]:
-    settings = with_overrides(llm_settings(ctx), group.endpoint, group.overrides)
-    ep = settings.endpoint(group.endpoint)
-    connection = resolve_connection(ep, dry_run=ctx.dry_run, services=ctx.services)
-    cache_path = Path(ctx.cache_dir) / (DRY_RUN_CACHE_FILE if ctx.dry_run else CACHE_FILE) if settings.cache else None
-    tally = Tally()
-    # The meter of the shard that makes this call, taken here on its thread: the replies are counted on the
-    # accounts' loop thread, where the shard's context is not.
-    add = ctx.current_meter().add if hasattr(ctx, "current_meter") else ctx.add_usage
-
-    def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
-        add(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cost_usd=cost_usd(settings, ep.model, usage.prompt_tokens, usage.completion_tokens, batch=batch))
-
-    def free(**counters: float) -> None:
-        add(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, **counters)
-
-    tally.on_billed = billed
-    tally.on_free = free
-    return settings, connection, cache_path, tally
 
 
 def with_overrides(settings: LLMSettings, endpoint: str, overrides: dict[str, Any] | None) -> LLMSettings:
@@ -184,7 +109,7 @@ def _from_cache(prepared: list[Prepared], cache: RequestCache | None, tally: Tal
 async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: str, connection: Connection, *,
                   cache_path: Path | None, state_dir: Path, tally: Tally, accounts: Accounts | None = None,
                   cache_only: bool = False) -> list[LLMResult]:
-    """The async core of ``run_requests``, usable without a StageContext (benchmarks, tools). Without
+    """The async core of ``EndpointCall.send``, usable without a StageContext (benchmarks, tools). Without
     ``accounts`` (awaited on the caller's own loop) the call has an admission and breaker of its own. With
     ``cache_only`` nothing is sent: what the cache lacks fails ``not_cached``."""
     ep = settings.endpoint(endpoint)

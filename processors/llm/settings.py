@@ -128,12 +128,11 @@ class LLMSettings(_Frozen):
 
 
 def endpoint_parts(run_settings: object, name: str, *, key: str, overrides=None) -> dict:
-    """``output_parts`` of endpoint ``name`` in a run config's ``llm`` section (defaults when it has none).
+    """``output_parts`` of endpoint ``name`` in a run config's ``llm`` section.
 
     ``overrides(endpoint) -> dict`` gives the fields a caller replaces (a referee preset's served model name).
     An unknown name is a config error naming ``key`` (the config key that named the endpoint)."""
-    llm = getattr(run_settings, "llm", None)
-    llm = llm if isinstance(llm, LLMSettings) else LLMSettings()
+    llm: LLMSettings = run_settings.llm
     if name not in llm.endpoints:
         raise ValueError(f"{key}: no LLM endpoint named {name!r} in llm.endpoints; "
                          f"defined: {', '.join(sorted(llm.endpoints)) or '(none)'}")

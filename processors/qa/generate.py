@@ -3,7 +3,7 @@
 The engine's ``parse`` (``processors.qa.parse.parse_reply``) rejects only replies with no QA-shaped JSON at
 all, so a reply with one bad item is neither retried nor paid for twice; items are judged afterwards
 (``processors.qa.validate``). Replies that stay ``unparsable`` after the engine's retries get one follow-up
-turn asking for valid JSON — a second ``run_requests`` call for just those rows; both calls go through the
+turn asking for valid JSON — a second ``send`` for just those rows; both calls go through the
 request cache, so a rerun after a crash pays for neither again.
 
 Per input row: every valid item is an output row; every rejected item an item failure with its reason; a
@@ -72,7 +72,7 @@ def run_batch(batch: dict[str, list], config: QAConfig, *, image_file: Callable[
     """QA rows for a batch of filter rows (``image_id``, ``task_types``).
 
     ``image_file(image_id)`` gives the file or raises ``ImageUnavailable``; ``send(requests)`` is the
-    engine call (``run_requests`` bound to the endpoint and context); ``model`` is written into each row.
+    engine call (the stage's ``EndpointCall.send``); ``model`` is written into each row.
     """
     out = BatchOutput(COLUMNS)
     jobs = _jobs(batch, config, image_file, out)

@@ -1,6 +1,6 @@
 """The simulator's answers to the QA prompt: deterministic, English, and sometimes messy in realistic ways.
 
-Registered in ``processors.llm.sim_responders.RESPONDERS`` as ``processors.qa.simulate:SIM_RESPONDER``. The
+``SIM_RESPONDER`` is listed in ``processors.pipeline.default_responders``, which hands it to the simulator. The
 responder reads the task types and the count back from the prompt (``processors.qa.prompt``) and writes one
 question and answer per slot. ``rng`` is seeded from the request (image included), so the same request
 always gets the same reply. With fixed probabilities a reply takes one of the shapes the parser must read
@@ -14,7 +14,7 @@ import json
 import random
 import re
 
-from processors.llm.sim_responders import Responder, message_text
+from processors.simulator.responders import Responder, message_text
 from processors.qa.prompt import COUNT_PHRASE, MARKER, REPAIR_MARKER
 
 # (shape, weight): how the item list is written out.

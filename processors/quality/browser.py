@@ -20,8 +20,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from builder.export import printable
 from builder.outputs import StageNotReadyError, column_values, load_stage_output
+from processors.publish.export import printable
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def write_browser(run_dir: Path, folder: Path, resolve_image: Callable[[str], Pa
         tmp.unlink(missing_ok=True)  # a full disk leaves no half page behind
         if not isinstance(exc, OSError) or exc.errno is None:
             raise
-        from builder.export import write_failure
+        from processors.publish.writes import write_failure
 
         raise write_failure(exc, doing="write the sample browser", path=target, command="the same command",
                             outcome=f"No partial page is left; what was written before the browser in "

@@ -237,7 +237,7 @@ def _image_matches(images: dict[str, Path], bench: list[tuple[str, Path]], confi
     if config.near_threshold is None or not rest or not usable:
         return found
     from processors.clip.coverage import embed_images, topk_rows
-    from processors.stages.match import get_matcher, release_matchers
+    from processors.clip.shared import get_matcher, release_matchers
 
     matcher = get_matcher(ctx.settings.stages.match, ctx.cache_dir)
     folder = Path(ctx.stage_dir) / "decontam"

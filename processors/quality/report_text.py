@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builder.card import md_code, md_text
+from processors.publish.card import md_code, md_text
 
 STAGES = ("match", "filter", "qa", "score", "final")
 
@@ -10,7 +10,7 @@ STAGES = ("match", "filter", "qa", "score", "final")
 def cell(text) -> str:
     """Text shown as itself inside a Markdown table cell (category and referee names come from a model or a
     config): a ``|`` would start a new cell, a newline end the row, ``<script>`` or ``[x](...)`` be markup.
-    See ``builder.card.md_text``."""
+    See ``processors.publish.card.md_text``."""
     return md_text(text)
 
 

@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from processors.referees.endpoint import EndpointReferee, unfenced
+from processors.referees.prompt import BLIND_PROMPT_VERSION
 from processors.referees.protocol import RefereeItem, Vote
 
-BLIND_PROMPT_VERSION = "blind-v2"
+__all__ = ["BLIND_PROMPT_VERSION", "BlindReferee", "answers_agree"]
 BLIND_INSTRUCTION = (
     "Answer the question below. There is an image that goes with it, but you cannot see it: answer from the "
     "text alone and your general knowledge, as briefly as possible (a word, a number or an option letter). "

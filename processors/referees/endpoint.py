@@ -22,12 +22,15 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.ids import text_id
 from processors.referees.prompt import PROMPT_VERSION, build_messages
 from processors.referees.protocol import RefereeItem, Vote
-from processors.referees.settings import RefereeSettings
+
+if TYPE_CHECKING:
+    from processors.llm.client import EndpointCall, LLMClient
+    from processors.referees.settings import RefereeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +39,6 @@ DIGITS = ("0", "1")
 OPENAI_DIGIT_TOKEN_IDS = {"0": 15, "1": 16}
 MASKED_LOGPROB = -9000.0  # vLLM reports tokens a constraint excluded at -9999: not candidates
 VOTE_SCAN_TOKENS = 8  # how far into the reply a fenced or quoted vote's digit is looked for
-
-
-def endpoint_factory(ctx: Any) -> Callable[[RefereeSettings], "EndpointReferee"]:
-    def build(settings: RefereeSettings) -> "EndpointReferee":
-        if settings.blind:  # text only: the same vote reading, a request without the image
-            from processors.referees.blind import BlindReferee
-
-            return BlindReferee(settings, ctx)
-        return EndpointReferee(settings, ctx)
-
-    return build
-
-
-def endpoint_names(settings: RefereeSettings) -> list[str]:
-    """The ``llm.endpoints`` this referee uses: ``endpoint.endpoints`` or ``endpoint.endpoint`` or its name."""
-    return list(settings.endpoint.endpoints) or [settings.endpoint.endpoint or settings.name]
 
 
 def resolved_constraint(settings: RefereeSettings, base_url: str) -> str:
@@ -170,10 +157,13 @@ def digit_probabilities(logprobs: list[dict[str, Any]] | None) -> tuple[float, f
 
 
 class EndpointReferee:
-    def __init__(self, settings: RefereeSettings, ctx: Any):
+    """A referee that asks an OpenAI-compatible server (see the module docstring), through ``client``: the
+    score stage's ``LLMClient``, which resolves each of its servers once."""
+
+    def __init__(self, settings: RefereeSettings, client: "LLMClient"):
         self.settings = settings
         self.name = settings.name
-        self.ctx = ctx
+        self.client = client
         self.preset = settings.resolved_preset()
         # Servers of this referee taken out for the rest of the run (their breaker opened), with why: their
         # share goes to the others. Shared by the shards in flight (one batch function), like the breakers.
@@ -182,7 +172,7 @@ class EndpointReferee:
 
     def live_endpoints(self) -> list[str]:
         """The servers still serving this referee; the breaker's error when none is left."""
-        names = endpoint_names(self.settings)
+        names = self.settings.endpoint_names()
         live = [name for name in names if name not in self._down]
         if not live:
             raise self._down[names[-1]]
@@ -194,7 +184,7 @@ class EndpointReferee:
             if endpoint in self._down:
                 return
             self._down[endpoint] = error
-            left = [name for name in endpoint_names(self.settings) if name not in self._down]
+            left = [name for name in self.settings.endpoint_names() if name not in self._down]
         if left:
             logger.warning("referee %s: server llm.endpoints.%s is taken out for the rest of this run (%s); its "
                            "questions go to %s", self.name, endpoint, error, ", ".join(left))
@@ -217,20 +207,17 @@ class EndpointReferee:
     def plan(self, items: Sequence[RefereeItem]) -> list[tuple[Any, str]]:
         """The calls that score ``items``: one ``RequestGroup`` per endpoint serving this referee (each image
         to one of them, so its questions share that server's prefix cache), with the constraint used."""
-        from processors.llm.api import RequestGroup, llm_settings
-
-        llm = llm_settings(self.ctx)
-        names = self.live_endpoints()
-        by_endpoint = spread_by_image(items, names)
         plan = []
-        for name, share in by_endpoint.items():
+        for name, share in spread_by_image(items, self.live_endpoints()).items():
             if share:
-                endpoint = llm.endpoint(name)
-                constraint = resolved_constraint(self.settings, endpoint.base_url)
-                group = RequestGroup([self._request(item, constraint) for item in share], name,
-                                     self.settings.endpoint_overrides(endpoint))
-                plan.append((group, constraint))
+                call = self.call(name)
+                constraint = resolved_constraint(self.settings, call.endpoint.base_url)
+                plan.append((call.group([self._request(item, constraint) for item in share]), constraint))
         return plan
+
+    def call(self, name: str) -> "EndpointCall":
+        """Endpoint ``name`` as this referee calls it: the preset's served name and image size applied."""
+        return self.client.endpoint(name, self.settings.endpoint_overrides(self.client.settings.endpoint(name)))
 
     def votes(self, items: Sequence[RefereeItem], plan: list[tuple[Any, str]], results: list[list]) -> list[Vote]:
         """The votes of ``items``, in order, from the results of ``plan``'s calls."""
@@ -296,10 +283,8 @@ class EndpointReferee:
 
     def score(self, items: Sequence[RefereeItem]) -> list[Vote]:
         """Score ``items``, every endpoint of this referee at once (``ScoreStage`` runs all referees at once)."""
-        from processors.llm.api import run_request_groups
-
         def run(groups: list) -> list:
-            return run_request_groups(groups, ctx=self.ctx, return_exceptions=True)
+            return self.client.send_groups(groups, return_exceptions=True)
 
         plan = self.plan(items)
         return self.settle(items, plan, run([group for group, _ in plan]), run)

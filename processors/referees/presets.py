@@ -6,9 +6,9 @@ A preset fills the settings a user leaves out; anything set explicitly in ``Refe
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from processors.referees.factory import Backend
 
 
 class RefereePreset(BaseModel):
@@ -26,7 +26,7 @@ class RefereePreset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["local", "endpoint"]
+    backend: Backend
     model_id: str
     served_model_name: str | None = None
     trust_remote_code: bool = False

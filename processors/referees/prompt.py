@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 PROMPT_VERSION = "referee-v1"
+BLIND_PROMPT_VERSION = "blind-v2"  # the text-only check's prompt (processors.referees.blind)
 
 INSTRUCTION = (
     "You are reviewing training data for a vision-language model. You will see an image, then a task type "

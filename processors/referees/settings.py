@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from processors.referees.factory import Backend, runs_on_device
 from processors.referees.presets import PRESETS, RefereePreset, get_preset
-from processors.referees.prompt import PROMPT_VERSION
+from processors.referees.prompt import BLIND_PROMPT_VERSION, PROMPT_VERSION
 
 if TYPE_CHECKING:
     from processors.llm.settings import EndpointSettings
@@ -68,7 +69,7 @@ class RefereeSettings(BaseModel):
 
     name: str = Field(min_length=1, description="column key of this referee's votes")
     preset: str | None = None
-    backend: Literal["local", "endpoint"] | None = None
+    backend: Backend | None = None
     model_id: str | None = None
     batch_size: int = Field(default=16, ge=1)
     device: str = "auto"
@@ -113,6 +114,11 @@ class RefereeSettings(BaseModel):
         }
         return base.model_copy(update=updates)
 
+    def endpoint_names(self) -> list[str]:
+        """The ``llm.endpoints`` serving this referee when it calls endpoints: ``endpoint.endpoints``, else
+        ``endpoint.endpoint``, else the one named like the referee."""
+        return list(self.endpoint.endpoints) or [self.endpoint.endpoint or self.name]
+
     def endpoint_overrides(self, endpoint: "EndpointSettings") -> dict[str, object]:
         """What this referee sets on the endpoint it calls: the preset's served model name unless the endpoint
         names a ``model`` itself; the image size from the referee's ``max_side`` (when given), else the
@@ -138,12 +144,6 @@ class RefereeSettings(BaseModel):
             "seed": self.seed if preset.model_id.startswith("tiny-random") else None,
             "mm_processor_kwargs": preset.mm_processor_kwargs,
             # how the vote is read changes it (a constrained reply can differ from a free one)
-            "vote_constraint": self.endpoint.vote_constraint if preset.backend == "endpoint" else None,
-            **({"blind": _blind_version()} if self.blind else {}),  # only when on: others keep their prints
+            "vote_constraint": None if runs_on_device(self) else self.endpoint.vote_constraint,
+            **({"blind": BLIND_PROMPT_VERSION} if self.blind else {}),  # only when on: others keep their prints
         }
-
-
-def _blind_version() -> str:
-    from processors.referees.blind import BLIND_PROMPT_VERSION
-
-    return BLIND_PROMPT_VERSION

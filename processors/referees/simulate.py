@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from processors.llm.sim_responders import Messages, Responder, message_text
+from processors.simulator.responders import Messages, Responder, message_text
 from processors.referees.prompt import REPLY_RULE
 
 YES_SHARE = 0.75

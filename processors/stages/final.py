@@ -83,6 +83,7 @@ def conversations(question: str, answer: str) -> list[dict[str, str]]:
 
 class FinalStage(Stage):
     name = "final"
+    description = "the kept samples in LLaVA form, images embedded (the default config)"
     Config = FinalConfig
     key = "qa_id"
     upstream = "score"

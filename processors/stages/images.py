@@ -52,11 +52,12 @@ from builder.rows import BatchOutput
 from builder.runfolder import atomic_write_json
 from builder.stage import Stage, StageConfig, StageContext
 from loaders.images.dedup import Ledger
+from loaders.images.download import DownloadConfig
 from loaders.images.fetch import Blob, Fetcher
 from loaders.images.listing import COLUMNS as INPUT_COLUMNS
 from loaders.images.listing import list_sources_with_report, source_roots
 from loaders.images.paths import ROOTS_FILE, STORE_ROOT, row_path, store_relpath, write_roots
-from loaders.images.sources import RESERVED_NAMES, DownloadConfig, SourceConfig
+from loaders.images.sources import RESERVED_NAMES, SourceConfig
 from loaders.images.synthetic import SYNTHETIC_VERSION
 from processors.image_validate import (
     VALIDATE_VERSION,
@@ -116,6 +117,7 @@ def store_dir(config: ImagesConfig, run_dir: Path) -> Path:
 
 class ImagesStage(Stage):
     name = "images"
+    description = "the collected, validated, deduplicated images (embedded)"
     Config = ImagesConfig
     key = "image_id"
     upstream = None

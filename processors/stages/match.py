@@ -9,21 +9,18 @@ so one DataLoader streams it. An unreadable image fails its row only (``image_mi
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.engine import ShardStopped
-from builder.ids import canonical_json
 from builder.outputs import column_values
 from builder.rows import BatchOutput
 from builder.stage import BatchFn, Stage, StageContext
 from processors.clip.config import ClipMatchConfig
+from processors.clip.shared import get_matcher, release_matchers
 
 if TYPE_CHECKING:
     import datasets
-
-    from processors.clip.matcher import ClipMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -31,35 +28,9 @@ logger = logging.getLogger(__name__)
 MATCH_VERSION = "1"
 COLUMNS = ("image_id", "candidates")
 
-_MATCHERS: dict[str, "ClipMatcher"] = {}
-_LOCK = threading.Lock()
-
-
-def get_matcher(config: ClipMatchConfig, cache_dir: Path) -> "ClipMatcher":
-    """One matcher per (config, cache folder) per process: the model and text bank survive across shards."""
-    from processors.clip.matcher import ClipMatcher
-
-    key = canonical_json([config.model_dump(mode="json", exclude={"shard_size"}), str(cache_dir)])
-    with _LOCK:
-        if key not in _MATCHERS:
-            _MATCHERS.clear()  # a new config replaces the old one: never hold two large models
-            _MATCHERS[key] = ClipMatcher(config, cache_dir)
-        return _MATCHERS[key]
-
-
-def release_matchers() -> None:
-    """Stop the decode workers and drop the models of every cached matcher (frees the GPU for the next stage)."""
-    from processors.clip.models import clear_model_cache
-
-    with _LOCK:
-        for matcher in _MATCHERS.values():
-            matcher.close()
-        _MATCHERS.clear()
-    clear_model_cache()
-
-
-class Match(Stage):
+class MatchStage(Stage):
     name = "match"
+    description = "each image's top-k task types by CLIP similarity"
     Config = ClipMatchConfig
     key = "image_id"
     upstream = "images"

@@ -16,15 +16,19 @@ A vote the *server* could not give (an HTTP error or timeout after the retries) 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.llm.request import UNANSWERED
+from processors.referees.factory import llm_endpoints, runs_on_device
 from processors.referees.protocol import RefereeItem
 from processors.referees.settings import RefereeSettings
+
+if TYPE_CHECKING:
+    from processors.llm.client import LLMClient
 
 REFEREE_PROMPT_CHARS = 700  # estimate: instruction + task type + question
 VOTE_UNANSWERED = "vote_unanswered"  # a referee's server could not answer: not judged, asked again next run
@@ -55,8 +59,8 @@ class ScoreConfig(StageConfig):
 
 class ScoreStage(Stage):
     name = "score"
+    description = "referee votes and p(yes) per question"
     Config = ScoreConfig
-    sim_responder = "processors.referees.simulate:SIM_RESPONDER"
     key = "qa_id"
     upstream = "qa"
     side_inputs = ("images",)
@@ -68,16 +72,20 @@ class ScoreStage(Stage):
     def shards_in_flight(self, config: ScoreConfig) -> int:
         """Two when every referee is an endpoint (the next shard fills the servers' windows at a boundary);
         one with a local referee, whose model on the GPU takes one batch at a time."""
-        local = any(referee.resolved_preset().backend != "endpoint" for referee in config.referees)
-        return 1 if local else 2
+        return 1 if any(runs_on_device(referee) for referee in config.referees) else 2
 
     def resources(self, config: ScoreConfig) -> dict:
         """Local referees: a pool of GPU actors, each holding every local referee's model, in the runtime_env
         the referees name (one per stage: one process holds one environment). Endpoint referees only: an LLM
         pool, each worker calling every replica and leasing the servers' limits from the shared budget."""
-        local = [r for r in config.referees if r.resolved_preset().backend != "endpoint"]
+        from processors.llm.accounts import WORKER_SHARE
+        from processors.stages.llm_stage import llm_pool_resources
+
+        local = [r for r in config.referees if runs_on_device(r)]
         if not local:
-            return {"kind": "llm", "num_cpus": 0.5, "num_gpus": 0, "workers": None, "runtime_env": None}
+            return llm_pool_resources()
+        # With endpoint referees too, the GPU workers call servers: on the driver's node (the request cache)
+        remote = {"driver_node": True, "limit_share": WORKER_SHARE} if self.llm_endpoints(config) else {}
         envs = [r.ray_runtime_env() for r in local if r.runtime_env is not None]
         if any(env != envs[0] for env in envs):
             raise ValueError("stages.score: local referees name different runtime_env; one Ray worker holds them "
@@ -85,7 +93,7 @@ class ScoreStage(Stage):
                              "docs/referees.md)")
         return {"kind": "gpu", "num_cpus": 1, "num_gpus": 0 if all(r.device == "cpu" for r in local) else 1,
                 "workers": None, "runtime_env": envs[0] if envs else None,
-                "gpu_optional": all(r.device == "auto" for r in local)}
+                "gpu_optional": all(r.device == "auto" for r in local), **remote}
 
     def input_key(self, config: ScoreConfig) -> str:
         return "qa_id"
@@ -95,21 +103,17 @@ class ScoreStage(Stage):
         return {"referees": [r.fingerprint_parts() for r in config.referees], "missing_vote": config.missing_vote}
 
     def llm_endpoints(self, config: ScoreConfig) -> list[str]:
-        from processors.referees.endpoint import endpoint_names
-
-        return [name for r in config.referees if r.resolved_preset().backend == "endpoint"
-                for name in endpoint_names(r)]
+        return [name for r in config.referees for name in llm_endpoints(r)]
 
     def settings_parts(self, config: ScoreConfig, settings) -> dict:
         from processors.llm.settings import endpoint_parts
-        from processors.referees.endpoint import endpoint_names
 
         # Each endpoint as the referee calls it: the preset's served name and image size applied.
         return {
             r.name: [endpoint_parts(settings, n, key=f"stages.score.referees[{r.name}].endpoint",
                                     overrides=r.endpoint_overrides)
-                     for n in endpoint_names(r)]
-            for r in config.referees if r.resolved_preset().backend == "endpoint"
+                     for n in llm_endpoints(r)]
+            for r in config.referees if not runs_on_device(r)
         }
 
     def features(self, config: ScoreConfig):
@@ -128,18 +132,16 @@ class ScoreStage(Stage):
 
     def estimate(self, config: ScoreConfig, run_config, assumptions):
         from processors.llm.estimate import project
-        from processors.llm.settings import LLMSettings
-        from processors.referees.endpoint import endpoint_names
 
-        llm = getattr(run_config, "llm", None) or LLMSettings()
+        llm = run_config.llm
         questions = round(assumptions.images * assumptions.filter_pass * assumptions.kept_per_image
                           * run_config.stages.qa.questions_per_type)
         rows = []
         for referee in config.referees:
-            if referee.resolved_preset().backend != "endpoint":
+            if runs_on_device(referee):
                 assumptions.notes.append(f"referee {referee.name} runs locally: GPU time, no API requests")
                 continue
-            name = endpoint_names(referee)[0]
+            name = llm_endpoints(referee)[0]
             if name in llm.endpoints:
                 rows.append((f"score:{referee.name}", project(
                     llm, name, requests=questions, images_per_request=1, prompt_text_chars=REFEREE_PROMPT_CHARS,
@@ -148,18 +150,19 @@ class ScoreStage(Stage):
 
     def make_batch_fn(self, config: ScoreConfig, ctx):
         from processors.image_locator import image_locator
-        from processors.referees.endpoint import endpoint_factory
+        from processors.llm.client import LLMClient
         from processors.referees.factory import build_referee
 
         image_file = image_locator(ctx)
-        referees = [build_referee(s, endpoint_factory=endpoint_factory(ctx)) for s in config.referees]
+        client = LLMClient.for_stage(ctx)
+        referees = [build_referee(s, client) for s in config.referees]
         columns = list(self.features(config))
 
         def score(batch: dict[str, list]) -> dict[str, list]:
             items, unavailable = _items(batch, image_file)
             shown = {s.name: items if s.see_answer else [_without_answer(item) for item in items]
                      for s in config.referees}
-            ballots = score_all(config.referees, referees, shown, ctx)
+            ballots = score_all(config.referees, referees, shown, client)
             return _join(batch, ballots, config.missing_vote, columns, unavailable)
 
         return score
@@ -185,9 +188,10 @@ STOP_WAIT_S = 16.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take
 
 
 def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, list[RefereeItem]],
-              ctx) -> dict[str, dict]:
-    """Every referee at once: the endpoint referees' calls (all their servers) on one event loop in a
-    helper thread, while the local referees run on this thread (the GPU); votes by referee and qa_id.
+              client: "LLMClient") -> dict[str, dict]:
+    """Every referee at once: the calls of those that run on the event loop (``runs_on_device`` false: all
+    their servers) through ``client`` in a helper thread, while those on the device run on this thread (the
+    GPU); votes by referee and qa_id.
 
     A stop on this thread (Ctrl-C, SIGTERM, a local referee failing) cancels the endpoint calls at once:
     nothing more is sent or paid for, and what was answered is cached and journalled."""
@@ -195,20 +199,17 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     import contextvars
     import threading
 
-    from processors.llm.api import run_request_groups
-    from processors.referees.endpoint import EndpointReferee
-
-    remote = [(s.name, r, r.plan(shown[s.name])) for s, r in zip(settings, referees) if isinstance(r, EndpointReferee)]
+    remote = [(s.name, r, r.plan(shown[s.name])) for s, r in zip(settings, referees) if not runs_on_device(s)]
     groups = [group for _, _, plan in remote for group, _ in plan]
     ballots: dict[str, dict] = {}
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="referee-endpoints")
     # The helper thread runs in this thread's context: the shard's usage meter and stop event go with it.
-    pending = pool.submit(contextvars.copy_context().run, run_request_groups, groups, ctx=ctx, stop=stop,
+    pending = pool.submit(contextvars.copy_context().run, client.send_groups, groups, stop=stop,
                           return_exceptions=True) if groups else None
     try:
         for s, referee in zip(settings, referees):
-            if not isinstance(referee, EndpointReferee):
+            if runs_on_device(s):
                 ballots[s.name] = {vote.qa_id: vote for vote in referee.score(shown[s.name])}
         results = pending.result() if pending is not None else []
     except BaseException:
@@ -219,7 +220,7 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     def run(more_groups: list) -> list:  # a server went down: its share to the referee's other servers
-        return run_request_groups(more_groups, ctx=ctx, return_exceptions=True)
+        return client.send_groups(more_groups, return_exceptions=True)
 
     for name, referee, plan in remote:
         mine, results = results[:len(plan)], results[len(plan):]

@@ -33,10 +33,9 @@ from builder.config import ExistingPath
 from builder.ids import text_id
 from builder.rows import BatchOutput
 from builder.runfolder import atomic_write_json
-from builder.stage import BatchFn, Stage, StageConfig, StageContext
-from processors.llm.request import UNANSWERED
+from builder.stage import BatchFn, StageConfig, StageContext
+from processors.stages.llm_stage import LLMStage
 from processors.taxonomy.grow import GrowthPlan, GrowthReport, grow, seed_tree
-from processors.taxonomy.parse import NameLimits
 from processors.taxonomy.source import NEW_FIRST_LEVEL
 
 if TYPE_CHECKING:
@@ -98,14 +97,18 @@ class TaxonomyConfig(StageConfig):
         return None if seeds is None or seeds == DEFAULT_SEEDS else str(seeds)
 
 
-class TaxonomyStage(Stage):
+class TaxonomyStage(LLMStage):
     name = "taxonomy"
+    description = "the task-type tree (one row per task type; leaves are the task types)"
     Config = TaxonomyConfig
-    sim_responder = "processors.taxonomy.simulate:SIM_RESPONDER"
     key = "task_id"
     upstream = None
-    batch_size = None  # growth is global over the shard's rows
-    unanswered_reasons = UNANSWERED  # a node whose request failed is asked again on the next run
+    # batch_size None (LLMStage): growth is global over the shard's rows. A node whose request failed is
+    # asked again on the next run (LLMStage.unanswered_reasons).
+    prompt_chars = TAXONOMY_PROMPT_CHARS
+
+    def shards_in_flight(self, config: TaxonomyConfig) -> int:
+        return 1  # the seed files are one shard by default; a semantic deduper is shared across shards
 
     def input_key(self, config: TaxonomyConfig) -> str:
         return "root_id"
@@ -118,14 +121,6 @@ class TaxonomyStage(Stage):
             {"task_id": string, "path": string, "level": int32, "parent": string, "name": string,
              "origin": string, "round": int32}
         )
-
-    def llm_endpoints(self, config) -> list[str]:
-        return [config.endpoint]
-
-    def settings_parts(self, config, settings) -> dict:
-        from processors.llm.settings import endpoint_parts
-
-        return {"endpoint": endpoint_parts(settings, config.endpoint, key=f"stages.{self.name}.endpoint")}
 
     def fingerprint_config(self, config: TaxonomyConfig) -> dict:
         # The seed files count by their content (fingerprint_parts), not by where they lie: a config copied to
@@ -153,27 +148,21 @@ class TaxonomyStage(Stage):
         atomic_write_json(ctx.stage_dir / SEEDS_REPORT, _seeds_report(lists))
         return source_table(lists, new_first_level=config.expand and config.new_first_level)
 
-    def estimate(self, config: TaxonomyConfig, run_config, assumptions):
-        from processors.llm.estimate import project
-        from processors.llm.settings import LLMSettings
+    def estimated_requests(self, config: TaxonomyConfig, run_config, assumptions) -> int:
+        return taxonomy_requests(config)
 
-        llm = getattr(run_config, "llm", None) or LLMSettings()
-        return [("taxonomy", project(llm, config.endpoint, requests=taxonomy_requests(config),
-                                     prompt_text_chars=TAXONOMY_PROMPT_CHARS,
-                                     completion_tokens=config.children_per_request * TAXONOMY_REPLY_TOKENS_PER_CHILD))]
+    def estimated_reply_tokens(self, config: TaxonomyConfig) -> int:
+        return config.children_per_request * TAXONOMY_REPLY_TOKENS_PER_CHILD
 
     def make_batch_fn(self, config: TaxonomyConfig, ctx: StageContext) -> BatchFn:
         from processors.taxonomy.dedup import SemanticDeduper
 
-        plan = _plan(config)
+        plan = GrowthPlan.from_config(config)
         deduper = None
         if config.semantic_dedup:  # one model per process and threshold, kept across shards
             deduper = _DEDUPERS.setdefault(config.dedup_threshold, SemanticDeduper(config.dedup_threshold))
 
-        def send(requests: list) -> list:
-            from processors.llm.api import run_requests
-
-            return run_requests(requests, endpoint=config.endpoint, ctx=ctx)
+        send = self.llm_call(config, ctx).send if config.expand else None
 
         def fn(batch: dict[str, list]) -> dict[str, list]:
             keys = batch["root_id"]
@@ -192,21 +181,6 @@ class TaxonomyStage(Stage):
         from processors.taxonomy.finish import write_outputs
 
         write_outputs(ctx, output, plots=config.plots)
-
-
-def _plan(config: TaxonomyConfig) -> GrowthPlan:
-    return GrowthPlan(
-        levels=config.levels,
-        rounds_per_level=config.rounds_per_level,
-        min_round_gain=config.min_round_gain,
-        new_first_level_per_round=config.new_first_level_per_round,
-        max_first_level=config.max_first_level,
-        children_per_request=config.children_per_request,
-        max_children=config.max_children,
-        limits=NameLimits(max_chars=config.max_name_chars, max_words=config.max_name_words),
-        temperature=config.temperature,
-        max_tokens=config.max_tokens,
-    )
 
 
 def _emit(tree, report, keys: list[str]) -> dict[str, list]:

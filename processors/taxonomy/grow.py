@@ -16,7 +16,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from loaders.taxonomy.names import task_id
 from processors.taxonomy import prompts
@@ -32,6 +32,9 @@ Send = Callable[[list], list]  # list[LLMRequest] -> list[LLMResult], same order
 
 @dataclass(frozen=True)
 class GrowthPlan:
+    """How far to grow: every field but ``limits`` and the two per-batch ones is the ``TaxonomyConfig`` field
+    of the same name (``from_config``)."""
+
     levels: int = 3
     rounds_per_level: int = 2
     min_round_gain: float = 0.05
@@ -44,6 +47,12 @@ class GrowthPlan:
     max_tokens: int | None = None
     roots_owner: str | None = None  # the input row asking for new first-level categories, if in this batch
     reserved_roots: tuple[str, ...] = ()  # every seeded first-level name, in seed order (some in other shards)
+
+    @classmethod
+    def from_config(cls, config) -> "GrowthPlan":
+        """The plan of a ``TaxonomyConfig`` (no batch's ``roots_owner`` / ``reserved_roots`` yet)."""
+        named = {f.name: getattr(config, f.name) for f in fields(cls) if f.name in type(config).model_fields}
+        return cls(**named, limits=NameLimits(max_chars=config.max_name_chars, max_words=config.max_name_words))
 
 
 @dataclass

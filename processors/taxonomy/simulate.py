@@ -1,6 +1,6 @@
 """The simulator's answers to the taxonomy prompts: plausible, deterministic children with realistic mess.
 
-Registered in ``processors.llm.sim_responders.RESPONDERS`` as ``processors.taxonomy.simulate:SIM_RESPONDER``.
+``SIM_RESPONDER`` is listed in ``processors.pipeline.default_responders``, which hands it to the simulator.
 Names are built from the parent's name with a qualifier ("Fine-grained ...") and/or a context ("... in aerial
 imagery"), avoiding the names the prompt lists. Around them, with fixed probabilities, the reply carries the
 mess real models produce, one kind per parser rule: a preamble and a closing remark, code fences, numbering
@@ -16,7 +16,7 @@ import hashlib
 import random
 import re
 
-from processors.llm.sim_responders import Responder, message_text
+from processors.simulator.responders import Responder, message_text
 from processors.taxonomy import prompts
 
 NEW_FIRST_LEVEL = [

@@ -80,10 +80,10 @@ def test_running_a_later_stage_alone_refuses_a_stale_input(tmp_path):
 
 def test_speed_knobs_do_not_change_a_stage_fingerprint():
     from processors.clip.config import ClipMatchConfig
-    from processors.stages.match import Match
+    from processors.stages.match import MatchStage
     from processors.stages.score import ScoreConfig, ScoreStage
 
-    match = Match()
+    match = MatchStage()
     assert match.fingerprint_config(ClipMatchConfig(batch_size=8, num_workers=0)) == \
         match.fingerprint_config(ClipMatchConfig(batch_size=256, num_workers=8))
     assert match.fingerprint_config(ClipMatchConfig(top_k=5)) != match.fingerprint_config(ClipMatchConfig(top_k=10))

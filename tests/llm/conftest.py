@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # llm_helpers
 
 from llm_helpers import KEY_ENV, TEST_KEY, fast_settings, make_ctx  # noqa: E402
 
-from processors.llm.sim_core import SimulatorOptions  # noqa: E402
-from processors.llm.sim_thread import SimulatorThread  # noqa: E402
+from processors.pipeline import default_responders  # noqa: E402
+from processors.simulator.core import SimulatorOptions  # noqa: E402
+from processors.simulator.thread import SimulatorThread  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,11 +27,13 @@ def api_key(monkeypatch):
 
 @pytest.fixture
 def simulator():
-    """``simulator(**options)`` starts one; all are stopped at the end of the test."""
+    """``simulator(responders=None, **options)`` starts one answering with ``responders`` (None: the pipeline's,
+    as under ``--dry-run``); all are stopped at the end of the test."""
     started: list[SimulatorThread] = []
 
-    def start(**options) -> SimulatorThread:
-        sim = SimulatorThread(SimulatorOptions(**options)).start()
+    def start(responders=None, **options) -> SimulatorThread:
+        chosen = default_responders() if responders is None else responders
+        sim = SimulatorThread(SimulatorOptions(**options), responders=chosen).start()
         started.append(sim)
         return sim
 

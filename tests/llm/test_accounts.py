@@ -10,7 +10,7 @@ import pytest
 from llm_helpers import json_requests
 
 from processors.llm.accounts import SERVICE, Accounts, process_accounts, run_accounts
-from processors.llm.api import run_requests
+from processors.llm.client import run_requests
 from processors.llm.settings import EndpointSettings
 from processors.llm.transport import AiohttpTransport
 
@@ -102,7 +102,8 @@ def test_a_pickled_account_is_the_receiving_process_own_one_per_run():
 
 
 def test_stages_and_referees_calling_one_server_and_model_share_one_account(simulator, ctx_for):
-    from processors.llm.api import RequestGroup, run_request_groups
+    from processors.llm.api import RequestGroup
+    from processors.llm.client import run_request_groups
 
     sim = simulator(latency_ms=1)
     ctx = ctx_for(sim)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
 from processors.llm import LLMSettings, estimate_requests, project
-from processors.llm import sim_responders
 from processors.llm.images import image_tokens
 from processors.llm.request import LLMRequest
-from processors.llm.sim_responders import Responder
-from processors.llm.sim_thread import add_arguments, options_from_args
+from processors.simulator.core import SimulatorOptions
+from processors.simulator.responders import Responder, message_text
+from processors.simulator.thread import SimulatorThread, add_arguments, options_from_args
 
 
 def _post(sim, body: dict, key: str = "k1") -> dict:
@@ -23,13 +24,12 @@ def _post(sim, body: dict, key: str = "k1") -> dict:
         return json.loads(response.read())
 
 
-ECHO = Responder("echo-test", matches=lambda m: "ECHO-TEST" in sim_responders.message_text(m),
+ECHO = Responder("echo-test", matches=lambda m: "ECHO-TEST" in message_text(m),
                  respond=lambda m, rng: f"echo {rng.randint(0, 10**6)}")
 
 
-def test_registered_responder_answers_its_prompt(simulator, monkeypatch):
-    monkeypatch.setattr(sim_responders, "RESPONDERS", ["test_llm_simulator:ECHO"])  # how a step registers
-    sim = simulator()
+def test_a_responder_handed_to_the_simulator_answers_its_prompt(simulator):
+    sim = simulator(responders=[ECHO])  # how a caller (the pipeline, a test) hands the simulator its answers
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "ECHO-TEST"}]}]}
     first, second = _post(sim, body), _post(sim, body, key="k2")
     assert first["choices"][0]["message"]["content"].startswith("echo ")
@@ -41,8 +41,8 @@ def test_registered_responder_answers_its_prompt(simulator, monkeypatch):
 
 
 def test_responder_entries_must_be_responders():
-    with pytest.raises(TypeError):
-        sim_responders.resolve(["json:dumps"])
+    with pytest.raises(TypeError, match="not a Responder"):
+        SimulatorThread(SimulatorOptions(), responders=["processors.filter.simulate:SIM_RESPONDER"])
 
 
 def test_logprobs_for_a_one_token_vote(simulator):
@@ -81,10 +81,19 @@ def test_projection_and_estimate_use_the_price_table():
     assert (concrete.requests, concrete.prompt_tokens, concrete.completion_tokens) == (1, 14, 50)
 
 
-def test_the_simulator_answers_every_llm_stage_with_the_responder_that_stage_declares():
-    from processors.llm.sim_responders import active_responders
-    from processors.pipeline import default_stages
+def test_the_pipeline_hands_the_simulator_one_responder_per_llm_stage_in_pipeline_order():
+    from processors.pipeline import default_responders
 
-    declared = [s.name for s in default_stages() if s.sim_responder]
-    assert declared == ["taxonomy", "filter", "qa", "score"]
-    assert [r.name for r in active_responders()] == ["taxonomy", "filter", "qa", "referee"]
+    assert [r.name for r in default_responders()] == ["taxonomy", "filter", "qa", "referee"]
+
+
+def test_a_dry_run_answers_with_the_responders_it_is_given(simulator):
+    """A pipeline with an extra LLM stage runs dry with its responder added to the pipeline's."""
+    from processors.pipeline import default_responders
+    from processors.session import dry_run_services
+
+    plain = {"model": "m", "messages": [{"role": "user", "content": "ECHO-TEST"}]}
+    for responders, echoed in ((None, False), ([*default_responders(), ECHO], True)):
+        with dry_run_services(True, responders=responders) as services:
+            reply = _post(SimpleNamespace(base_url=services["llm_base_url"]), plain)
+        assert reply["choices"][0]["message"]["content"].startswith("echo ") is echoed

@@ -15,6 +15,7 @@ from PIL import Image
 
 from builder.ids import fingerprint
 from processors.llm import CircuitOpenError, EndpointSettings, LLMRequest, LLMSettings, run_requests
+from processors.llm.client import LLMClient
 from processors.llm.errors import from_status, redact, server_message
 from processors.llm.prepare import CACHE_KEY_VERSION, prepare, request_params
 from processors.llm.request import LLMResult
@@ -54,7 +55,8 @@ def test_every_paper_preset_votes_on_a_vllm_server_without_request_processor_kwa
     for name, preset in PAPER.items():
         sim = simulator(flavor="vllm", served_models=served)  # a 404 unless the preset's served name is sent
         ctx = _ctx(tmp_path, {name: _vllm_endpoint(sim)})
-        votes = EndpointReferee(RefereeSettings(name=name, preset=preset, endpoint={"endpoint": name}), ctx).score(items)
+        settings = RefereeSettings(name=name, preset=preset, endpoint={"endpoint": name})
+        votes = EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
         assert [v.error for v in votes] == [None] * len(items), votes[0].detail
         assert all(0.0 <= v.p_yes <= 1.0 and v.vote == int(v.p_yes > 0.5) for v in votes)
         stats = sim.stats()
@@ -67,14 +69,14 @@ def test_request_processor_kwargs_refused_by_vllm_keep_the_servers_words_and_adv
     settings = RefereeSettings(name="iv", preset="internvl2-26b",
                                endpoint={"endpoint": "iv", "request_mm_processor_kwargs": True})
     with pytest.raises(CircuitOpenError) as caught:
-        EndpointReferee(settings, ctx).score(items)
+        EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
     message = str(caught.value)
     assert "--trust-request-mm-kwargs only when clients are trusted" in message  # the server's advice, whole
     assert "rejected the request itself" in message and "reachable" not in message  # a 400 is not a dead server
     # ... and with the server started with the flag, the same settings work
     trusting = simulator(flavor="vllm", trust_request_mm_kwargs=True)
     ctx = _ctx(tmp_path, {"iv": _vllm_endpoint(trusting)})
-    assert all(v.ok for v in EndpointReferee(settings, ctx).score(items))
+    assert all(v.ok for v in EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items))
 
 
 def test_two_servers_with_one_served_name_never_share_an_answer(simulator, tmp_path, items):
@@ -82,7 +84,7 @@ def test_two_servers_with_one_served_name_never_share_an_answer(simulator, tmp_p
     ctx = _ctx(tmp_path, {"a": _vllm_endpoint(first, model="same"), "b": _vllm_endpoint(second, model="same")})
     for name in ("a", "b"):
         votes = EndpointReferee(RefereeSettings(name=name, preset="internvl2-26b", endpoint={"endpoint": name}),
-                                ctx).score(items)
+                                LLMClient.for_stage(ctx)).score(items)
         assert all(v.ok for v in votes)
     assert first.stats()["received"] == len(items) and second.stats()["received"] == len(items)
     assert ctx.usage["cache_hits"] == 0
@@ -114,7 +116,7 @@ def test_a_constrained_vote_reads_both_digits_exactly(simulator, tmp_path, items
     sim = simulator(flavor="vllm", digit_spread=1.0)
     ctx = _ctx(tmp_path, {"r": _vllm_endpoint(sim)})
     settings = RefereeSettings(name="r", preset="internvl2-26b", endpoint={"endpoint": "r", "top_logprobs": 2})
-    votes = EndpointReferee(settings, ctx).score(items)
+    votes = EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
     assert all(v.ok and v.detail is None and 0.0 < v.p_yes < 1.0 for v in votes)
 
 
@@ -123,7 +125,7 @@ def test_without_a_constraint_a_missing_digit_bounds_p_yes_instead_of_losing_the
     ctx = _ctx(tmp_path, {"r": _vllm_endpoint(sim)})
     settings = RefereeSettings(name="r", preset="internvl2-26b",
                                endpoint={"endpoint": "r", "top_logprobs": 10, "vote_constraint": "none"})
-    votes = EndpointReferee(settings, ctx).score(items)
+    votes = EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
     assert all(v.ok for v in votes)  # no vote lost
     assert all("is not among the 10 top logprobs" in v.detail and "bound" in v.detail for v in votes)
     assert all((v.vote == 1) == (v.p_yes > 0.5) for v in votes)
@@ -148,7 +150,7 @@ def test_top_logprobs_above_the_servers_maximum_fail_with_its_words(simulator, t
     ctx = _ctx(tmp_path, {"r": _vllm_endpoint(sim)}, breaker=2)
     settings = RefereeSettings(name="r", preset="glm-4v-9b", endpoint={"endpoint": "r", "top_logprobs": 21})
     with pytest.raises(CircuitOpenError, match="greater than max allowed: 20"):
-        EndpointReferee(settings, ctx).score(items)
+        EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
 
 
 def test_vllm_401_and_404_bodies_give_advice_that_fits(simulator, tmp_path, monkeypatch):
@@ -239,9 +241,9 @@ def test_a_dead_replica_hands_its_share_to_the_others_without_paying_twice(simul
     assert len(b_share) == 6
     # b answers half its share, then goes down (its answers are cached under b's address)...
     only_b = RefereeSettings(name="iv", preset="internvl2-26b", endpoint={"endpoint": "b"})
-    assert all(v.ok for v in EndpointReferee(only_b, ctx).score(b_share[:3]))
+    assert all(v.ok for v in EndpointReferee(only_b, LLMClient.for_stage(ctx)).score(b_share[:3]))
     b.close()
-    referee = EndpointReferee(settings, ctx)
+    referee = EndpointReferee(settings, LLMClient.for_stage(ctx))
     with caplog.at_level(logging.WARNING, logger="processors.referees.endpoint"):
         votes = referee.score(items)
     # ... and the referee still votes on every question: b's cached answers kept, the rest sent to a.
@@ -259,5 +261,5 @@ def test_the_referee_stops_only_when_no_replica_is_left(simulator, tmp_path, ite
     a.close()
     b.close()
     with pytest.raises(CircuitOpenError) as caught:
-        EndpointReferee(settings, ctx).score(items)
+        EndpointReferee(settings, LLMClient.for_stage(ctx)).score(items)
     assert "reachable" in str(caught.value)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from loaders.images.download import fetch_urls
-from loaders.images.sources import DownloadConfig
+from loaders.images.download import DownloadConfig
 from local_http import LocalServer
 
 

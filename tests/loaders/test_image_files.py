@@ -20,9 +20,10 @@ from PIL import Image
 from builder.config import ConfigError, build_config_model, validate_config
 from loaders.images import paths
 from loaders.images.archives import ArchiveError, unpack
+from loaders.images.download import DownloadConfig
 from loaders.images.fetch import Fetcher
 from loaders.images.hub import HubCellError, cell_bytes
-from loaders.images.sources import DownloadConfig, HubSource
+from loaders.images.sources import HubSource
 from processors.stages.images import ImagesStage
 
 DEADLINE_S = 5.0

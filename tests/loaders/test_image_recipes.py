@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from loaders.images.archives import ArchiveError, download_file, unpack
-from loaders.images.recipes import RECIPES, prepare_recipe
-from loaders.images.sources import DownloadConfig, RecipeSource
+from loaders.images.download import DownloadConfig
+from loaders.images.prepare import prepare_recipe
+from loaders.images.recipes import RECIPES
+from loaders.images.sources import RecipeSource
 from local_http import LocalServer
 
 CONFIG = DownloadConfig(allowed_networks=("127.0.0.1/32",), retries=0, backoff_s=0.01)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from processors.image_validate import HASH_SIDE, ImageLimits, check_image, decode_cost, dhash, hamming
+from loaders.images.dedup import hamming
+from processors.image_validate import HASH_SIDE, ImageLimits, check_image, decode_cost, dhash
 from processors.imageio import ImageTooLargeError, open_rgb
 
 LIMITS = ImageLimits()

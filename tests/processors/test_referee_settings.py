@@ -50,20 +50,49 @@ def test_prompt_orders_instruction_image_question_and_hides_the_answer():
     assert build_messages("OCR", "q", image_part=url_part)[0]["content"][1] is url_part
 
 
-def test_endpoint_backend_goes_through_the_injected_factory():
+def test_an_endpoint_referee_needs_the_stage_client_and_gets_it():
+    from processors.referees.endpoint import EndpointReferee
+
     settings = RefereeSettings(name="glm", preset="glm-4v-9b")
-    with pytest.raises(ValueError, match="endpoint_factory"):
+    with pytest.raises(ValueError, match="LLMClient"):
         build_referee(settings)
+    client = object()  # the score stage's LLMClient; nothing is resolved before the first plan
+    referee = build_referee(settings, client)
+    assert type(referee) is EndpointReferee and referee.client is client
 
-    class Fake:
-        name = "glm"
 
-        def score(self, items):
-            return [Vote(qa_id=it.qa_id, vote=1, p_yes=0.9) for it in items]
+def test_every_kind_is_in_the_registry_and_says_where_it_runs():
+    import pydantic
 
-    assert build_referee(settings, endpoint_factory=lambda s: Fake()).score(
-        [RefereeItem("a", "x.png", "OCR", "q")]
-    )[0].vote == 1
+    from processors.referees.blind import BlindReferee
+    from processors.referees.factory import kind_of, llm_endpoints, runs_on_device
+
+    with pytest.raises(pydantic.ValidationError, match="no referee kind; the kinds are local, endpoint"):
+        RefereeSettings(name="t", model_id="m", backend="blind")  # blind is a flag, not a backend
+    local = RefereeSettings(name="t", preset="tiny-random-llava")
+    remote = RefereeSettings(name="iv", preset="internvl2-26b", endpoint={"endpoints": ["a", "b"]})
+    blind = RefereeSettings(name="b", preset="internvl2-26b", blind=True, see_answer=True)
+    assert [kind_of(s) for s in (local, remote, blind)] == ["local", "endpoint", "blind"]
+    assert runs_on_device(local) and not runs_on_device(remote) and not runs_on_device(blind)
+    assert llm_endpoints(local) == [] and llm_endpoints(remote) == ["a", "b"] and llm_endpoints(blind) == ["b"]
+    assert type(build_referee(blind, object())) is BlindReferee
+
+
+def test_the_referee_modules_import_each_other_without_a_cycle():
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "processors" / "referees"
+    imports = {}  # module -> the referee modules it imports at module level (not under TYPE_CHECKING)
+    for path in folder.glob("*.py"):
+        body = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.ImportFrom)]
+        imports[path.stem] = {node.module.rsplit(".", 1)[-1] for node in body
+                              if (node.module or "").startswith("processors.referees.")}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m})) for m in imports.get(start, ()))
+
+    assert [m for m in imports if reaches(m, m, set())] == []
 
 
 def test_local_referee_is_lazy_and_pickles_without_a_model():

@@ -100,3 +100,16 @@ def test_stats_and_pictures(tmp_path):
     html = (tmp_path / "s.html").read_text(encoding="utf-8")
     assert "sunburst" in html and '"A~B~C"' in html and "https://cdn" not in html[:2000]
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plan_takes_every_growth_setting_from_the_config():
+    from processors.stages.taxonomy import TaxonomyConfig
+    from processors.taxonomy.parse import NameLimits
+
+    config = TaxonomyConfig(levels=4, rounds_per_level=3, min_round_gain=0.1, new_first_level_per_round=5,
+                            max_first_level=40, children_per_request=6, max_children=20, max_name_chars=60,
+                            max_name_words=9, temperature=0.3, max_tokens=500)
+    assert GrowthPlan.from_config(config) == GrowthPlan(
+        levels=4, rounds_per_level=3, min_round_gain=0.1, new_first_level_per_round=5, max_first_level=40,
+        children_per_request=6, max_children=20, limits=NameLimits(max_chars=60, max_words=9), temperature=0.3,
+        max_tokens=500)

@@ -31,9 +31,9 @@ def shard_files(folder):
 
 
 def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(ray_cluster, local_reference, tmp_path):
-    from processors.llm.sim_core import SimulatorOptions
-    from processors.llm.sim_thread import SimulatorThread
-    from processors.pipeline import DRY_RUN_API_KEY
+    from processors.pipeline import DRY_RUN_API_KEY, default_responders
+    from processors.simulator.core import SimulatorOptions
+    from processors.simulator.thread import SimulatorThread
     from processors.session import open_run
 
     _, local_dir = local_reference
@@ -41,7 +41,7 @@ def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(ray_cluster, loc
     run_dir = copy_until(local_dir, tmp_path / "run", "match")
     errors: list[BaseException] = []
     # Slow answers, so the worker dies with its shards' requests on the wire.
-    with SimulatorThread(SimulatorOptions(latency_ms=2000)) as sim:
+    with SimulatorThread(SimulatorOptions(latency_ms=2000), responders=default_responders()) as sim:
         services = {"llm_base_url": sim.base_url, "llm_api_key": DRY_RUN_API_KEY}
         runner = open_run(config, run_dir=run_dir, dry_run=True, services=services, progress=False, engine="ray")
 

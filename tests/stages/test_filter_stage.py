@@ -14,10 +14,9 @@ from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner
 from builder.stage import Stage, StageConfig
 from processors.filter.prompt import MARKER
-from processors.llm import sim_responders
 from processors.llm.settings import LLMSettings
-from processors.llm.sim_responders import Responder, message_text
-from processors.llm.sim_thread import SimulatorThread
+from processors.simulator.responders import Responder, message_text
+from processors.simulator.thread import SimulatorThread
 from processors.stages.filter import FilterStage
 from toy_stages import ToyImages, copy_rows
 
@@ -64,7 +63,7 @@ def pictures(tmp_path) -> Path:
     return folder
 
 
-def test_filter_keeps_real_candidates_and_accounts_for_the_rest(tmp_path, pictures, monkeypatch):
+def test_filter_keeps_real_candidates_and_accounts_for_the_rest(tmp_path, pictures):
     # Each image gets the next scripted reply the first time it is seen, and the same one when asked again.
     order = iter(range(len(REPLIES)))
     replies_by_image: dict[str, str] = {}
@@ -75,15 +74,14 @@ def test_filter_keeps_real_candidates_and_accounts_for_the_rest(tmp_path, pictur
             replies_by_image[image] = REPLIES[next(order)]
         return replies_by_image[image]
 
-    monkeypatch.setattr(sim_responders, "RESPONDERS",
-                        [Responder("scripted-filter", lambda m: MARKER in message_text(m), respond)])
+    scripted = Responder("scripted-filter", lambda m: MARKER in message_text(m), respond)
     stages = [ToyImages(), ToyMatch(), FilterStage()]
     config = validate_config({
         "run": {"name": "f", "shard_size": 10},
         "llm": {"endpoints": {"gpt4o": {"max_retries": 1, "backoff_initial_s": 0.01}}},
         "stages": {"images": {"folder": str(pictures)}, "filter": {"use_json_schema": False}},
     }, build_config_model(stages, {"llm": LLMSettings}), base_dir=tmp_path)
-    with SimulatorThread() as sim:
+    with SimulatorThread(responders=[scripted]) as sim:
         state = Runner(stages, config, tmp_path / "run", dry_run=True, progress=False,
                        services={"llm_base_url": sim.base_url, "llm_api_key": "sk-test"}).run()["filter"]
         received = sim.stats()["received"]

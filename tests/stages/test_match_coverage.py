@@ -9,7 +9,7 @@ from test_match_stage import run_dir  # noqa: F401 - the fixture
 
 from builder.outputs import load_stage_failures, load_stage_output
 from processors.clip.config import ClipMatchConfig
-from processors.stages.match import Match
+from processors.stages.match import MatchStage
 
 LEAVES = [p for p in base.TASK_PATHS if not any(q.startswith(p + "~") for q in base.TASK_PATHS)]
 
@@ -28,9 +28,9 @@ def test_every_leaf_gets_at_least_m_candidates(run_dir):  # noqa: F811
 
 
 def test_the_pass_off_leaves_the_fingerprint_config_as_before():
-    off = Match().fingerprint_config(ClipMatchConfig(pretrained=None))
+    off = MatchStage().fingerprint_config(ClipMatchConfig(pretrained=None))
     assert "coverage_min" not in off and "coverage_max_extra" not in off
-    on = Match().fingerprint_config(ClipMatchConfig(pretrained=None, coverage_min=3))
+    on = MatchStage().fingerprint_config(ClipMatchConfig(pretrained=None, coverage_min=3))
     assert on["coverage_min"] == 3 and on["coverage_max_extra"] == 3
 
 

@@ -13,14 +13,14 @@ from toy_stages import ToyImages, copy_rows
 from PIL import Image, ImageDraw
 from pydantic import Field
 
+import processors.clip.shared as shared_matchers
 import processors.clip.text as text_module
-import processors.stages.match as match_module
 from builder.config import build_config_model, validate_config
 from builder.ids import text_id
 from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner
 from builder.stage import Stage, StageConfig
-from processors.stages.match import Match
+from processors.stages.match import MatchStage
 
 TASK_PATHS = ["Objects", "Objects~Animals", "Objects~Animals~Counting dogs", "Objects~Vehicles~Car colour",
               "OCR~Street signs", "OCR~Menus~Prices", "Scenes~Weather", "Scenes~Indoor~Room type"]
@@ -54,7 +54,7 @@ class ToyTaxonomy(Stage):
         return copy_rows(self.COLUMNS, "task_id")
 
 
-STAGES = [ToyTaxonomy(), ToyImages(), Match()]
+STAGES = [ToyTaxonomy(), ToyImages(), MatchStage()]
 
 
 
@@ -92,7 +92,7 @@ def test_match_stage_end_to_end_resume_and_cache(run_dir, monkeypatch):
     totals = states["match"]["totals"]
     assert (totals["rows_in"], totals["rows_out"], totals["failed"]) == (10, 9, {"image_corrupt": 1})
     # the stage let go of its decode workers and model when it ended (the next stage may need the GPU)
-    assert {p.pid for p in multiprocessing.active_children()} <= before and not match_module._MATCHERS
+    assert {p.pid for p in multiprocessing.active_children()} <= before and not shared_matchers._MATCHERS
     assert states["match"]["shards_total"] == 3 and calls == [6]  # six leaves, embedded once for 3 shards
     output = load_stage_output(run_dir, "match")
     leaves = {text_id(p): p for p in TASK_PATHS if not any(q.startswith(p + "~") for q in TASK_PATHS)}

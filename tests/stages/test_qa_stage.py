@@ -11,19 +11,19 @@ import pytest
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-import processors.llm.api as llm_api
+from processors.llm.client import EndpointCall
 from builder.config import ConfigError, build_config_model, validate_config
 from builder.ids import bytes_id, text_id
 from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner, StageError
 from builder.stage import Stage, StageConfig
-from processors.llm import sim_responders
 from processors.llm.settings import LLMSettings
-from processors.llm.sim_core import SimulatorOptions
-from processors.llm.sim_responders import Responder, message_text
-from processors.llm.sim_thread import SimulatorThread
+from processors.pipeline import default_responders
 from processors.qa import simulate
 from processors.qa.prompt import PROMPT_VERSION, REPAIR_MARKER
+from processors.simulator.core import SimulatorOptions
+from processors.simulator.responders import Responder, message_text
+from processors.simulator.thread import SimulatorThread
 from processors.stages.qa import QAStage
 from toy_stages import ToyImages, copy_rows
 
@@ -81,14 +81,14 @@ def pictures(tmp_path) -> Path:
 
 
 @pytest.fixture
-def simulator(monkeypatch):
-    """``simulator(respond=None)``: the simulator, answering QA prompts with ``respond`` when given."""
+def simulator():
+    """``simulator(respond=None)``: the simulator, answering QA prompts with ``respond`` when given (else with
+    the pipeline's responders)."""
     started = []
 
     def start(respond=None):
-        if respond is not None:
-            monkeypatch.setattr(sim_responders, "RESPONDERS", [Responder("qa-test", simulate.matches, respond)])
-        started.append(SimulatorThread(SimulatorOptions()).start())
+        responders = default_responders() if respond is None else [Responder("qa-test", simulate.matches, respond)]
+        started.append(SimulatorThread(SimulatorOptions(), responders=responders).start())
         return started[-1]
 
     yield start
@@ -179,17 +179,17 @@ def test_an_unparsable_reply_gets_exactly_one_repair_request(tmp_path, pictures,
 
 def test_resume_in_the_middle_of_a_shard_pays_no_request_twice(tmp_path, pictures, simulator, monkeypatch):
     sim = simulator(clean_reply)
-    real = llm_api.run_requests
+    real = EndpointCall.send
 
-    def crash_halfway(requests, **kwargs):
-        real(requests[:3], **kwargs)  # three answers reach the request cache, then the process "dies"
+    def crash_halfway(call, requests):
+        real(call, requests[:3])  # three answers reach the request cache, then the process "dies"
         raise RuntimeError("simulated crash in the middle of the shard")
 
-    monkeypatch.setattr(llm_api, "run_requests", crash_halfway)
+    monkeypatch.setattr(EndpointCall, "send", crash_halfway)
     with pytest.raises(StageError, match="simulated crash"):
         run(tmp_path / "run", sim, pictures, shard_size=100)
     assert sim.stats()["received"] == 3
-    monkeypatch.setattr(llm_api, "run_requests", real)
+    monkeypatch.setattr(EndpointCall, "send", real)
     states = run(tmp_path / "run", sim, pictures, shard_size=100)
     stats = sim.stats()
     assert stats["received"] == 7 and stats["duplicates"] == 0 and set(stats["ok_per_key"].values()) == {1}

@@ -70,7 +70,7 @@ def test_p_yes_from_logprobs_sums_every_spelling_of_each_digit():
     assert digit_probabilities([{"token": "x", "logprob": 0.0, "top_logprobs": [{"token": "x", "logprob": 0.0}]}]) is None
 
 
-def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
+def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once():
     # Ctrl-C / SIGTERM lands while a local referee runs: the endpoint referees' calls on the helper thread
     # must be cancelled, not waited for (they would keep paying).
     import threading
@@ -83,10 +83,11 @@ def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
 
     stopped = threading.Event()
 
-    def slow_calls(groups, *, ctx, stop=None, return_exceptions=False):
-        assert stop is not None and stop.wait(timeout=20)  # returns as soon as the stop is set
-        stopped.set()
-        return [[] for _ in groups]
+    class SlowClient:
+        def send_groups(self, groups, *, stop=None, return_exceptions=False):
+            assert stop is not None and stop.wait(timeout=20)  # returns as soon as the stop is set
+            stopped.set()
+            return [[] for _ in groups]
 
     class Remote(EndpointReferee):
         def __init__(self):
@@ -101,11 +102,10 @@ def test_a_stop_during_scoring_cancels_the_endpoint_calls_at_once(monkeypatch):
         def score(self, items):
             raise KeyboardInterrupt  # the signal, delivered to the main thread mid-scoring
 
-    monkeypatch.setattr(api, "run_request_groups", slow_calls)
     settings = [RefereeSettings(name="remote", preset="internvl2-26b"), RefereeSettings(name="local", preset="tiny-random-llava")]
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        score_all(settings, [Remote(), Local()], {"remote": [], "local": []}, ctx=None)
+        score_all(settings, [Remote(), Local()], {"remote": [], "local": []}, SlowClient())
     assert stopped.is_set() and time.monotonic() - started < 5
 
 

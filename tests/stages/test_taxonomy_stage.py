@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-import processors.llm.api as llm_api
+from processors.llm.client import EndpointCall
 from builder.config import build_config_model, validate_config
 from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner, StageError
 from loaders.taxonomy.seeds import SeedError
 from processors.llm.settings import LLMSettings
-from processors.llm.sim_thread import SimulatorThread
+from processors.pipeline import default_responders
+from processors.simulator.thread import SimulatorThread
 from processors.stages.taxonomy import TaxonomyStage
 
 SEEDS = """\
@@ -31,7 +32,7 @@ SMALL = {"levels": 3, "rounds_per_level": 1, "children_per_request": 3, "new_fir
 
 @pytest.fixture(scope="module")
 def sim():
-    with SimulatorThread() as simulator:
+    with SimulatorThread(responders=default_responders()) as simulator:
         yield simulator
 
 
@@ -77,21 +78,21 @@ def test_growth_outputs_and_accounting(tmp_path, sim):
 
 def test_resume_mid_stage_pays_for_no_request_twice(tmp_path, sim, monkeypatch):
     sim.reset()
-    real = llm_api.run_requests
+    real = EndpointCall.send
     calls = []
 
-    def crash_on_third_level(requests, **kwargs):
+    def crash_on_third_level(call, requests):
         calls.append(len(requests))
         if len(calls) == 3:  # level 1 and level 2 are answered and cached; level 3 dies half-way
-            real(requests[: len(requests) // 2], **kwargs)
+            real(call, requests[: len(requests) // 2])
             raise ConnectionError("simulated crash")
-        return real(requests, **kwargs)
+        return real(call, requests)
 
-    monkeypatch.setattr(llm_api, "run_requests", crash_on_third_level)
+    monkeypatch.setattr(EndpointCall, "send", crash_on_third_level)
     with pytest.raises(StageError, match="simulated crash"):
         _runner(tmp_path, sim, SMALL).run()
     paid_before = sim.stats()["received"]
-    monkeypatch.setattr(llm_api, "run_requests", real)
+    monkeypatch.setattr(EndpointCall, "send", real)
     state = _runner(tmp_path, sim, SMALL).run()["taxonomy"]
     stats = sim.stats()
     assert stats["duplicates"] == 0 and stats["received"] == stats["keys"]

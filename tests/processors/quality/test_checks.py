@@ -137,7 +137,7 @@ def test_the_match_stages_vectors_are_reused(tmp_path):
 
     from processors.clip.coverage import embed_images
     from processors.quality.decontam import _our_vectors
-    from processors.stages.match import get_matcher
+    from processors.clip.shared import get_matcher
 
     run = tmp_path / "run"
     (run / "02_match" / "coverage").mkdir(parents=True)
@@ -173,7 +173,7 @@ def test_the_blind_referee_answers_without_image_or_answer_and_flags_a_planted_t
     from processors.referees.simulate import respond
 
     settings = RefereeSettings(name="blind", preset="internvl2-26b", blind=True, see_answer=True)
-    referee = BlindReferee(settings, ctx=None)
+    referee = BlindReferee(settings, None)
     planted = RefereeItem("q", "/img.png", "Math~Arithmetic", "What is 17 + 25?", "The answer is 42.")
     visual = [RefereeItem(f"v{i}", "/img.png", "Counting~Dogs", f"How many dogs are on sofa {i}?", "Three.")
               for i in range(50)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from builder.card import size_category
+from processors.publish.card import size_category
 from processors.quality.agreement import agreement_report
 from processors.quality.report import _first_scores, _flat, value_counts
 from processors.quality.report_text import card_section

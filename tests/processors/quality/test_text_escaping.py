@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from builder.card import CardSettings, md_code, md_fence, md_text, render_card
 from builder.config import ConfigError, build_config_model, validate_config
+from processors.publish.card import CardSettings, md_code, md_fence, md_text, render_card
 from processors.quality.agreement import agreement_report
 from processors.quality.browser import render_browser
 from processors.quality.coverage import per_leaf_csv

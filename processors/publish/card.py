@@ -11,12 +11,14 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from builder.config import read_config_data
+from builder.stage import Stage
 
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
@@ -89,16 +91,7 @@ def size_category(rows: int) -> str:
     return next((label for bound, label in SIZE_CATEGORIES if rows < bound), "n>1T")
 
 
-STAGE_TEXT = {
-    "taxonomy": "the task-type tree (one row per task type; leaves are the task types)",
-    "images": "the collected, validated, deduplicated images (embedded)",
-    "match": "each image's top-k task types by CLIP similarity",
-    "filter": "the task types GPT-4o kept for each image",
-    "qa": "one generated question and answer per image and task type",
-    "score": "referee votes and p(yes) per question",
-    "final": "the kept samples in LLaVA form, images embedded (the default config)",
-    "failures": "every row any stage dropped, with its stage, reason code and detail",
-}
+FAILURES_TEXT = "every row any stage dropped, with its stage, reason code and detail"  # the `failures` config
 
 
 def _front_matter(configs: list[dict], settings: CardSettings, run_name: str) -> str:
@@ -130,8 +123,11 @@ def card_settings(run_dir: Path) -> tuple[CardSettings, str]:
     return CardSettings.model_validate(data.get("card") or {}), str((data.get("run") or {}).get("name") or "run")
 
 
-def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, browser: bool = False) -> str:
-    """``browser``: the layout holds the static sample browser (``browser/index.html``)."""
+def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stages: Sequence[Stage] = (),
+                browser: bool = False) -> str:
+    """``stages``: the pipeline's stages, whose ``description`` says what each config holds. ``browser``: the
+    layout holds the static sample browser (``browser/index.html``)."""
+    holds = {stage.name: stage.description for stage in stages} | {"failures": FAILURES_TEXT}
     config_text = (Path(run_dir) / "config.yaml")
     settings, run_name = card_settings(run_dir)
     title = settings.pretty_name or "TaskGalaxy-style instruction-tuning data"
@@ -149,7 +145,7 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, brows
     ]
     for config in configs:
         name = config["name"]
-        lines.append(f"| `{md_code(name)}` | {config['rows']:,} | {STAGE_TEXT.get(name, '')} | "
+        lines.append(f"| `{md_code(name)}` | {config['rows']:,} | {holds.get(name, '')} | "
                      f"`load_dataset(REPO, \"{md_code(name)}\", split=\"train\")` |")
     lines += ["", "## What each stage did", "",
               "| stage | rows in | rows out | failed (by reason) | items rejected | tokens | cost $ | fingerprint |",

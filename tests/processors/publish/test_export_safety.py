@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder import runfolder as rf
-from builder.export import _place_image
-from builder.publish import MARKER, _refuse_foreign_folder, _swap_into_place
+from processors.publish.export import _place_image
+from processors.publish.hub import MARKER, _refuse_foreign_folder, _swap_into_place
 
 
 def test_an_image_root_that_holds_the_source_itself_is_left_alone(tmp_path):
@@ -84,7 +84,7 @@ def test_an_image_root_in_the_run_folder_is_refused_before_anything_is_written(t
 
 
 def test_an_image_root_in_the_image_store_is_refused(tmp_path):
-    from builder.export import ImageRootError, export_llava
+    from processors.publish.export import ImageRootError, export_llava
     from loaders.images.paths import trusted_image_resolver
     from toy_llava_run import finished_llava_run
 
@@ -129,7 +129,7 @@ def test_dot_dot_in_the_paths_resolves_like_the_file_system_and_a_file_is_refuse
 def test_the_llava_json_carries_no_control_characters(tmp_path, monkeypatch):
     import datasets
 
-    import builder.export as export
+    import processors.publish.export as export
 
     final = datasets.Dataset.from_list([{
         "id": "q-1", "image": "toy/a\x01.png", "task_type": "OCR~Signs\x1b[0m",

@@ -15,15 +15,17 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
 
-from builder.card import render_card
-from builder.export import OutputWriteError, export_llava, write_failure
 from builder.outputs import load_stage_failures, load_stage_output, require_intact_stage, run_states
 from builder.runfolder import TMP_PREFIX, plain_mode
+from builder.stage import Stage
+from processors.publish.card import render_card
+from processors.publish.export import export_llava
+from processors.publish.writes import OutputWriteError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +35,12 @@ BROWSER = "browser/index.html"  # the static sample browser, when the CLI's extr
 
 
 def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[str], Path],
-                      extras: Callable[[Path], None] | None = None) -> list[dict]:
+                      extras: Callable[[Path], None] | None = None, stages: Sequence[Stage] = ()) -> list[dict]:
     """Write the Hub layout of ``run_dir`` into ``out_dir``; returns what each config holds.
 
     ``extras(folder)`` adds files to the layout before the card is written (the CLI passes the sample
-    browser's writer: ``builder`` knows no image library); they appear, and are replaced, with the rest.
+    browser's writer); they appear, and are replaced, with the rest. ``stages``: the pipeline's stages, whose
+    descriptions the card shows.
 
     All or nothing: everything is checked first (a folder of someone else's at ``out_dir``, damaged shards,
     image roots the run's config does not vouch for), then laid out in a hidden folder beside ``out_dir`` and
@@ -54,7 +57,7 @@ def build_repo_folder(run_dir: Path, out_dir: Path, *, resolve_image: Callable[[
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = plain_mode(Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent)))
-        configs = _lay_out(run_dir, staging, states, resolve_image, extras, doing)
+        configs = _lay_out(run_dir, staging, states, resolve_image, extras, doing, stages)
         doing("move the finished layout into place", out_dir)
         _swap_into_place(staging, out_dir)
     except BaseException as exc:
@@ -95,7 +98,7 @@ def _write_failure(exc: BaseException, doing: _Doing, staging: Path | None, out_
 
 
 def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, extras=None,
-             doing: _Doing | None = None) -> list[dict]:
+             doing: _Doing | None = None, stages: Sequence[Stage] = ()) -> list[dict]:
     doing = doing or _Doing("lay out", out_dir)
     doing("write", out_dir / MARKER)
     (out_dir / MARKER).write_text("laid out by taskgalaxy push; may be replaced by the next push\n")
@@ -127,7 +130,7 @@ def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, ex
         extras(out_dir)
     browser = (out_dir / BROWSER).is_file()
     doing("write the dataset card", out_dir / "README.md")
-    (out_dir / "README.md").write_text(render_card(run_dir, configs, states, browser=browser), encoding="utf-8")
+    (out_dir / "README.md").write_text(render_card(run_dir, configs, states, stages=stages, browser=browser), encoding="utf-8")
     return configs
 
 

@@ -6,11 +6,12 @@ import collections
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from builder.ids import fingerprint
-from processors.llm.sim_responders import Responder, message_text, reply_text
+from processors.simulator.responders import Responder, message_text, reply_text
 
 # "empty": a 200 chat completion with empty content, no finish_reason and no usage (a proxy's stub for an
 # answer it lost): no answer of the model, so never "the same unusable reply" twice.
@@ -167,7 +168,7 @@ def pad_json(text: str, rng: random.Random) -> str:
     return "".join(out)
 
 
-def completion(body: dict[str, Any], responders: list[Responder], seed: int, fault: str | None = None,
+def completion(body: dict[str, Any], responders: Sequence[Responder], seed: int, fault: str | None = None,
                options: Any = None, nonce: int = 0) -> dict:
     """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed"/"empty" spoil it."""
     rng = request_rng(body, seed)

@@ -1,26 +1,25 @@
-"""How the simulator answers: an explicit, ordered list of responders, then a generic default.
+"""How the simulator answers: the ordered list of responders it was built with, then a generic default.
 
-Each LLM stage declares the responder that answers its prompt (``Stage.sim_responder``, a ``"module:attribute"``
-string naming a ``Responder``), so a new LLM stage touches no table here; the simulator collects them from the
-pipeline's stage list when it starts (``default_responders``). ``RESPONDERS`` overrides that list when set
-(tests swap in their own). The first responder whose ``matches(messages)`` is true writes the reply text with
+The simulator knows no stage: whoever starts it hands it its responders (``SimulatorThread(options,
+responders=...)``). The product's list is composed in ``processors/pipeline.py`` (``default_responders``, one
+per LLM stage, in pipeline order), which ``--dry-run`` and ``taskgalaxy simulate-api`` pass down; a test passes
+its own. The first responder whose ``matches(messages)`` is true writes the reply text with
 ``respond(messages, rng)``; ``rng`` is a ``random.Random`` seeded from the request, so the same request always
-gets the same reply.
+gets the same reply. No responder matching: ``default_reply``.
 
 Example, in ``processors/filter/simulate.py``::
 
     SIM_RESPONDER = Responder("filter", matches=lambda m: "FILTER-V1" in m[0]["content"],
                               respond=lambda m, rng: "[OCR~Scene text]")
 
-and on the stage: ``sim_responder = "processors.filter.simulate:SIM_RESPONDER"``.
+and in ``processors.pipeline.default_responders``: ``from processors.filter.simulate import SIM_RESPONDER``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,31 +33,14 @@ class Responder:
     respond: Callable[[Messages, random.Random], str]
 
 
-RESPONDERS: list[Responder | str] | None = None  # None: the stages' own (``default_responders``)
-
-
-def default_responders() -> list[str]:
-    """The responders the pipeline's stages declare, in pipeline order."""
-    from processors.pipeline import default_stages
-
-    return [stage.sim_responder for stage in default_stages() if stage.sim_responder]
-
-
-def active_responders() -> list[Responder]:
-    """What a simulator starting now answers with: ``RESPONDERS`` if set, else the stages' own."""
-    return resolve(RESPONDERS if RESPONDERS is not None else default_responders())
-
-
-def resolve(entries: list[Responder | str]) -> list[Responder]:
-    resolved = []
+def checked(responders: Iterable[Responder]) -> tuple[Responder, ...]:
+    """``responders`` as a tuple; a ``TypeError`` names any entry that is not a ``Responder`` (a module path
+    string, say), at construction rather than on the first request."""
+    entries = tuple(responders)
     for entry in entries:
-        if isinstance(entry, str):
-            module, _, attribute = entry.partition(":")
-            entry = getattr(importlib.import_module(module), attribute)
         if not isinstance(entry, Responder):
             raise TypeError(f"simulator responder {entry!r} is not a Responder")
-        resolved.append(entry)
-    return resolved
+    return entries
 
 
 def message_text(messages: Messages) -> str:
@@ -104,7 +86,7 @@ def default_reply(body: dict[str, Any], rng: random.Random) -> str:
     return f"Simulated answer {rng.getrandbits(32):08x}."
 
 
-def reply_text(responders: list[Responder], body: dict[str, Any], rng: random.Random) -> str:
+def reply_text(responders: Sequence[Responder], body: dict[str, Any], rng: random.Random) -> str:
     messages = body["messages"]
     for responder in responders:
         if responder.matches(messages):

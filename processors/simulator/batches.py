@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from processors.llm.sim_core import completion
+from processors.simulator.core import completion
 
 # fraction of batch_duration_s at which each state ends
 _PHASES = (("validating", 0.15), ("in_progress", 0.6), ("finalizing", 1.0))

@@ -1,11 +1,12 @@
 """Running the simulator: in a background thread of this process, or in the foreground for the CLI.
 
-    with SimulatorThread(SimulatorOptions(latency_ms=5)) as sim:
+    with SimulatorThread(SimulatorOptions(latency_ms=5), responders=[ECHO]) as sim:
         sim.base_url      # "http://127.0.0.1:<port>/v1"
         sim.stats()       # GET /_sim/stats, as a dict
 
-``taskgalaxy simulate-api`` calls ``add_arguments(parser)`` to declare the options and ``main_from_args(args)``
-to serve until interrupted.
+``taskgalaxy simulate-api`` calls ``add_arguments(parser)`` to declare the options and
+``main_from_args(args, responders)`` to serve until interrupted. The responders come from the caller
+(the product's: ``processors.pipeline.default_responders()``); none given, every reply is the generic default.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import json
 import logging
 import threading
 import urllib.request
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
-from processors.llm.sim_core import FAULT_KINDS, SimulatorOptions
-from processors.llm.simulator import make_app
+from processors.simulator.core import FAULT_KINDS, SimulatorOptions
+from processors.simulator.responders import Responder, checked
+from processors.simulator.server import make_app
 
 logger = logging.getLogger(__name__)
 
 
-async def _start(options: SimulatorOptions) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(options), access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+async def _start(options: SimulatorOptions, responders: Iterable[Responder]) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(make_app(options, responders), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port, backlog=1024)
     await site.start()
@@ -39,8 +43,9 @@ async def _start(options: SimulatorOptions) -> tuple[web.AppRunner, int]:
 class SimulatorThread:
     """The simulator on its own event loop in a daemon thread; stops on ``close()`` / leaving the ``with``."""
 
-    def __init__(self, options: SimulatorOptions | None = None):
+    def __init__(self, options: SimulatorOptions | None = None, *, responders: Iterable[Responder] = ()):
         self.options = options or SimulatorOptions()
+        self.responders = checked(responders)
         self.port: int | None = None
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -48,7 +53,7 @@ class SimulatorThread:
 
     def start(self) -> "SimulatorThread":
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(_start(self.options), self._loop)
+        future = asyncio.run_coroutine_threadsafe(_start(self.options, self.responders), self._loop)
         self._runner, self.port = future.result(timeout=30)
         logger.info("simulator listening on %s", self.base_url)
         return self
@@ -120,15 +125,17 @@ def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
     return SimulatorOptions(**values)
 
 
-def main_from_args(args: argparse.Namespace) -> int:
+def main_from_args(args: argparse.Namespace, responders: Iterable[Responder] = ()) -> int:
     """Serve in the foreground until Ctrl-C. Prints the base URL on the first line of stdout."""
     options = options_from_args(args)
-    return serve(options)
+    return serve(options, responders)
 
 
-def serve(options: SimulatorOptions) -> int:
+def serve(options: SimulatorOptions, responders: Iterable[Responder] = ()) -> int:
+    responders = checked(responders)
+
     async def forever() -> None:
-        runner, port = await _start(options)
+        runner, port = await _start(options, responders)
         print(f"http://{options.host}:{port}/v1", flush=True)
         try:
             await asyncio.Event().wait()

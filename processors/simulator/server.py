@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP server (aiohttp) for tests, benchmarks and ``--dry-run``, with faults on demand.
 
 Endpoints: ``POST /v1/chat/completions``; ``POST /v1/files``, ``GET /v1/files/{id}[/content]``;
-``POST /v1/batches``, ``GET /v1/batches/{id}`` (see ``sim_batches``); ``GET /_sim/stats`` and
-``POST /_sim/reset`` for the counters. Start it in-process with ``SimulatorThread`` (``sim_thread``) or from
-the command line with ``taskgalaxy simulate-api`` (``sim_thread.add_arguments`` / ``main_from_args``).
+``POST /v1/batches``, ``GET /v1/batches/{id}`` (see ``batches``); ``GET /_sim/stats`` and
+``POST /_sim/reset`` for the counters. Start it in-process with ``SimulatorThread`` (``thread``) or from
+the command line with ``taskgalaxy simulate-api`` (``thread.add_arguments`` / ``main_from_args``). It answers
+with the responders it is built with (``responders``): it imports no stage.
 
 Order of checks per chat request: auth (401) -> RPM window (429 with the time until a slot frees) ->
 latency -> scheduled or random fault -> reply. Headers (and so the API key) are never logged or counted.
@@ -18,13 +19,14 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable
 
 from aiohttp import web
 
 from builder.ids import fingerprint
-from processors.llm import sim_batches
-from processors.llm.sim_core import SimStats, SimulatorOptions, Window, completion
-from processors.llm import sim_responders
+from processors.simulator import batches
+from processors.simulator.core import SimStats, SimulatorOptions, Window, completion
+from processors.simulator.responders import Responder, checked
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,9 @@ STATE = web.AppKey("sim_state", object)
 
 
 class SimState:
-    def __init__(self, options: SimulatorOptions):
+    def __init__(self, options: SimulatorOptions, responders: Iterable[Responder]):
         self.options = options
-        self.responders = sim_responders.active_responders()  # read at start: tests may swap RESPONDERS
+        self.responders = checked(responders)
         self.rng = random.Random(options.seed)
         self.reset()
 
@@ -186,11 +188,12 @@ async def reset_handler(request: web.Request) -> web.Response:
     return web.json_response({"reset": True})
 
 
-def make_app(options: SimulatorOptions) -> web.Application:
+def make_app(options: SimulatorOptions, responders: Iterable[Responder] = ()) -> web.Application:
+    """The simulator's routes, answering with ``responders`` (none: every reply is ``default_reply``'s)."""
     app = web.Application(client_max_size=512 * 1024 * 1024)
-    app[STATE] = SimState(options)
+    app[STATE] = SimState(options, responders)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/_sim/stats", stats_handler)
     app.router.add_post("/_sim/reset", reset_handler)
-    sim_batches.add_routes(app, STATE)
+    batches.add_routes(app, STATE)
     return app
