@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
     from builder.engine import StageStalledError
     from builder.runfolder import RunFolderError, RunLockedError
-    from processors.llm.errors import MissingApiKeyError
+    from processors.llm.errors import MissingApiKeyError, SpendCapReached
 
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (open_clip logs on the root logger) only at WARNING unless -v.
@@ -359,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(exc, threads_before)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line: one clear message, traceback with -v
         logger.debug("traceback", exc_info=True)
+        cause = exc
+        while cause is not None and not isinstance(cause, SpendCapReached):  # the runner wraps a shard's error
+            cause = cause.__cause__
+        if cause is not None:  # a spend cap stopped the run: the cap, the spend, the next request, what to do
+            print(f"error: {exc}", file=sys.stderr)
+            return cause.exit_code
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -267,9 +267,28 @@ def _wall_seconds(spans: list[tuple[float, float]]) -> float:
     return round(total, 3)
 
 
+def _held_by_stats(folder: Path, record: Path) -> bool:
+    """A record ``builder.recovery.discard_shard`` wrote of a shard whose output and stats are still there
+    (a kill fell between writing it and removing the shard): the stats hold that spend, so it counts once."""
+    import hashlib
+
+    name = record.name.removeprefix(INTERRUPTED_PREFIX).removesuffix(JOURNAL_SUFFIX)
+    index, _, rest = name.partition("-")
+    if not index.isdigit() or not rest.startswith("discarded-"):
+        return False
+    if not (folder / rf.shard_name(int(index))).exists():
+        return False
+    try:
+        stats = (folder / "stats" / f"shard-{int(index):05d}.json").read_bytes()
+    except OSError:
+        return False
+    return hashlib.sha256(stats).hexdigest()[:16] == rest.removeprefix("discarded-")
+
+
 def _stopped_records(folder: Path) -> list[dict]:
     stats = folder / "stats"
-    paths = sorted(stats.glob(f"{INTERRUPTED_PREFIX}*.json*")) + sorted(stats.glob(f"{SUPERSEDED_PREFIX}*.json"))
+    paths = [p for p in sorted(stats.glob(f"{INTERRUPTED_PREFIX}*.json*")) if not _held_by_stats(folder, p)]
+    paths += sorted(stats.glob(f"{SUPERSEDED_PREFIX}*.json"))
     for live in sorted(stats.glob(f"{LIVE_PREFIX}*.json*")):  # a kill left it; a finished shard's is stale
         index = live.name.removeprefix(LIVE_PREFIX).split(".")[0]
         if index.isdigit() and not (folder / rf.shard_name(int(index))).exists():

@@ -28,7 +28,7 @@ from builder import runfolder as rf
 from builder.accounting import FAILURE_FEATURES, AccountingError, split_shard
 from builder.arrowfiles import write_arrow_table
 from builder.config import ConfigError, dump_config, dump_yaml
-from builder.engine import LocalEngine
+from builder.engine import LocalEngine, StageStalledError
 from builder.fingerprints import stage_fingerprints, stage_reads
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
@@ -165,6 +165,9 @@ class Runner:
         config = self.stage_config(stage)
         fp = self._fingerprints[stage.name]
         previous = self._reuse_or_clear(stage.name, folder, fp)
+        # A finished stage stays as it was sealed (its rows a server did not answer, if any, included): only a
+        # damaged shard of it is recomputed. The stages after it read it as it is.
+        sealed = bool(previous and previous.get("done"))
         if previous and previous.get("done") and not self._discard_damaged_shards(stage.name, folder, previous) \
                 and all((folder / rf.shard_name(i)).exists() for i in range(previous["shards_total"])):
             logger.info("stage %s: already done under this config; nothing to do", stage.name)
@@ -194,19 +197,25 @@ class Runner:
             "key": stage.key, "input_key": key, "features": features.to_dict(), "shard_size": shard_size,
             "shards_total": max(1, math.ceil(len(inputs) / shard_size)), "rows_in": len(inputs),
         }
+        stalled = False
         try:
-            state = self._run_shards(stage, config, work, inputs, key, features, base)
+            state = self._run_shards(stage, config, work, inputs, key, features, base, reopen=not sealed)
+        except StageStalledError:
+            stalled = True  # its shard's thread is still inside the batch function: leave what it uses alone
+            raise
         finally:
             try:
-                stage.close(config)
+                if not stalled:
+                    stage.close(config)
             except Exception:  # noqa: BLE001 - freeing resources must not hide why the stage stopped
                 logger.exception("stage %s: releasing its resources failed", stage.name)
         if state["totals"]["rows_in"] != len(inputs):
             raise AccountingError(
                 f"stage {stage.name!r}: its shards processed {state['totals']['rows_in']} of {len(inputs)} input "
                 f"rows; the stage folder {folder} is inconsistent: delete it and rerun to recompute the stage")
-        check_answered(stage, folder, base, accept=self.accept_unanswered,
-                       record=lambda counts: self._write_state_best_effort(folder, {**base, "unanswered": counts}))
+        if not sealed:
+            check_answered(stage, folder, base, accept=self.accept_unanswered,
+                           record=lambda counts: self._write_state_best_effort(folder, {**base, "unanswered": counts}))
         try:
             stage.finalize(config, ctx, load_stage_output(self.run_dir, stage.name, require_done=False))
         except OSError as exc:
@@ -247,11 +256,11 @@ class Runner:
                 discarded += 1
         return discarded
 
-    def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base) -> dict:
+    def _run_shards(self, stage, config, work: StageWork, inputs, key, features, base, *, reopen: bool = True) -> dict:
         folder, count, fp = work.stage_dir, base["shards_total"], base["fingerprint"]
         adopt_killed_usage(folder)  # first: it drops the stale journals of finished shards, which stats hold
         self._discard_damaged_shards(stage.name, folder, base)
-        if not self.accept_unanswered:
+        if reopen and not self.accept_unanswered:
             reopen_unanswered(stage, folder, base["shards_total"])
         resume = {name: base[name] for name in RESUME_KEYS}  # in every shard's stats: a lost state.json rebuilds
         state = self._write_state(folder, base, done=False)

@@ -93,7 +93,7 @@ def open_run(
     runner_engine = make_engine(config, stages)
     return Runner(list(stages), config, folder, dry_run=dry_run, services=services or {}, progress=progress,
                   preflight=preflight, engine=runner_engine, accept_unanswered=accept_unanswered,
-                  run_scope=functools.partial(run_services, config, runner_engine))
+                  run_scope=functools.partial(run_services, config, runner_engine, run_dir=folder))
 
 
 def with_engine(config: Any, engine: str | None, ray_address: str | None) -> Any:
@@ -134,18 +134,27 @@ def make_engine(config: Any, stages: Sequence[Stage] = ()):
 
 
 @contextlib.contextmanager
-def run_services(config: Any, engine: Any = None) -> Iterator[dict[str, Any]]:
+def run_services(config: Any, engine: Any = None, run_dir: Path | None = None) -> Iterator[dict[str, Any]]:
     """What lives as long as one run: the LLM accounts (one admission and breaker per endpoint, shared by every
-    shard and stage of the run). On Ray, the accounts of every worker lease from one shared budget (a named
-    actor, ``processors.llm.ray_budget``), and each worker checks it sees the image roots and opens the request
-    cache safely (``processors.ray_worker``)."""
+    shard and stage of the run, and the run's spend caps: ``llm.max_cost_usd``, ``llm.stage_max_cost_usd``,
+    counted from what ``run_dir`` records as spent by earlier runs). On Ray, the accounts of every worker lease
+    from one shared budget (a named actor, ``processors.llm.ray_budget``), and each worker checks it sees the
+    image roots and opens the request cache safely (``processors.ray_worker``)."""
     from processors.llm.accounts import run_accounts
+    from processors.llm.limits import SpendCap
 
     share = config.llm.budget_share
+    capped = config.llm.max_cost_usd is not None or bool(config.llm.stage_max_cost_usd)
     if getattr(engine, "name", "local") != "ray":
-        with run_accounts(share) as services:
+        spend = SpendCap(config.llm.max_cost_usd, config.llm.stage_max_cost_usd,
+                         recorded_spend(run_dir) if capped and run_dir is not None else None)
+        with run_accounts(share, spend=spend) as services:
             yield services
         return
+    if capped:
+        raise ConfigError("config error: llm.max_cost_usd / llm.stage_max_cost_usd are enforced by the local "
+                          "engine only: remove them to run with run.engine: ray (or --engine local); nothing "
+                          "was run")
     from builder.ray_tasks import WORKER_CHECKS
     from processors.llm.ray_budget import shared_budget
     from processors.ray_worker import check_image_roots
@@ -153,6 +162,16 @@ def run_services(config: Any, engine: Any = None) -> Iterator[dict[str, Any]]:
     engine.connect()
     with shared_budget() as budget, run_accounts(share, lease_from=budget) as services:
         yield {**services, WORKER_CHECKS: [check_image_roots]}
+
+
+def recorded_spend(run_dir: Path) -> dict[str, float]:
+    """USD paid per stage in ``run_dir`` so far (earlier runs and stopped attempts included), as ``status``
+    shows it: what a spend cap starts from."""
+    from builder.status import stage_summaries
+
+    if not Path(run_dir).is_dir():
+        return {}
+    return {summary["stage"]: float(summary["usage"].get("cost_usd", 0.0)) for summary in stage_summaries(run_dir)}
 
 
 def check_seed_files(config: Any, selected: Sequence[Stage]) -> None:

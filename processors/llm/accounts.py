@@ -13,6 +13,10 @@ becomes that process's own registry with the same share: the loop and sockets ne
 ``lease_from`` names the run's shared budget (``processors.llm.ray_budget``, a named Ray actor): the RPM/TPM
 buckets of every account then lease their capacity from it, so every process of the run together keeps to
 the account's limit (times ``budget_share``), whatever the number of workers.
+
+``spend`` (a ``SpendCap``) is the run's hard spend cap: every account's admission reserves a request's worst-case
+cost there before it is sent, so all shards, stages and endpoints of the run together stay within
+``llm.max_cost_usd`` (and ``llm.stage_max_cost_usd``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from processors.llm.breaker import CircuitBreaker
-from processors.llm.limits import Admission
+from processors.llm.limits import Admission, SpendCap
 from processors.llm.settings import EndpointSettings
 from processors.llm.transport import Transport, make_transport
 
@@ -52,7 +56,8 @@ class Account:
 
 
 class Accounts:
-    def __init__(self, budget_share: float = 1.0, lease_from: str | None = None, run_id: str | None = None):
+    def __init__(self, budget_share: float = 1.0, lease_from: str | None = None, run_id: str | None = None,
+                 spend: SpendCap | None = None):
         if not 0 < budget_share <= 1:
             raise ValueError(f"budget_share must be in (0, 1], got {budget_share}")
         self.budget_share = budget_share
@@ -61,6 +66,9 @@ class Accounts:
         # so a breaker opened in one run never refuses the next run's calls there.
         self.run_id = run_id or uuid.uuid4().hex
         self.worker_share = 1.0  # set where a pool member runs (``call_accounts``), before its first call
+        # The run's spend caps, checked by every account's admission (local to this process: a Ray run with a
+        # cap is refused at its start, ``processors.session.run_services``).
+        self.spend = spend if spend is not None else SpendCap()
         self._accounts: dict[tuple, Account] = {}
         self._limits: dict[tuple, tuple] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,7 +165,7 @@ class Accounts:
                 shared = RayLimits(self.lease_from, key[:4])
             breaker = CircuitBreaker(breaker_threshold, endpoint=name, base_url=base_url, model=endpoint.model,
                                      key_env=key_env)
-            account = Account(Admission(share, shared), breaker, transport)
+            account = Account(Admission(share, shared, self.spend), breaker, transport)
             if key in self._accounts:  # opened by a concurrent call meanwhile
                 await transport.__aexit__(None, None, None)
                 return self._accounts[key]
@@ -254,9 +262,11 @@ def _limits_of(endpoint: EndpointSettings) -> tuple:
 
 
 @contextlib.contextmanager
-def run_accounts(budget_share: float = 1.0, lease_from: str | None = None) -> Iterator[dict[str, Any]]:
-    """The services of one run: its accounts, closed when the run ends (``Runner.run_scope``)."""
-    accounts = _register(Accounts(budget_share, lease_from))
+def run_accounts(budget_share: float = 1.0, lease_from: str | None = None, spend: SpendCap | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """The services of one run: its accounts, closed when the run ends (``Runner.run_scope``); ``spend`` holds
+    the run's spend caps and what the run folder had spent when the run started."""
+    accounts = _register(Accounts(budget_share, lease_from, spend=spend))
     try:
         yield {SERVICE: accounts}
     finally:
@@ -266,8 +276,9 @@ def run_accounts(budget_share: float = 1.0, lease_from: str | None = None) -> It
 
 
 @contextlib.contextmanager
-def call_accounts(services: dict[str, Any]) -> Iterator[Accounts]:
-    """The run's accounts, or - for a call outside a run (a tool, a test) - accounts for this call alone."""
+def call_accounts(services: dict[str, Any], spend: SpendCap | None = None) -> Iterator[Accounts]:
+    """The run's accounts, or - for a call outside a run (a tool, a test) - accounts for this call alone, with
+    ``spend`` as their spend caps (nothing spent before the call)."""
     accounts = services.get(SERVICE)
     if accounts is not None:
         share = services.get(WORKER_SHARE)
@@ -275,7 +286,7 @@ def call_accounts(services: dict[str, Any]) -> Iterator[Accounts]:
             accounts.worker_share = float(share)
         yield accounts
         return
-    accounts = Accounts()
+    accounts = Accounts(spend=spend)
     try:
         yield accounts
     finally:

@@ -181,7 +181,13 @@ async def _send_with(todo, ep, connection, transport, breaker, admission, cache,
         from processors.llm.batch import BatchRunner  # only batch runs need it
 
         runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
-        return await runner.run(todo, call_id)
+        # The whole call's worst case at the Batch price is reserved under the spend cap before anything is
+        # uploaded (or SpendCapReached); its replies are billed as they are read back.
+        hold = admission.reserve(tally.stage, sum(online.worst_usd(p, batch=True) for p in todo))
+        try:
+            return await runner.run(todo, call_id)
+        finally:
+            hold.release()
     return await online.run(todo, call_id)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,20 @@ class BatchRunner:
         results, failed = self._map_back(todo, replies, call_id)
         if failed and self.ep.batch_retry_failed_online:
             logger.info("retrying %d request(s) the batch did not answer online", len(failed))
-            results.update(await self.online.run([p for p, _ in failed], call_id))
-        else:
-            for p, why in failed:
-                self.tally.failed += 1
-                results[p.cache_key] = LLMResult(key=p.request.key, ok=False, reason=BATCH_FAILED, detail=why)
+            results.update(await self.online.run([p for p, _, _ in failed], call_id))
+            return results
+        for p, reason, why in failed:
+            self.tally.failed += 1
+            results[p.cache_key] = LLMResult(key=p.request.key, ok=False, reason=reason, detail=why)
+        unanswered = sum(1 for _, reason, _ in failed if reason == BATCH_FAILED)
+        if unanswered:
+            # Its batches are over: the next run of the same call must submit a new batch for what the cache
+            # still lacks, not read these again (a row the batch did not answer is asked again: it is no verdict).
+            retired = state_path.with_name(f"{state_path.stem}.done-{time.strftime('%Y%m%dT%H%M%S')}.json")
+            state_path.replace(retired)
+            logger.info("%d request(s) the batch did not answer (failed or expired): the next run submits them in "
+                        "a new batch (what this one answered is in the request cache; its record: %s)",
+                        unanswered, retired.name)
         return results
 
     async def _upload(self, todo: list[Prepared], state: dict, state_path: Path) -> None:
@@ -150,12 +160,12 @@ class BatchRunner:
             response = (item or {}).get("response") or {}
             if item is None or response.get("status_code") != 200:
                 why = "not answered by the batch" if item is None else json.dumps(item.get("error") or response)[:300]
-                failed.append((p, why))
+                failed.append((p, BATCH_FAILED, why))
                 continue
             try:
                 reply = rp.normalise(response["body"])
-            except AttemptError as exc:
-                failed.append((p, f"{exc.reason}: {exc.detail}"))
+            except AttemptError as exc:  # no answer of the model: as unanswered as an expired item
+                failed.append((p, BATCH_FAILED, f"{exc.reason}: {exc.detail}"))
                 continue
             try:
                 value = rp.interpret(reply, p.request)
@@ -164,7 +174,7 @@ class BatchRunner:
                     if self.cache is not None:
                         self.cache.add_unusable(call_id, p.cache_key, (exc.reason, exc.raw_text or ""))
                     self.tally.billed(Usage(**reply["usage"]), batch=True)
-                failed.append((p, f"{exc.reason}: {exc.detail}"))
+                failed.append((p, exc.reason, f"{exc.detail} (a Batch API reply)"))  # the model's answer: a verdict
                 continue
             if self.cache is not None:  # cached before counted, as online (engine.OnlineEngine._attempt)
                 self.cache.put(p.cache_key, reply)

@@ -30,6 +30,7 @@ from processors.llm.api import (CACHE_FILE, DRY_RUN_CACHE_FILE, Connection, Requ
                                 resolve_connection, with_overrides)
 from processors.llm.engine import Tally
 from processors.llm.estimate import cost_usd
+from processors.llm.limits import SpendCap
 from processors.llm.request import LLMRequest, LLMResult, Usage
 from processors.llm.settings import EndpointSettings, LLMSettings
 
@@ -81,6 +82,7 @@ class LLMClient:
     services: dict[str, Any]
     meter: Callable[[], "UsageMeter"]
     stop_event: Callable[[], threading.Event | None]
+    stage: str | None = None  # the stage's name: ``llm.stage_max_cost_usd`` caps are by stage
     _calls: dict[tuple[str, str], EndpointCall] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -88,7 +90,7 @@ class LLMClient:
         """The client of the stage running in ``ctx``; ``settings`` default to the run config's ``llm:``."""
         return cls(settings if settings is not None else ctx.settings.llm, cache_dir=Path(ctx.cache_dir),
                    state_dir=Path(ctx.stage_dir), dry_run=ctx.dry_run, services=ctx.services,
-                   meter=ctx.current_meter, stop_event=ctx.stop_event)
+                   meter=ctx.current_meter, stop_event=ctx.stop_event, stage=_stage_name(Path(ctx.stage_dir)))
 
     def endpoint(self, name: str, overrides: dict[str, Any] | None = None) -> EndpointCall:
         """Endpoint ``name`` (with ``overrides``), resolved once per client. Raises ``KeyError`` for a name
@@ -113,14 +115,17 @@ class LLMClient:
         of a server whose breaker opened to its other servers). A group with ``cache_only`` sends nothing.
         Setting ``stop`` (from another thread), or the calling shard's own stop event, cancels every call."""
         calls = [self.endpoint(group.endpoint, group.overrides) for group in groups]  # a missing key fails here
-        tallies = [self._tally(call) for call in calls]
+        tallies: list[Tally] = []
         stops = [event for event in (stop, self.stop_event()) if event is not None]
 
         def stopped() -> bool:
             return any(event.is_set() for event in stops)
 
         try:
-            with call_accounts(self.services) as accounts:
+            alone = SpendCap(self.settings.max_cost_usd, self.settings.stage_max_cost_usd)  # a call outside a run
+            with call_accounts(self.services, alone) as accounts:
+                tallies.extend(self._tally(call, accounts.spend) for call in calls)
+
                 async def all_calls() -> list[Any]:
                     return await asyncio.gather(
                         *(execute(group.requests, call.settings, call.name, call.connection,
@@ -139,23 +144,36 @@ class LLMClient:
             raise (stopped_by or failed)[0]
         return outcomes
 
-    def _tally(self, call: EndpointCall) -> Tally:
+    def _tally(self, call: EndpointCall, spend: SpendCap) -> Tally:
         # The meter of the shard that makes this call, taken here on its thread: the replies are counted on the
         # accounts' loop thread, where the shard's context is not.
         add = self.meter().add
         settings, model = call.settings, call.model
 
+        stage = self.stage
+
+        def price(prompt: float, completion: float, batch: bool) -> float:
+            return cost_usd(settings, model, prompt, completion, batch=batch)
+
         def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
+            dollars = price(usage.prompt_tokens, usage.completion_tokens, batch)
+            spend.bill(stage, dollars)  # on the accounts' loop, before the reply's reservation is released
             add(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                cost_usd=cost_usd(settings, model, usage.prompt_tokens, usage.completion_tokens, batch=batch))
+                cost_usd=dollars)
 
         def free(**counters: float) -> None:
             add(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, **counters)
 
-        tally = Tally()
+        tally = Tally(price=price, stage=stage)
         tally.on_billed = billed
         tally.on_free = free
         return tally
+
+
+def _stage_name(stage_dir: Path) -> str:
+    """The stage's name from its folder (``03_filter`` -> ``filter``, ``builder.runfolder.stage_dir_name``)."""
+    index, _, name = stage_dir.name.partition("_")
+    return name if index.isdigit() and name else stage_dir.name
 
 
 def run_requests(requests: list[LLMRequest], *, endpoint: str, ctx: "StageContext",

@@ -20,8 +20,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from processors.llm import reply as rp
 from processors.llm.breaker import CircuitBreaker
 from processors.llm.cache import RequestCache
-from processors.llm.errors import AttemptError, redact
-from processors.llm.limits import Admission
+from processors.llm.errors import AttemptError, SpendCapReached, redact
+from processors.llm.limits import Admission, Hold
 from processors.llm.prepare import Prepared
 from processors.llm.request import RATE_LIMITED, TRUNCATED, UNPARSABLE, LLMResult, Usage
 from processors.llm.settings import EndpointSettings
@@ -49,6 +49,10 @@ class Tally:
     on_billed: Callable[[Usage, bool], None] | None = field(default=None, repr=False)
     # Called once per call with the counters that cost nothing (cache hits, retries).
     on_free: Callable[..., None] = field(default=lambda **counters: None, repr=False)
+    # USD of (prompt tokens, completion tokens, batch) at the call's model (0 without a price): what a request
+    # reserves under the run's spend cap before it is sent; ``stage`` names the cap it counts against too.
+    price: Callable[[float, float, bool], float] = field(default=lambda prompt, completion, batch: 0.0, repr=False)
+    stage: str | None = None
 
     def billed(self, usage: Usage, *, batch: bool = False) -> None:
         """Count one billed reply (and let the stage record its cost)."""
@@ -107,7 +111,8 @@ class OnlineEngine:
         return self.backoff(state.attempt_number + 1, exc)  # tenacity's attempt 1 is our attempt 2
 
     async def run(self, prepared: list[Prepared], call_id: str | None = None) -> dict[str, LLMResult]:
-        """Results by cache key. Raises ``CircuitOpenError`` (after cancelling the rest) if the breaker opens.
+        """Results by cache key. Raises ``CircuitOpenError`` (after cancelling the rest) if the breaker opens,
+        ``SpendCapReached`` (after the requests on the wire came back) when the next request could cross a cap.
 
         ``call_id`` (stable across a restart) names the call whose earlier unusable replies count against
         each request's retry budget."""
@@ -122,7 +127,9 @@ class OnlineEngine:
         except asyncio.CancelledError:  # the shard stops (Ctrl-C, SIGTERM, another shard failed)
             await self._stop(tasks)
             raise
-        if pending:
+        if pending and any(isinstance(t.exception(), SpendCapReached) for t in done if not t.cancelled()):
+            await self._stop(list(pending))  # what is on the wire is paid for: it finishes, cached and counted
+        elif pending:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -203,6 +210,21 @@ class OnlineEngine:
         self.tally.retries += max(0, attempts - 1)
 
     async def _attempt(self, p: Prepared, attempts: list[int]) -> tuple[dict[str, Any], Any]:
+        hold: list[Hold] = []  # the request's reservation under the spend cap, held until its reply is billed
+        try:
+            return await self._attempt_held(p, attempts, hold)
+        finally:
+            for reservation in hold:
+                reservation.release()
+
+    def worst_usd(self, p: Prepared, *, batch: bool = False) -> float:
+        """The most ``p`` can cost: its prompt estimate and all of its max_tokens, at the online price unless
+        ``batch`` (what this engine sends is billed online, a Batch API call's online retries included)."""
+        completion = p.params.get("max_tokens") or self.endpoint.max_tokens
+        return self.tally.price(max(0, p.est_tokens - completion), completion, batch)
+
+    async def _attempt_held(self, p: Prepared, attempts: list[int], hold: list[Hold]
+                            ) -> tuple[dict[str, Any], Any]:
         if self._stopping:  # a retry of a stopped call: not sent
             raise asyncio.CancelledError
         attempts[0] += 1
@@ -211,6 +233,7 @@ class OnlineEngine:
             self.breaker.check()
             if self._stopping:
                 raise asyncio.CancelledError
+            hold.append(self.admission.reserve(self.tally.stage, self.worst_usd(p)))  # or SpendCapReached
             try:
                 body = await p.body()
             except (OSError, ValueError) as exc:  # the image will not decode: a fault of this row, not the API

@@ -1,8 +1,9 @@
 """Errors of the LLM engine and the classification of one failed attempt.
 
 Per-request failures never leave ``run_requests`` as exceptions: an ``AttemptError`` drives the retry loop and
-its ``reason`` ends up in ``LLMResult``. Only ``CircuitOpenError`` (the endpoint is down, stop the stage) and
-``MissingApiKeyError`` (nothing can work) are raised to the caller.
+its ``reason`` ends up in ``LLMResult``. Only ``CircuitOpenError`` (the endpoint is down, stop the stage),
+``SpendCapReached`` (the next request could cross ``llm.max_cost_usd``) and ``MissingApiKeyError`` (nothing can
+work) are raised to the caller.
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ from processors.llm import request as rq
 
 class CircuitOpenError(RuntimeError):
     """The endpoint failed so often in a row that continuing would only spin; the stage stops."""
+
+
+class SpendCapReached(RuntimeError):
+    """The next request could cross a spend cap (``llm.max_cost_usd`` or ``llm.stage_max_cost_usd``): nothing
+    more is sent and the stage stops like on an open breaker. The command line exits with ``exit_code``."""
+
+    exit_code = 3
+
+    def __init__(self, setting: str, cap: float, spent: float, in_flight: float, next_usd: float):
+        self.setting, self.cap, self.spent, self.in_flight, self.next_usd = setting, cap, spent, in_flight, next_usd
+        super().__init__(
+            f"spend cap reached: {setting} is ${cap:.4f}; ${spent:.4f} is spent in this run folder (earlier runs "
+            f"included), requests in flight may cost up to ${in_flight:.4f} more, and the next request could "
+            f"cost up to ${next_usd:.4f}. Nothing more was sent; answers already on the wire were cached and "
+            f"counted. To go on, raise {setting} and rerun the same command: answers already paid come from the "
+            "request cache, nothing is paid twice")
 
 
 class MissingApiKeyError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Admission control: a concurrency window that shrinks on 429s (AIMD) and request/token buckets.
+"""Admission control: a concurrency window that shrinks on 429s (AIMD), request/token buckets and the run's
+spend cap.
 
 Order matters: a request first takes a concurrency slot, *then* passes the buckets, and is sent right
 after. Taking bucket tokens first and then queueing for a slot would let paced requests pile up behind the
@@ -12,10 +13,12 @@ import collections
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 
 from typing import Protocol
 
+from processors.llm.errors import SpendCapReached
 from processors.llm.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -124,13 +127,70 @@ def _local_bucket(kind: str, rate: float, capacity: float) -> TokenBucket:
     return TokenBucket(rate, capacity)
 
 
+class SpendCap:
+    """The run's hard spend caps (``llm.max_cost_usd``, ``llm.stage_max_cost_usd``), shared by every account
+    of the run: a request is sent only if what was spent (``spent``: the run folder's record when the run
+    started, plus every reply billed since) plus the worst case of the requests in flight plus its own worst
+    case stays within each cap that applies. A reply's reservation gives way to its real cost (``bill``, then
+    ``Hold.release``); a request that does not fit raises ``SpendCapReached`` and is not sent.
+
+    Runs on the accounts' one loop (no lock): reserving and billing never await, so they cannot interleave."""
+
+    def __init__(self, max_usd: float | None = None, stage_max_usd: dict[str, float] | None = None,
+                 spent: dict[str, float] | None = None):
+        self.max_usd, self.stage_max_usd = max_usd, dict(stage_max_usd or {})
+        self.spent: dict[str, float] = dict(spent or {})  # USD by stage name (None: a call outside any stage)
+        self.reserved: dict[str | None, float] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.max_usd is not None or bool(self.stage_max_usd)
+
+    def reserve(self, stage: str | None, worst_usd: float) -> "Hold":
+        if worst_usd > 0:
+            for setting, cap, spent, reserved in self._caps(stage):
+                if spent + reserved + worst_usd > cap:
+                    raise SpendCapReached(setting, cap, spent, reserved, worst_usd)
+            self.reserved[stage] = self.reserved.get(stage, 0.0) + worst_usd
+        return Hold(self, stage, worst_usd)
+
+    def bill(self, stage: str | None, usd: float) -> None:
+        self.spent[stage] = self.spent.get(stage, 0.0) + usd
+
+    def _caps(self, stage: str | None) -> list[tuple[str, float, float, float]]:
+        caps = []
+        if self.max_usd is not None:
+            caps.append(("llm.max_cost_usd", self.max_usd, sum(self.spent.values()), sum(self.reserved.values())))
+        if stage is not None and stage in self.stage_max_usd:
+            caps.append((f"llm.stage_max_cost_usd.{stage}", self.stage_max_usd[stage], self.spent.get(stage, 0.0),
+                         self.reserved.get(stage, 0.0)))
+        return caps
+
+
+@dataclass
+class Hold:
+    """A request's worst-case reservation under the spend cap, released once its reply is billed (or it failed)."""
+
+    cap: SpendCap
+    stage: str | None
+    usd: float
+
+    def release(self) -> None:
+        if self.usd > 0:
+            self.cap.reserved[self.stage] -= self.usd
+            self.usd = 0.0
+
+
 class Admission:
-    """Everything a request passes before it is sent: a concurrency slot, then the RPM and TPM buckets.
+    """Everything a request passes before it is sent: a concurrency slot, then the RPM and TPM buckets; then
+    (``reserve``) the run's spend cap.
 
     With ``shared``, the buckets lease their capacity from a budget that other processes share (the Ray
     workers of one account) instead of holding this process's own; the concurrency window stays local."""
 
-    def __init__(self, endpoint: EndpointSettings, shared: SharedLimits | None = None):
+    def __init__(self, endpoint: EndpointSettings, shared: SharedLimits | None = None,
+                 spend: SpendCap | None = None):
+        self.spend = spend if spend is not None else SpendCap()
         self.concurrency = AdaptiveConcurrency(endpoint.max_concurrency, endpoint.min_concurrency,
                                                endpoint.aimd_decrease)
         bucket = _local_bucket if shared is None else shared.bucket
@@ -155,3 +215,8 @@ class Admission:
             yield
         finally:
             self.concurrency.release()
+
+    def reserve(self, stage: str | None, worst_usd: float) -> Hold:
+        """Reserve a request's worst-case cost under the run's spend cap; raises ``SpendCapReached`` when it
+        does not fit (the caller then sends nothing more)."""
+        return self.spend.reserve(stage, worst_usd)

@@ -112,6 +112,21 @@ class LLMSettings(_Frozen):
     budget_share: float = Field(
         1.0, gt=0, le=1, description="this process's share of every endpoint's rpm, tpm and max_concurrency: "
         "1/N when N processes (machines, Ray workers) send under one account; not part of any fingerprint")
+    max_cost_usd: float | None = Field(
+        None, gt=0, description="hard spend cap of the run folder (earlier runs included): a request is sent only "
+        "if what was spent plus the worst case of the requests in flight and its own stays within it; null = "
+        "no cap; not part of any fingerprint")
+    stage_max_cost_usd: dict[str, float] = Field(
+        default_factory=dict, description="the same cap per stage name ({filter: 5.0}); not part of any "
+        "fingerprint")
+
+    @field_validator("stage_max_cost_usd")
+    @classmethod
+    def _positive_caps(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: usd for name, usd in value.items() if not usd > 0}
+        if bad:
+            raise ValueError(f"every stage's cap must be above 0 USD, got {bad}")
+        return value
 
     def endpoint_parts(self, name: str) -> dict:
         """``output_parts`` of the endpoint called ``name`` (an unknown name is reported by ``endpoint``)."""

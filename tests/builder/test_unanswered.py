@@ -101,3 +101,36 @@ def test_a_stage_error_ending_in_a_period_reads_as_one_sentence(tmp_path):
         make_runner(tmp_path / "run", config).run()
     message = str(caught.value)
     assert "stop the stage. Finished shards are kept" in message and ".." not in message
+
+
+def test_a_damaged_shard_of_a_sealed_stage_does_not_reopen_its_unanswered_rows(tmp_path):
+    from builder.runfolder import shard_name
+
+    run_dir = tmp_path / "run"
+    config = _config(tmp_path, refused=[1])
+    runner = make_runner(run_dir, config)
+    runner.accept_unanswered = True
+    runner.run()  # sealed: row 1 kept as api_error
+    folder = find_stage_dir(run_dir, "square")
+    (folder / shard_name(2)).write_bytes(b"damaged")  # a shard without unanswered rows
+    (tmp_path / "calls.log").unlink()
+    make_runner(run_dir, config).run()  # without the flag: only the damaged shard is recomputed
+    assert sorted(_calls(tmp_path)) == [f"n{i:05d}" for i in (8, 9, 10, 11)]
+    state = read_json(folder / "state.json")
+    assert state["done"] is True and state["totals"]["failed"]["api_error"] == 1
+
+
+def test_a_kill_between_keeping_a_discarded_shards_spend_and_removing_it_counts_that_spend_once(tmp_path):
+    import hashlib
+    import json as jsonlib
+
+    run_dir = tmp_path / "run"
+    make_runner(run_dir, _config(tmp_path, refused=[])).run()
+    folder = find_stage_dir(run_dir, "square")
+    before = stage_totals(folder, 4)["usage"]["requests"]
+    stats = (folder / "stats" / "shard-00001.json").read_bytes()
+    usage = jsonlib.loads(stats)["usage"]
+    digest = hashlib.sha256(stats).hexdigest()[:16]
+    # discard_shard wrote its record, then the process died before the shard was removed
+    (folder / "stats" / f"interrupted-00001-discarded-{digest}.jsonl").write_text(jsonlib.dumps(usage) + "\n")
+    assert stage_totals(folder, 4)["usage"]["requests"] == before

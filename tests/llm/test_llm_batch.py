@@ -47,6 +47,11 @@ def test_failed_batch_items_are_retried_online_or_recorded(simulator, ctx_for, t
     results = run_requests(json_requests(12, prefix="x"), endpoint="sim", ctx=ctx)
     failed = [r for r in results if not r.ok]
     assert failed and {r.reason for r in failed} == {"batch_failed"} and sim2.stats()["received"] == 0
+    # Not answered is no verdict: the same call again submits a new batch of exactly what the cache lacks.
+    again = run_requests(json_requests(12, prefix="x"), endpoint="sim", ctx=ctx)
+    assert sim2.stats()["batches_created"] == 2
+    assert {r.key for r in again if r.ok} >= {r.key for r in results if r.ok}
+    assert sum(r.ok for r in again) > sum(r.ok for r in results)
 
 
 def test_restart_between_submit_and_collect_resumes_the_batch(simulator, tmp_path, api_key, ctx_for):
@@ -97,8 +102,9 @@ def test_an_unusable_batch_item_is_counted_once_however_often_the_batch_is_read(
                            messages=[{"role": "user", "content": f"Reply in JSON about {i}."}]) for i in range(4)]
     sim = simulator(batch_duration_s=0.2)
     first = ctx_for(sim, mode="batch", batch_retry_failed_online=False)
-    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=first)] == ["batch_failed"] * 4
+    # The model's reply, unusable: a verdict (not "unanswered"), so the same call reads the same batch again.
+    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=first)] == ["unparsable"] * 4
     assert first.usage["requests"] == 4
     again = ctx_for(sim, mode="batch", batch_retry_failed_online=False)  # the same call: the batch is resumed
-    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=again)] == ["batch_failed"] * 4
+    assert [r.reason for r in run_requests(requests, endpoint="sim", ctx=again)] == ["unparsable"] * 4
     assert again.usage["requests"] == 0 and sim.stats()["batches_created"] == 1

@@ -1,0 +1,90 @@
+"""The hard spend cap (``llm.max_cost_usd``, ``llm.stage_max_cost_usd``): a request is sent only if what was spent
+plus the worst case of the requests in flight and its own stays within the cap; else the call stops."""
+
+from __future__ import annotations
+
+import pytest
+from llm_helpers import fast_settings, json_requests, make_ctx
+
+from processors.llm import run_requests
+from processors.llm.errors import SpendCapReached
+from processors.llm.estimate import cost_usd, request_tokens
+from processors.llm.limits import SpendCap
+
+
+def worst_usd(settings, request) -> float:
+    endpoint = settings.endpoint("sim")
+    prompt, completion = request_tokens(request, endpoint)
+    return cost_usd(settings, endpoint.model, prompt, completion, batch=False)
+
+
+def capped_ctx(sim, run_dir, **caps):
+    settings = fast_settings(sim.base_url, max_concurrency=64).model_copy(update=caps)
+    return make_ctx(run_dir, settings), settings
+
+
+def test_a_cap_one_request_wide_is_never_crossed_with_64_in_flight(simulator, tmp_path, api_key):
+    sim = simulator(latency_ms=200)
+    requests = json_requests(64)
+    probe = fast_settings(sim.base_url)
+    cap = 1.5 * max(worst_usd(probe, r) for r in requests)  # room for one request's worst case, not two
+    ctx, _ = capped_ctx(sim, tmp_path / "run", max_cost_usd=cap)
+    with pytest.raises(SpendCapReached) as caught:
+        run_requests(requests, endpoint="sim", ctx=ctx)
+    usage = ctx.meter.usage
+    assert usage["requests"] == sim.stats()["received"] == 1  # the one on the wire finished and was counted
+    assert 0 < usage["cost_usd"] <= cap
+    assert caught.value.cap == cap and caught.value.setting == "llm.max_cost_usd"
+    assert "raise llm.max_cost_usd and rerun the same command" in str(caught.value)
+
+
+def test_a_cap_lets_requests_through_until_the_next_could_cross_it(simulator, tmp_path, api_key):
+    sim = simulator(latency_ms=20)
+    requests = json_requests(64)
+    worst = max(worst_usd(fast_settings(sim.base_url), r) for r in requests)
+    cap = 10.5 * worst  # the replies cost far less than their worst case: many fit, never all 64
+    ctx, _ = capped_ctx(sim, tmp_path / "run", max_cost_usd=cap)
+    with pytest.raises(SpendCapReached):
+        run_requests(requests, endpoint="sim", ctx=ctx)
+    usage = ctx.meter.usage
+    assert 10 <= usage["requests"] == sim.stats()["received"] < 64
+    assert usage["cost_usd"] <= cap
+
+
+def test_a_stage_cap_counts_that_stage_only(simulator, tmp_path, api_key):
+    sim = simulator()
+    requests = json_requests(8)
+    worst = max(worst_usd(fast_settings(sim.base_url), r) for r in requests)
+    ctx, _ = capped_ctx(sim, tmp_path / "run", stage_max_cost_usd={"other": worst / 2})
+    assert all(r.ok for r in run_requests(requests, endpoint="sim", ctx=ctx))  # make_ctx's stage is "filter"
+    ctx, _ = capped_ctx(sim, tmp_path / "run2", stage_max_cost_usd={"filter": worst / 2})
+    with pytest.raises(SpendCapReached) as caught:
+        run_requests(json_requests(8, prefix="again"), endpoint="sim", ctx=ctx)
+    assert caught.value.setting == "llm.stage_max_cost_usd.filter"
+    assert "requests" not in ctx.meter.usage or ctx.meter.usage["requests"] == 0
+
+
+def test_no_cap_and_an_unpriced_model_never_block(simulator, tmp_path, api_key):
+    sim = simulator()
+    ctx, _ = capped_ctx(sim, tmp_path / "run")
+    assert all(r.ok for r in run_requests(json_requests(8), endpoint="sim", ctx=ctx))
+    settings = fast_settings(sim.base_url, model="self-hosted-referee").model_copy(update={"max_cost_usd": 1e-9})
+    ctx = make_ctx(tmp_path / "run2", settings)
+    assert all(r.ok for r in run_requests(json_requests(8), endpoint="sim", ctx=ctx))  # no price: costs 0
+
+
+def test_earlier_spend_counts_and_a_reply_replaces_its_reservation():
+    cap = SpendCap(1.0, {"qa": 0.5}, spent={"filter": 0.6})
+    hold = cap.reserve("filter", 0.3)
+    with pytest.raises(SpendCapReached) as caught:
+        cap.reserve("filter", 0.2)  # 0.6 spent + 0.3 in flight + 0.2 > 1.0
+    assert (caught.value.spent, caught.value.in_flight, caught.value.next_usd) == (0.6, 0.3, 0.2)
+    cap.bill("filter", 0.05)
+    hold.release()  # the reply cost 0.05, not its worst case 0.3
+    cap.reserve("filter", 0.2)
+    cap.reserve("referee", 0.0)  # an unpriced model never blocks
+    stage = SpendCap(None, {"qa": 0.5}, spent={"qa": 0.45, "filter": 9.0})
+    stage.reserve("filter", 1.0)  # no run-wide cap, none for filter
+    with pytest.raises(SpendCapReached) as caught:
+        stage.reserve("qa", 0.1)
+    assert caught.value.setting == "llm.stage_max_cost_usd.qa" and caught.value.spent == 0.45
