@@ -34,6 +34,9 @@ def stage_summaries(run_dir: Path) -> list[dict]:
             "tokens": int(sum(usage.get(name, 0) for name in TOKEN_COUNTERS)),
             "requests": int(usage.get("requests", 0)),
             "cache_hits": int(usage.get("cache_hits", 0)),
+            # prompt tokens the provider read from its prompt cache (billed at the cached price); a run folder
+            # from before the counter existed reads 0
+            "cached_tokens": int(usage.get("cached_tokens", 0)),
             "cost_usd": round(float(usage.get("cost_usd", 0.0)), 4),
             "usage": usage,
             "stopped_usage": totals.get("stopped_usage", {}),
@@ -72,6 +75,10 @@ def format_table(run_dir: Path, summaries: list[dict]) -> str:
             lines.append(f"{'':<10} damaged: {damage}; a rerun recomputes it")
         if s["stale_inputs"]:
             lines.append(f"{'':<10} stale: computed from an older {', '.join(s['stale_inputs'])}; rerun to update")
+        if s.get("cached_tokens"):
+            prompt = int(s["usage"].get("prompt_tokens", 0))
+            share = f" ({100 * s['cached_tokens'] / prompt:.1f} %)" if prompt else ""
+            lines.append(f"{'':<10} cached input: {s['cached_tokens']} of {prompt} prompt tokens{share}")
         stopped = s["stopped_usage"]
         if stopped.get("requests"):
             lines.append(f"{'':<10} includes {int(stopped['requests'])} requests (${stopped.get('cost_usd', 0):.2f}) "

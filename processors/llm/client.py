@@ -66,7 +66,7 @@ class EndpointCall:
         """Answer ``requests`` (results in the same order; per-request failures come back as ``ok=False``).
 
         Raises ``CircuitOpenError`` when the endpoint keeps failing. Usage (requests, cache_hits, retries,
-        prompt/completion tokens, cost_usd) goes to the calling shard's meter, journalled reply by reply."""
+        prompt/completion tokens, the cached and cache-write parts of the prompt tokens, cost_usd) goes to the calling shard's meter, journalled reply by reply."""
         return self.client.send_groups([self.group(requests)])[0]
 
 
@@ -156,13 +156,16 @@ class LLMClient:
             return cost_usd(settings, model, prompt, completion, batch=batch)
 
         def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
-            dollars = price(usage.prompt_tokens, usage.completion_tokens, batch)
+            # The reservation (``price``, a worst case) is at the full input price; the bill at the cache's.
+            dollars = cost_usd(settings, model, usage.prompt_tokens, usage.completion_tokens, batch=batch,
+                               cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens)
             spend.bill(stage, dollars)  # on the accounts' loop, before the reply's reservation is released
             add(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                cost_usd=dollars)
+                cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens, cost_usd=dollars)
 
         def free(**counters: float) -> None:
-            add(requests=0, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, **counters)
+            add(requests=0, prompt_tokens=0, completion_tokens=0, cached_tokens=0, cache_write_tokens=0,
+                cost_usd=0.0, **counters)
 
         tally = Tally(price=price, stage=stage)
         tally.on_billed = billed

@@ -52,12 +52,20 @@ def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_imag
 
 
 def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion_tokens: float, *,
-             batch: bool) -> float:
-    """Dollars for the given tokens; 0 for a model without a price (a self-hosted vLLM, say)."""
+             batch: bool, cached_tokens: float = 0, cache_write_tokens: float = 0) -> float:
+    """Dollars for the given tokens; 0 for a model without a price (a self-hosted vLLM, say).
+
+    ``cached_tokens`` and ``cache_write_tokens`` are the parts of ``prompt_tokens`` read from and written to
+    the provider's prompt cache, priced at the model's cached and cache-write rates; without them (an
+    estimate, a worst case) every prompt token is at the full input price."""
     price = settings.prices.get(model)
     if price is None:
         return 0.0
-    dollars = (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
+    cached_rate = price.input_per_mtok if price.cached_input_per_mtok is None else price.cached_input_per_mtok
+    write_rate = price.input_per_mtok if price.cache_write_per_mtok is None else price.cache_write_per_mtok
+    full = max(0.0, prompt_tokens - cached_tokens - cache_write_tokens)
+    dollars = (full * price.input_per_mtok + cached_tokens * cached_rate + cache_write_tokens * write_rate
+               + completion_tokens * price.output_per_mtok) / 1e6
     return dollars * (price.batch_discount if batch else 1.0)
 
 

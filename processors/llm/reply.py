@@ -1,7 +1,8 @@
 """From a chat completion to the stage's value: normalise the reply, then judge it.
 
 A *normalised reply* (what the cache stores and the Batch API path produces too) is
-``{"text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}, "logprobs"}``.
+``{"text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens", "cached_tokens",
+"cache_write_tokens"}, "logprobs"}``; a cached reply stored before the last two existed reads them as 0.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def normalise(completion: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, IndexError, TypeError):
         raise bad_body(str(completion)) from None
     usage = completion.get("usage") or {}
+    details = usage.get("prompt_tokens_details")  # OpenAI's prompt caching: parts of prompt_tokens
+    details = details if isinstance(details, dict) else {}
     logprobs = (choice.get("logprobs") or {}).get("content")
     return {
         "text": message.get("content"),
@@ -31,6 +34,8 @@ def normalise(completion: dict[str, Any]) -> dict[str, Any]:
         "usage": {
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0),
+            "cached_tokens": int(details.get("cached_tokens") or 0),
+            "cache_write_tokens": int(details.get("cache_write_tokens") or 0),
         },
         "logprobs": logprobs,
     }

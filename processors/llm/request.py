@@ -62,12 +62,19 @@ class LLMRequest:
 
 @dataclass
 class Usage:
+    """Tokens billed. ``cached_tokens`` (read from the provider's prompt cache) and ``cache_write_tokens``
+    (written to it, where the API reports them) are parts of ``prompt_tokens``, not added to it."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def add(self, other: "Usage") -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.cache_write_tokens += other.cache_write_tokens
 
 
 @dataclass

@@ -79,18 +79,36 @@ class EndpointSettings(_Frozen):
 
 
 class Price(_Frozen):
-    """USD per million tokens. ``batch_discount`` is the fraction of the price paid in Batch API mode."""
+    """USD per million tokens. ``batch_discount`` is the fraction of the price paid in Batch API mode.
+
+    Prompt tokens read from the provider's prompt cache cost ``cached_input_per_mtok`` and those written to
+    it ``cache_write_per_mtok``; None = the input price (no discount or surcharge known)."""
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    cache_write_per_mtok: float | None = Field(None, ge=0)
     batch_discount: float = Field(0.5, gt=0, le=1)
 
 
+def _price(input_usd: float, output_usd: float, cached_share: float) -> Price:
+    return Price(input_per_mtok=input_usd, output_per_mtok=output_usd,
+                 cached_input_per_mtok=round(input_usd * cached_share, 6))
+
+
+# OpenAI's list prices (standard tier). Cached input: 50 % of the input price on the GPT-4o family, 25 % on
+# GPT-4.1, 10 % on GPT-5; OpenAI bills no cache writes on these models, so cache_write_per_mtok stays None.
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-4o-2024-08-06": Price(input_per_mtok=2.50, output_per_mtok=10.00),
-    "gpt-4o": Price(input_per_mtok=2.50, output_per_mtok=10.00),
-    "gpt-4o-2024-11-20": Price(input_per_mtok=2.50, output_per_mtok=10.00),
-    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
+    "gpt-4o-2024-08-06": _price(2.50, 10.00, 0.5),
+    "gpt-4o": _price(2.50, 10.00, 0.5),
+    "gpt-4o-2024-11-20": _price(2.50, 10.00, 0.5),
+    "gpt-4o-mini": _price(0.15, 0.60, 0.5),
+    "gpt-4.1": _price(2.00, 8.00, 0.25),
+    "gpt-4.1-mini": _price(0.40, 1.60, 0.25),
+    "gpt-4.1-nano": _price(0.10, 0.40, 0.25),
+    "gpt-5": _price(1.25, 10.00, 0.1),
+    "gpt-5-mini": _price(0.25, 2.00, 0.1),
+    "gpt-5-nano": _price(0.05, 0.40, 0.1),
 }
 
 

@@ -52,6 +52,9 @@ class SimulatorOptions:
     json_whitespace: bool = False  # structured output padded with free whitespace (vLLM's default grammar)
     digit_spread: float = 0.0  # share of one-digit replies whose other digit is not among the top logprobs
     echo_auth: bool = False  # a hostile server: its 401 repeats the Authorization header it was sent
+    # OpenAI's prompt caching (``PromptCache``): replies report usage.prompt_tokens_details.cached_tokens
+    prompt_cache: bool = False
+    cache_ttl_s: float = 600.0  # how long an unused prefix stays cached (OpenAI: 5-10 minutes)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -113,6 +116,37 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return _tokens(message_text(messages)) + 4 * len(messages) + 85 * images
 
 
+CACHE_MIN_TOKENS = 1024  # shorter prompts are never cached
+CACHE_STEP_TOKENS = 128  # the cached part grows in steps of this many tokens
+
+
+class PromptCache:
+    """OpenAI's prompt caching as documented, at message granularity: a request's prefix is its leading
+    messages that an earlier request (same model and ``prompt_cache_key``, if it gave one) sent within
+    ``ttl_s``; its tokens, counted as ``prompt_tokens`` counts them and rounded down to 128-token steps, are
+    cached if the prompt and that part have at least 1,024 tokens. Each use keeps a prefix alive."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self.last_used: dict[str, float] = {}  # chained hash of a prefix of messages -> when last sent
+
+    def cached_tokens(self, body: dict[str, Any], now: float) -> int:
+        messages = body["messages"]
+        link = fingerprint("prompt-cache", body.get("model"), body.get("prompt_cache_key"))
+        shared, matching = 0, True
+        for count, message in enumerate(messages, start=1):
+            link = fingerprint(link, message)
+            matching = matching and now - self.last_used.get(link, -math.inf) <= self.ttl_s
+            shared = count if matching else shared
+            self.last_used[link] = now
+        if len(self.last_used) > 100_000:  # forget what expired, now and then
+            self.last_used = {k: t for k, t in self.last_used.items() if now - t <= self.ttl_s}
+        if not shared or prompt_tokens(messages) < CACHE_MIN_TOKENS:
+            return 0
+        cached = prompt_tokens(messages[:shared]) // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
+        return cached if cached >= CACHE_MIN_TOKENS else 0
+
+
 MASKED = -9999.0  # vLLM's logprob for a token a structured-output constraint excluded
 
 
@@ -169,8 +203,9 @@ def pad_json(text: str, rng: random.Random) -> str:
 
 
 def completion(body: dict[str, Any], responders: Sequence[Responder], seed: int, fault: str | None = None,
-               options: Any = None, nonce: int = 0) -> dict:
-    """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed"/"empty" spoil it."""
+               options: Any = None, nonce: int = 0, cached_tokens: int | None = None) -> dict:
+    """The chat completion for ``body``: deterministic text; ``fault`` "length"/"malformed"/"empty" spoil it.
+    ``cached_tokens`` (the prompt cache on) is reported as usage.prompt_tokens_details.cached_tokens."""
     rng = request_rng(body, seed)
     text = reply_text(responders, body, rng)
     choices = choice_constraint(body)
@@ -197,9 +232,11 @@ def completion(body: dict[str, Any], responders: Sequence[Responder], seed: int,
         choice["logprobs"] = {"content": _logprobs(text, rng, int(body.get("top_logprobs") or 0) or 1,
                                                    constrained=choices is not None, spread=spread)}
     usage_prompt = prompt_tokens(body["messages"])
+    usage = {"prompt_tokens": usage_prompt, "completion_tokens": _tokens(text),
+             "total_tokens": usage_prompt + _tokens(text)}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return {
         "id": f"chatcmpl-sim{rng.getrandbits(48):012x}", "object": "chat.completion", "created": int(time.time()),
-        "model": body.get("model", "sim"), "choices": [choice],
-        "usage": {"prompt_tokens": usage_prompt, "completion_tokens": _tokens(text),
-                  "total_tokens": usage_prompt + _tokens(text)},
+        "model": body.get("model", "sim"), "choices": [choice], "usage": usage,
     }

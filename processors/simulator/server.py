@@ -25,7 +25,7 @@ from aiohttp import web
 
 from builder.ids import fingerprint
 from processors.simulator import batches
-from processors.simulator.core import SimStats, SimulatorOptions, Window, completion
+from processors.simulator.core import PromptCache, SimStats, SimulatorOptions, Window, completion
 from processors.simulator.responders import Responder, checked
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class SimState:
         self.arrivals = Window()
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
+        self.prompt_cache = PromptCache(self.options.cache_ttl_s) if self.options.prompt_cache else None
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None, *,
@@ -174,8 +175,9 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
     if fault not in ("malformed", "length", "timeout", "empty"):  # a timed-out client never gets the answer
         stats.ok_per_key[key] += 1
         stats.answered_at[key].append(time.time())
+    cached = state.prompt_cache.cached_tokens(body, time.monotonic()) if state.prompt_cache else None
     return web.json_response(completion(body, state.responders, options.seed, fault, options,
-                                         state.rng.getrandbits(32)))
+                                         state.rng.getrandbits(32), cached))
 
 
 async def stats_handler(request: web.Request) -> web.Response:
