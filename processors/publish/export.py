@@ -17,7 +17,6 @@ import filecmp
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 from builder import runfolder as rf
 from builder.outputs import load_stage_output, require_intact_stage
 from processors.publish.writes import Writes, is_write_failure, write_failure
+from processors.qa.validate import strip_control
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +42,14 @@ class ExportResult:
     tasktype_path: Path | None
 
 
-# The QA stage strips these from model text already (``processors.qa.validate.strip_control``, the same
-# rule); the export strips them again because it also reads final stages of older runs and of other
-# pipelines, and a NUL or an ANSI escape in a published JSON breaks the tools that read it.
-_ANSI_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
+# The QA stage strips these from model text already (``strip_control``); the export strips them again because
+# it also reads final stages of older runs and of other pipelines, and a NUL or an ANSI escape in a published
+# JSON breaks the tools that read it.
 def printable(value):
     """``value`` (a string, or lists/dicts of them) without ANSI escape sequences and control characters;
     newline and tab are kept."""
     if isinstance(value, str):
-        return _CONTROL_CHARS.sub("", _ANSI_SEQUENCE.sub("", value))
+        return strip_control(value)
     if isinstance(value, list):
         return [printable(v) for v in value]
     if isinstance(value, dict):
