@@ -40,13 +40,19 @@ class Prepared:
         messages = self.request.messages
         if self.has_images:
             messages = [self._wire_message(m) for m in messages]
-        return {"model": self.endpoint.model, "messages": messages, **self.params}
+        return {"model": self.endpoint.model, "messages": messages, **self.params, **self.wire_params()}
 
     async def body(self) -> dict[str, Any]:
         """The JSON body to POST; images are decoded and encoded in a worker thread."""
         if not self.has_images:
-            return {"model": self.endpoint.model, "messages": self.request.messages, **self.params}
+            return {"model": self.endpoint.model, "messages": self.request.messages, **self.params,
+                    **self.wire_params()}
         return await asyncio.to_thread(self.body_sync)
+
+    def wire_params(self) -> dict[str, Any]:
+        """What is sent but is not part of the cache key (it never changes the answer): the service tier and
+        the prompt-cache routing key."""
+        return wire_params(self.request, self.endpoint)
 
     def _wire_message(self, message: dict[str, Any]) -> dict[str, Any]:
         content = message.get("content")
@@ -88,6 +94,15 @@ def request_params(request: LLMRequest, endpoint: EndpointSettings) -> dict[str,
             "json_schema": {"name": request.schema_name, "schema": request.json_schema},
         }
     params.update(request.extra_body)
+    return params
+
+
+def wire_params(request: LLMRequest, endpoint: EndpointSettings) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if endpoint.mode == "flex":
+        params["service_tier"] = "flex"
+    if endpoint.send_prompt_cache_key and request.prompt_cache_key:
+        params["prompt_cache_key"] = request.prompt_cache_key
     return params
 
 

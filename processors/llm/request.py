@@ -55,6 +55,10 @@ class LLMRequest:
     top_logprobs: int | None = None
     accept_truncated: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)  # sent as is and part of the cache key
+    # Sent as ``prompt_cache_key`` where the endpoint says it accepts one (``send_prompt_cache_key``): routes
+    # requests that share a prefix (one image's filter and QA) to the same cache. Not part of the cache key:
+    # it never changes the answer.
+    prompt_cache_key: str | None = None
 
     def __repr__(self) -> str:  # messages may hold megabytes of image bytes
         return f"LLMRequest(key={self.key!r}, prompt_version={self.prompt_version!r}, messages={len(self.messages)})"

@@ -25,7 +25,9 @@ class EndpointSettings(_Frozen):
         "OPENAI_API_KEY", description="name of the env var holding the key; null for servers without auth"
     )
     model: str = Field("gpt-4o-2024-08-06", description="model id sent with every request")
-    mode: Literal["online", "batch"] = Field("online", description="online requests or the Batch API (half price)")
+    mode: Literal["online", "batch", "flex"] = Field(
+        "online", description="online requests, the Batch API (half price, 24 h window) or OpenAI's flex tier "
+        "(service_tier=flex: synchronous at the model's flex price, slower, may answer 429 for capacity)")
     transport: Literal["aiohttp", "openai"] = Field(
         "aiohttp",
         description="chat completions via a lean aiohttp client (fast) or the openai SDK; files/batches always "
@@ -54,6 +56,9 @@ class EndpointSettings(_Frozen):
     temperature: float | None = Field(None, ge=0, le=2, description="default temperature; a request may override")
     max_tokens: int = Field(1024, ge=1, description="default max_tokens; a request may override")
     seed: int | None = Field(None, description="sent as `seed` when set (best-effort determinism)")
+    send_prompt_cache_key: bool = Field(
+        False, description="send `prompt_cache_key` (the image id) so one image's requests meet the same prompt "
+        "cache; OpenAI accepts it, other servers may reject an unknown field")
     # Batch API
     batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="requests per batch file (API limit)")
     batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="bytes per batch file (API limit 200 MB)")
