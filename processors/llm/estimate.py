@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from processors.llm import images
 from processors.llm.request import LLMRequest
-from processors.llm.settings import EndpointSettings, LLMSettings
+from processors.llm.settings import EndpointSettings, LLMSettings, Price
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -51,9 +51,24 @@ def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_imag
     return prompt, request.max_tokens or endpoint.max_tokens
 
 
+Tier = Literal["standard", "batch", "flex"]
+
+
+def tier_discount(price: Price, tier: Tier) -> float:
+    """The fraction of the list price paid at ``tier`` (flex without a known flex price: the standard price)."""
+    if tier == "batch":
+        return price.batch_discount
+    if tier == "flex" and price.flex_discount is not None:
+        return price.flex_discount
+    return 1.0
+
+
 def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion_tokens: float, *,
-             batch: bool, cached_tokens: float = 0, cache_write_tokens: float = 0) -> float:
+             batch: bool = False, tier: Tier | None = None, cached_tokens: float = 0,
+             cache_write_tokens: float = 0) -> float:
     """Dollars for the given tokens; 0 for a model without a price (a self-hosted vLLM, say).
+
+    ``tier`` is the service tier billed (``batch=True`` is ``tier="batch"``, the older spelling).
 
     ``cached_tokens`` and ``cache_write_tokens`` are the parts of ``prompt_tokens`` read from and written to
     the provider's prompt cache, priced at the model's cached and cache-write rates; without them (an
@@ -66,7 +81,7 @@ def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion
     full = max(0.0, prompt_tokens - cached_tokens - cache_write_tokens)
     dollars = (full * price.input_per_mtok + cached_tokens * cached_rate + cache_write_tokens * write_rate
                + completion_tokens * price.output_per_mtok) / 1e6
-    return dollars * (price.batch_discount if batch else 1.0)
+    return dollars * tier_discount(price, tier or ("batch" if batch else "standard"))
 
 
 @dataclass

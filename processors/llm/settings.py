@@ -94,6 +94,9 @@ class Price(_Frozen):
     cached_input_per_mtok: float | None = Field(None, ge=0)
     cache_write_per_mtok: float | None = Field(None, ge=0)
     batch_discount: float = Field(0.5, gt=0, le=1)
+    flex_discount: float | None = Field(
+        None, gt=0, le=1, description="the fraction of the price paid at the flex tier; null = the model has no "
+        "known flex price (billed at the standard price)")
 
 
 def _price(input_usd: float, output_usd: float, cached_share: float) -> Price:
