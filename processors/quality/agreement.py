@@ -3,6 +3,11 @@
 Pure functions over the score stage's ``votes`` column (one ``{referee: 0/1/None}`` dict per row). A vote that
 is ``None`` (missing under the ``abstain`` policy) leaves that row out of every statistic that needs that
 referee: kappa on partial ballots would mix different sets of items.
+
+Under the score stage's referee cascade a vote not asked is ``None`` too: each pair's kappa is then over the
+questions both referees were asked, which for a later referee are the questions the earlier ones left open
+(mostly disagreements), so it is not comparable with a full vote's. ``agreement_report(cascade=True)`` says so
+and gives each pair's count of questions (``pair_rows``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def agreement(votes: Sequence[dict[str, int | None]], referees: Sequence[str] | None = None) -> dict:
+def agreement(votes: Sequence[dict[str, int | None]], referees: Sequence[str] | None = None, *,
+              cascade: bool = False) -> dict:
     """The agreement report of one set of rows: ``rows``, ``complete`` (rows every referee voted on),
     ``yes_rate`` per referee, ``cohen_kappa`` per pair (``"a|b"``), ``fleiss_kappa`` and ``patterns``
     (``"3/3"``: rows with that many yes votes among the complete ones)."""
@@ -55,14 +61,17 @@ def agreement(votes: Sequence[dict[str, int | None]], referees: Sequence[str] | 
     for name in names:
         cast = [v[name] for v in votes if v.get(name) is not None]
         yes_rate[name] = _rounded(sum(cast) / len(cast)) if cast else None
-    pairs = {}
+    pairs, pair_rows = {}, {}
     for x, y in combinations(names, 2):
         both = [(v[x], v[y]) for v in votes if v.get(x) is not None and v.get(y) is not None]
         pairs[f"{x}|{y}"] = _rounded(cohen_kappa([p[0] for p in both], [p[1] for p in both]))
+        pair_rows[f"{x}|{y}"] = len(both)
     complete = [sum(v[n] for n in names) for v in votes if all(v.get(n) is not None for n in names)]
     counts = Counter(complete)
     patterns = {f"{k}/{len(names)}": counts.get(k, 0) for k in range(len(names), -1, -1)}
+    extra = {"pair_rows": pair_rows} if cascade else {}
     return {
+        **extra,
         "rows": len(votes),
         "complete": len(complete),
         "yes_rate": yes_rate,
@@ -72,15 +81,23 @@ def agreement(votes: Sequence[dict[str, int | None]], referees: Sequence[str] | 
     }
 
 
+CASCADE_NOTE = ("referee cascade: a later referee was asked only where the earlier ones left the outcome open, "
+                "so each pair's kappa is over the questions both were asked (pair_rows), not over every question; "
+                "patterns count only the questions every referee was asked")
+
+
 def agreement_report(votes: Sequence[dict[str, int | None]], task_types: Sequence[str],
-                     referees: Sequence[str] | None = None) -> dict:
-    """``overall`` plus ``by_category``: the same report per first-level category of each row's task path."""
+                     referees: Sequence[str] | None = None, *, cascade: bool = False) -> dict:
+    """``overall`` plus ``by_category``: the same report per first-level category of each row's task path.
+    ``cascade``: the votes come from the referee cascade (``CASCADE_NOTE``)."""
     names = list(referees) if referees is not None else sorted({k for v in votes for k in v})
     groups: dict[str, list] = {}
     for vote, path in zip(votes, task_types, strict=True):
         groups.setdefault(path.split("~", 1)[0], []).append(vote)
     return {
         "referees": names,
-        "overall": agreement(votes, names),
-        "by_category": {category: agreement(rows, names) for category, rows in sorted(groups.items())},
+        **({"note": CASCADE_NOTE} if cascade else {}),
+        "overall": agreement(votes, names, cascade=cascade),
+        "by_category": {category: agreement(rows, names, cascade=cascade)
+                        for category, rows in sorted(groups.items())},
     }

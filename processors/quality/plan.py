@@ -27,7 +27,8 @@ class FinalPlan:
 
 
 def _shown(votes: dict, names) -> str:
-    return ", ".join(f"{name}={votes.get(name)}" for name in names)
+    # A None vote is one the referee cascade did not ask, or one missing under the abstain policy.
+    return ", ".join(f"{name}={votes.get(name) if votes.get(name) is not None else '-'}" for name in names)
 
 
 def _answered_blind(votes: dict, p_yes: dict, name: str, config) -> bool:

@@ -84,6 +84,7 @@ def collect(load, final) -> dict:
         counts["score"] = value_counts(score.data.column("task_type"))
         data["votes"] = column_values(score, "votes")
         data["missing"] = column_values(score, "missing") if "missing" in score.column_names else None
+        data["cascade"] = "not_asked" in score.column_names
         data["score_task_types"] = column_values(score, "task_type")
     counts["final"] = value_counts(final.data.column("task_type"))
     data["paths"] = counts
@@ -111,7 +112,8 @@ def build_report(data: dict, *, summary: dict, referees: list[str]) -> tuple[dic
         csv_text = per_leaf_csv(data["leaves"], counts)
     if "votes" in data:
         votes = ballots(data["votes"], data.get("missing"), referees)
-        stats["agreement"] = agreement_report(votes, data["score_task_types"], referees)
+        stats["agreement"] = agreement_report(votes, data["score_task_types"], referees,
+                                              cascade=data.get("cascade", False))
     stats["summary"] = summary_lines(stats)
     return stats, csv_text
 

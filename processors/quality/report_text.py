@@ -54,7 +54,9 @@ def summary_lines(stats: dict) -> list[str]:
     if agreement:
         overall = agreement["overall"]
         pairs = ", ".join(f"{pair}={_k(k)}" for pair, k in overall["cohen_kappa"].items())
-        lines.append(f"referees: Fleiss kappa {_k(overall['fleiss_kappa'])}; Cohen {pairs}")
+        lines.append(f"referees: Fleiss kappa {_k(overall['fleiss_kappa'])}; Cohen {pairs}"
+                     + (" (referee cascade: each pair over the questions both were asked)"
+                        if agreement.get("note") else ""))
         lines.append("vote patterns: " + ", ".join(f"{p}={n}" for p, n in overall["patterns"].items())
                      + "; yes-rate " + ", ".join(f"{r}={_k(v)}" for r, v in overall["yes_rate"].items()))
     return lines
@@ -115,5 +117,7 @@ def card_section(stats: dict) -> str:
         lines += ["### Referee agreement", "", "Yes-rate per referee, Fleiss' κ, pairwise Cohen's κ and the "
                   "count of each vote pattern (yes votes of all referees), overall and per first-level category:",
                   ""]
+        if stats["agreement"].get("note"):  # the referee cascade: kappas over the questions both were asked
+            lines += [f"Note: {stats['agreement']['note']}.", ""]
         lines += _agreement_table(stats["agreement"]) + [""]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from builder.rows import BatchOutput
 from builder.stage import Stage, StageConfig
 from processors.llm.request import UNANSWERED
+from processors.referees.cascade import cascade_ballots, counting_and_checks, first_round
 from processors.referees.factory import llm_endpoints, runs_on_device
 from processors.referees.protocol import RefereeItem
 from processors.referees.settings import RefereeSettings
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 REFEREE_PROMPT_CHARS = 700  # estimate: instruction + task type + question
 VOTE_UNANSWERED = "vote_unanswered"  # a referee's server could not answer: not judged, asked again next run
 QA_COLUMNS = ("qa_id", "image_id", "task_type", "question", "answer")
+CASCADE_PART = "~cascade"  # settings_parts key (never a referee name: those are identifiers)
 PAPER_REFEREES = [
     RefereeSettings(name="glm4v_9b", preset="glm-4v-9b"),
     RefereeSettings(name="internvl_chat_v15", preset="internvl-chat-v1.5"),
@@ -47,6 +49,11 @@ class ScoreConfig(StageConfig):
         "referee is an answer or blind check of the final stage: an outage of an optional check then drops rows "
         "the protocol would keep); abstain = the row goes on without it, named in `missing`; zero = counted as "
         "0 (the final stage's agreement report reads it as missing)")
+    cascade: bool = Field(
+        False, description="ask the referees in this list's order (cheapest first) and stop asking about a "
+        "question once its outcome under final.threshold is decided: the same samples are kept for fewer "
+        "referee requests (processors.referees.cascade). A vote not asked is None and named in the row's "
+        "not_asked column. The final stage's answer and blind referees are asked about every question")
 
     @field_validator("referees")
     @classmethod
@@ -70,9 +77,12 @@ class ScoreStage(Stage):
     unanswered_reasons = UNANSWERED | {VOTE_UNANSWERED}
 
     def shards_in_flight(self, config: ScoreConfig) -> int:
-        """Two when every referee is an endpoint (the next shard fills the servers' windows at a boundary);
+        """Two when every referee is an endpoint (the next shard fills the servers' windows at a boundary),
+        three under the cascade (a shard waiting on its later rounds leaves the first referees' servers idle);
         one with a local referee, whose model on the GPU takes one batch at a time."""
-        return 1 if any(runs_on_device(referee) for referee in config.referees) else 2
+        if any(runs_on_device(referee) for referee in config.referees):
+            return 1
+        return 3 if config.cascade else 2
 
     def resources(self, config: ScoreConfig) -> dict:
         """Local referees: a pool of GPU actors, each holding every local referee's model, in the runtime_env
@@ -100,7 +110,10 @@ class ScoreStage(Stage):
 
     def fingerprint_config(self, config: ScoreConfig) -> dict:
         # Each referee by what changes its votes (RefereeSettings.fingerprint_parts: not batch size or device).
-        return {"referees": [r.fingerprint_parts() for r in config.referees], "missing_vote": config.missing_vote}
+        parts = {"referees": [r.fingerprint_parts() for r in config.referees], "missing_vote": config.missing_vote}
+        if config.cascade:  # only when on: the paper config keeps its fingerprint
+            parts["cascade"] = True
+        return parts
 
     def llm_endpoints(self, config: ScoreConfig) -> list[str]:
         return [name for r in config.referees for name in llm_endpoints(r)]
@@ -109,12 +122,17 @@ class ScoreStage(Stage):
         from processors.llm.settings import endpoint_parts
 
         # Each endpoint as the referee calls it: the preset's served name and image size applied.
-        return {
+        parts = {
             r.name: [endpoint_parts(settings, n, key=f"stages.score.referees[{r.name}].endpoint",
                                     overrides=r.endpoint_overrides)
                      for n in llm_endpoints(r)]
             for r in config.referees if not runs_on_device(r)
         }
+        if config.cascade:  # which votes are asked depends on the final stage's threshold and checks
+            counting, checks = counting_and_checks([r.name for r in config.referees], settings.stages.final)
+            parts[CASCADE_PART] = {"threshold": settings.stages.final.threshold, "counting": counting,
+                                   "checks": checks}
+        return parts
 
     def features(self, config: ScoreConfig):
         import datasets
@@ -127,6 +145,8 @@ class ScoreStage(Stage):
                 "p_yes": {name: datasets.Value("float32") for name in names},
                 "total": datasets.Value("int32"),
                 "missing": datasets.List(datasets.Value("string")),
+                # Under the cascade only: the referees not asked (their votes could not change the outcome).
+                **({"not_asked": datasets.List(datasets.Value("string"))} if config.cascade else {}),
             }
         )
 
@@ -137,6 +157,14 @@ class ScoreStage(Stage):
         questions = round(assumptions.images * assumptions.filter_pass * assumptions.kept_per_image
                           * run_config.stages.qa.questions_per_type)
         rows = []
+        if config.cascade:
+            counting, _ = counting_and_checks([r.name for r in config.referees], run_config.stages.final)
+            later = counting[first_round(len(counting), run_config.stages.final.threshold):]
+            if later:
+                assumptions.notes.append(
+                    f"referee cascade: {', '.join(later)} are asked only where the earlier referees left the "
+                    "outcome open; counted here for every question (an upper bound). `estimate --from-run` "
+                    "projects them from a pilot's agreement")
         for referee in config.referees:
             if runs_on_device(referee):
                 assumptions.notes.append(f"referee {referee.name} runs locally: GPU time, no API requests")
@@ -157,13 +185,25 @@ class ScoreStage(Stage):
         client = LLMClient.for_stage(ctx)
         referees = [build_referee(s, client) for s in config.referees]
         columns = list(self.features(config))
+        by_name = dict(zip((s.name for s in config.referees), zip(config.referees, referees)))
+        final = ctx.settings.stages.final
+
+        def ask(names: list[str], shown: dict[str, list[RefereeItem]]) -> dict[str, dict]:
+            chosen = [by_name[name] for name in names]
+            return score_all([s for s, _ in chosen], [r for _, r in chosen], shown, client)
 
         def score(batch: dict[str, list]) -> dict[str, list]:
             items, unavailable = _items(batch, image_file)
             shown = {s.name: items if s.see_answer else [_without_answer(item) for item in items]
                      for s in config.referees}
-            ballots = score_all(config.referees, referees, shown, client)
-            return _join(batch, ballots, config.missing_vote, columns, unavailable)
+            if not config.cascade:
+                return _join(batch, score_all(config.referees, referees, shown, client), config.missing_vote,
+                             columns, unavailable)
+            counting, checks = counting_and_checks(list(by_name), final)
+            ballots, not_asked = cascade_ballots(counting, checks, shown, ask, threshold=final.threshold,
+                                                 policy=config.missing_vote)
+            ordered = {name: ballots[name] for name in by_name}
+            return _join(batch, ordered, config.missing_vote, columns, unavailable, not_asked)
 
         return score
 
@@ -233,7 +273,8 @@ def _without_answer(item: RefereeItem) -> RefereeItem:
 
 
 def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns: list[str],
-          unavailable: dict[str, str] | None = None) -> dict[str, list]:
+          unavailable: dict[str, str] | None = None,
+          not_asked: dict[str, list[str]] | None = None) -> dict[str, list]:
     from processors.image_locator import IMAGE_MISSING
 
     out = BatchOutput(columns)
@@ -242,7 +283,11 @@ def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns
             out.fail(qa_id, IMAGE_MISSING, unavailable[qa_id])
             continue
         votes, p_yes, missing, errors, unanswered = {}, {}, [], [], []
+        skipped = not_asked.get(qa_id, []) if not_asked is not None else []
         for name, by_qa in ballots.items():
+            if name in skipped:  # not asked: the outcome was decided without it (never 0, never missing)
+                votes[name], p_yes[name] = None, None
+                continue
             vote = by_qa.get(qa_id)
             if vote is None or not vote.ok:
                 missing.append(name)
@@ -261,5 +306,6 @@ def _join(batch: dict[str, list], ballots: dict[str, dict], policy: str, columns
             continue
         row = {column: batch[column][i] for column in QA_COLUMNS}
         total = sum(v for v in votes.values() if v is not None)
-        out.add(qa_id, {**row, "votes": votes, "p_yes": p_yes, "total": total, "missing": missing})
+        extra = {"not_asked": skipped} if not_asked is not None else {}
+        out.add(qa_id, {**row, "votes": votes, "p_yes": p_yes, "total": total, "missing": missing, **extra})
     return out.to_columns()

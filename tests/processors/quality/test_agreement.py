@@ -58,3 +58,16 @@ def test_votes_named_missing_are_no_votes_under_missing_vote_zero():
     assert report["yes_rate"]["b"] == pytest.approx(2 / 3, abs=1e-4)  # not 4/7
     assert report["cohen_kappa"]["b|c"] == pytest.approx(2 / 3, abs=1e-4)
     assert ballots(stored, None, ["a"])[-1] == {"a": 1}  # a score table without the column: as stored
+
+
+def test_cascade_votes_report_each_pair_over_the_questions_both_were_asked():
+    from processors.quality.agreement import CASCADE_NOTE, agreement_report
+
+    # a and b always asked; c only where they disagree (None = not asked)
+    votes = [{"a": 1, "b": 1, "c": None}, {"a": 0, "b": 0, "c": None}, {"a": 1, "b": 0, "c": 1},
+             {"a": 0, "b": 1, "c": 0}]
+    report = agreement_report(votes, ["X~y"] * 4, ["a", "b", "c"], cascade=True)
+    assert report["note"] == CASCADE_NOTE
+    assert report["overall"]["pair_rows"] == {"a|b": 4, "a|c": 2, "b|c": 2}
+    assert report["overall"]["complete"] == 2
+    assert "note" not in agreement_report(votes, ["X~y"] * 4, ["a", "b", "c"])
