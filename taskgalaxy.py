@@ -118,6 +118,16 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         print("error: say how many images to expect with --images N (or run the images stage first: "
               f"taskgalaxy run {args.config} --stages images --dry-run)", file=sys.stderr)
         return 2
+    if args.from_run:  # projected from what a pilot run did, not from fixed assumptions
+        from processors.estimate_pilot import format_pilot_estimate, project_from_run
+
+        try:
+            print(format_pilot_estimate(project_from_run(Path(args.from_run), config, images,
+                                                         latency_s=args.latency_s)))
+        except (StageNotReadyError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     assumptions = Assumptions(images=images, kept_per_image=args.kept_per_image, filter_pass=args.filter_pass)
     print(format_estimate(estimate(config, assumptions, default_stages()), assumptions))
     return 0
@@ -226,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--images", type=int, help="images to expect (default: the finished images stage's count)")
     estimate.add_argument("--kept-per-image", type=float, default=2.5, help="task types the filter keeps per image")
     estimate.add_argument("--filter-pass", type=float, default=0.85, help="share of images keeping >= 1 task type")
+    estimate.add_argument("--from-run", metavar="RUN_DIR", help="project from a pilot run folder (finished or "
+                          "partial) instead of the fixed assumptions")
+    estimate.add_argument("--latency-s", type=float, help="with --from-run: seconds per request for the wall time "
+                          "(default: 1 s + reply tokens / 50 tok/s)")
     estimate.set_defaults(func=_cmd_estimate)
 
     simulate = verbs.add_parser("simulate-api", help="serve the OpenAI-compatible simulator (tests, benchmarks)")

@@ -86,6 +86,10 @@ def check_consistency(config: Any) -> None:
         problems.append(f"stages.match.coverage_min is on, but stages.filter.max_candidates "
                         f"({filt.max_candidates}) is less than stages.match.top_k + coverage_max_extra "
                         f"({match.top_k + match.coverage_max_extra}): the filter would never see the added candidates")
+    qa = getattr(stages, "qa", None)
+    if filt is not None and qa is not None and getattr(filt, "fuse_qa", False) and filt.endpoint != qa.endpoint:
+        problems.append(f"stages.filter.fuse_qa is on, so the filter's endpoint ({filt.endpoint}) writes the questions "
+                        f"and answers too, but stages.qa.endpoint names {qa.endpoint}: make them the same")
     if problems:
         raise ConfigError("config error: " + "; ".join(problems) + "; nothing was run")
 

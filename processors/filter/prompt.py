@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from processors.prompt_layout import layout_messages
+
 PROMPT_VERSION = "filter-v1"
 # The structured-output schema, apart: it is part of the request (and so of its cache key) only when a
 # schema is sent, so only the stage fingerprint needs it (v2: the list is capped at the candidates).
@@ -35,6 +37,19 @@ def build_messages(image_path: str, candidates: Sequence[str]) -> list[dict[str,
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": [{"type": "image_path", "path": image_path}, {"type": "text", "text": instructions}]},
     ]
+
+
+def layout_job(candidates: Sequence[str]) -> str:
+    """The varying part of a filter request under ``prompt_layout: cache_friendly`` (after the image)."""
+    listing = "\n".join(f"{i}. {c}" for i, c in enumerate(candidates, 1))
+    return (f"Job FILTER.\n{MARKER}\n{listing}\n\nReply with JSON only, in the form given above: the fitting task "
+            "types in task_types exactly as written (levels joined by ~) and an empty qa list; an empty "
+            "task_types list if none fits.")
+
+
+def build_layout_messages(image_path: str, candidates: Sequence[str]) -> list[dict[str, Any]]:
+    """A filter request under the cache-friendly layout (``processors.prompt_layout``)."""
+    return layout_messages(image_path, layout_job(candidates))
 
 
 def json_schema(candidates: Sequence[str]) -> dict[str, Any]:

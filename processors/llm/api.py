@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.ids import fingerprint
+from processors.llm import flex
 from processors.llm import reply as rp
 from processors.llm.accounts import Accounts
 from processors.llm.breaker import CircuitBreaker
@@ -134,6 +135,9 @@ async def execute(requests: list[LLMRequest], settings: LLMSettings, endpoint: s
             cache.close()
     logger.info("llm %s: %d requests, %d from cache, %d sent, %d failed, %d with unreadable images", endpoint,
                 len(requests), tally.cache_hits, tally.requests, tally.failed, len(unreadable))
+    if tally.flex_fallbacks:
+        logger.info("llm %s: %d requests found no capacity at the flex tier and were sent at the standard tier "
+                    "(flex_fallback_after)", endpoint, tally.flex_fallbacks)
     answered = iter(_in_order(prepared, results))
     return [unreadable[i] if i in unreadable else next(answered) for i in range(len(requests))]
 
@@ -159,6 +163,7 @@ async def _send(todo: list[Prepared], settings: LLMSettings, endpoint: str, conn
                 accounts: Accounts | None) -> dict[str, LLMResult]:
     ep = settings.endpoint(endpoint)
     secret = connection.api_key.reveal()
+    flex.warn_if_unpriced(settings, endpoint)
     if accounts is not None:
         account = await accounts.account(endpoint, ep, base_url=connection.base_url, api_key=connection.api_key,
                                          key_env=connection.key_env,

@@ -29,7 +29,7 @@ from processors.llm.accounts import call_accounts
 from processors.llm.api import (CACHE_FILE, DRY_RUN_CACHE_FILE, Connection, RequestGroup, execute,
                                 resolve_connection, with_overrides)
 from processors.llm.engine import Tally
-from processors.llm.estimate import cost_usd
+from processors.llm.estimate import Tier, cost_usd
 from processors.llm.limits import SpendCap
 from processors.llm.request import LLMRequest, LLMResult, Usage
 from processors.llm.settings import EndpointSettings, LLMSettings
@@ -136,8 +136,10 @@ class LLMClient:
 
                 outcomes = accounts.run(all_calls(), stop=stopped if stops else None)
         finally:  # the counters that cost nothing, once per call (zeros keep every key present)
-            for tally in tallies:
-                tally.on_free(cache_hits=tally.cache_hits, retries=tally.retries)
+            for call, tally in zip(calls, tallies):
+                # flex_fallbacks only where a flex endpoint was called: other stages' usage keeps its keys
+                fallbacks = {"flex_fallbacks": tally.flex_fallbacks} if call.endpoint.mode == "flex" else {}
+                tally.on_free(cache_hits=tally.cache_hits, retries=tally.retries, **fallbacks)
         failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         stopped_by = [exc for exc in failed if not isinstance(exc, Exception)]  # a cancellation, a KeyboardInterrupt
         if stopped_by or (failed and not return_exceptions):
@@ -152,12 +154,13 @@ class LLMClient:
 
         stage = self.stage
 
-        def price(prompt: float, completion: float, batch: bool) -> float:
-            return cost_usd(settings, model, prompt, completion, batch=batch)
+        def price(prompt: float, completion: float, tier: Tier) -> float:
+            return cost_usd(settings, model, prompt, completion, tier=tier)
 
-        def billed(usage: Usage, batch: bool) -> None:  # journalled reply by reply: a kill loses none of it
-            # The reservation (``price``, a worst case) is at the full input price; the bill at the cache's.
-            dollars = cost_usd(settings, model, usage.prompt_tokens, usage.completion_tokens, batch=batch,
+        def billed(usage: Usage, tier: Tier) -> None:  # journalled reply by reply: a kill loses none of it
+            # The reservation (``price``, a worst case) is at the full input price; the bill at the cache's,
+            # and at the tier that served the reply (a flex request that fell back is billed at standard).
+            dollars = cost_usd(settings, model, usage.prompt_tokens, usage.completion_tokens, tier=tier,
                                cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens)
             spend.bill(stage, dollars)  # on the accounts' loop, before the reply's reservation is released
             add(requests=1, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

@@ -17,10 +17,12 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from processors.llm import flex
 from processors.llm import reply as rp
 from processors.llm.breaker import CircuitBreaker
 from processors.llm.cache import RequestCache
 from processors.llm.errors import AttemptError, SpendCapReached, redact
+from processors.llm.estimate import Tier
 from processors.llm.limits import Admission, Hold
 from processors.llm.prepare import Prepared
 from processors.llm.request import RATE_LIMITED, TRUNCATED, UNPARSABLE, LLMResult, Usage
@@ -42,26 +44,28 @@ class Tally:
     attempts: int = 0
     retries: int = 0
     failed: int = 0
+    flex_fallbacks: int = 0  # requests of a flex endpoint sent at the standard tier after capacity 429s
     usage: Usage = field(default_factory=Usage)  # everything billed
     batch_usage: Usage = field(default_factory=Usage)  # the part billed at the Batch API discount
-    # Called with each billed reply's usage (and whether the Batch API discount applies): the stage
-    # journals its spend there, reply by reply (``StageContext.add_usage``).
-    on_billed: Callable[[Usage, bool], None] | None = field(default=None, repr=False)
+    # Called with each billed reply's usage and the tier that billed it ("standard", "batch" or "flex"): the
+    # stage journals its spend there, reply by reply (``StageContext.add_usage``).
+    on_billed: Callable[[Usage, Tier], None] | None = field(default=None, repr=False)
     # Called once per call with the counters that cost nothing (cache hits, retries).
     on_free: Callable[..., None] = field(default=lambda **counters: None, repr=False)
-    # USD of (prompt tokens, completion tokens, batch) at the call's model (0 without a price): what a request
+    # USD of (prompt tokens, completion tokens, tier) at the call's model (0 without a price): what a request
     # reserves under the run's spend cap before it is sent; ``stage`` names the cap it counts against too.
-    price: Callable[[float, float, bool], float] = field(default=lambda prompt, completion, batch: 0.0, repr=False)
+    price: Callable[[float, float, Tier], float] = field(default=lambda prompt, completion, tier: 0.0, repr=False)
     stage: str | None = None
 
-    def billed(self, usage: Usage, *, batch: bool = False) -> None:
-        """Count one billed reply (and let the stage record its cost)."""
+    def billed(self, usage: Usage, *, batch: bool = False, tier: Tier | None = None) -> None:
+        """Count one billed reply at ``tier`` (``batch=True``: the Batch API's; default: the standard tier)."""
+        tier = tier or ("batch" if batch else "standard")
         self.requests += 1
         self.usage.add(usage)
-        if batch:
+        if tier == "batch":
             self.batch_usage.add(usage)
         if self.on_billed is not None:
-            self.on_billed(usage, batch)
+            self.on_billed(usage, tier)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -84,7 +88,8 @@ class OnlineEngine:
         # count against the retry budget, so a resume never pays for more attempts than one run would
         self._unusable: dict[str, list[tuple[str, str]]] = {}
         self._call_id: str | None = None
-        self._to_commit: list[tuple[str, dict[str, Any], asyncio.Future]] = []  # replies awaiting their commit
+        self._to_commit: list[tuple[str, dict[str, Any], Tier, asyncio.Future]] = []  # replies awaiting commit
+        self._capacity_429s: dict[str, int] = {}  # cache key -> capacity 429s it had at the flex tier
         self._on_wire: set[asyncio.Task] = set()  # attempts whose request is sent and not yet answered
         self._stopping = False
         # Attempts 2..N go through tenacity; the first attempt runs bare (see ``one``).
@@ -182,11 +187,13 @@ class OnlineEngine:
         except AttemptError as exc:
             self.tally.failed += 1
             self._count(attempts[0])
+            self._capacity_429s.pop(p.cache_key, None)
             reason, detail, raw_text = self._verdict(exc, p.cache_key)
             return LLMResult(key=p.request.key, ok=False, reason=reason, detail=redact(detail, self._secret),
                              raw_text=raw_text, attempts=attempts[0])
         self._count(attempts[0])
         self._unusable.pop(p.cache_key, None)
+        self._capacity_429s.pop(p.cache_key, None)
         return LLMResult(key=p.request.key, ok=True, value=value, raw_text=reply["text"],
                          usage=Usage(**reply["usage"]), logprobs=reply["logprobs"],
                          finish_reason=reply["finish_reason"], attempts=attempts[0])
@@ -217,11 +224,12 @@ class OnlineEngine:
             for reservation in hold:
                 reservation.release()
 
-    def worst_usd(self, p: Prepared, *, batch: bool = False) -> float:
-        """The most ``p`` can cost: its prompt estimate and all of its max_tokens, at the online price unless
-        ``batch`` (what this engine sends is billed online, a Batch API call's online retries included)."""
+    def worst_usd(self, p: Prepared, *, batch: bool = False, tier: Tier | None = None) -> float:
+        """The most ``p`` can cost: its prompt estimate and all of its max_tokens, at ``tier``'s price (default:
+        the standard price, what an online or flex attempt can cost at most; ``batch``: the Batch API's)."""
         completion = p.params.get("max_tokens") or self.endpoint.max_tokens
-        return self.tally.price(max(0, p.est_tokens - completion), completion, batch)
+        tier = tier or ("batch" if batch else "standard")
+        return self.tally.price(max(0, p.est_tokens - completion), completion, tier)
 
     async def _attempt_held(self, p: Prepared, attempts: list[int], hold: list[Hold]
                             ) -> tuple[dict[str, Any], Any]:
@@ -233,9 +241,13 @@ class OnlineEngine:
             self.breaker.check()
             if self._stopping:
                 raise asyncio.CancelledError
-            hold.append(self.admission.reserve(self.tally.stage, self.worst_usd(p)))  # or SpendCapReached
+            tier = flex.sent_tier(self.endpoint, self._capacity_429s.get(p.cache_key, 0))
+            # Reserved at the standard price even at flex: a reply is billed at the tier that served it, which
+            # OpenAI may report as another than the one asked for (and a fallback is standard), so only the
+            # standard price bounds what an attempt can cost; a reply's bill then replaces its reservation.
+            hold.append(await self.admission.admit(self.tally.stage, self.worst_usd(p)))  # or SpendCapReached
             try:
-                body = await p.body()
+                body = flex.with_tier(await p.body(), tier)
             except (OSError, ValueError) as exc:  # the image will not decode: a fault of this row, not the API
                 reason = "image_missing" if isinstance(exc, FileNotFoundError) else "image_unreadable"
                 raise AttemptError(reason, f"{type(exc).__name__}: {exc}", retryable=False, breaker=False) from None
@@ -245,14 +257,15 @@ class OnlineEngine:
                 completion = await self.transport.chat(body, p.cache_key)
             except AttemptError as exc:
                 if exc.reason == RATE_LIMITED and exc.retryable:
-                    self.admission.concurrency.on_rate_limited()
+                    self._rate_limited(p, tier, exc)
                 if exc.breaker:
                     self.breaker.failure(exc.what, redact(exc.detail, self._secret))
                     self.breaker.check()  # the attempt that opens the breaker stops the call
                 raise
             finally:
                 self._on_wire.discard(task)
-        reply = self._answer_of(completion)
+        billed_at = flex.billed_tier(completion, tier)
+        reply = self._answer_of(completion, billed_at)
         self.breaker.success()
         self.admission.concurrency.on_success()
         if p.request.json_schema is not None:
@@ -269,20 +282,35 @@ class OnlineEngine:
                     self.cache.add_unusable(self._call_id, p.cache_key, record)
                 if repeated and p.params.get("temperature") == 0 and exc.retryable:
                     # Greedy decoding gave the same unusable reply twice: a third try would pay for it again.
-                    self.tally.billed(Usage(**reply["usage"]))
+                    self.tally.billed(Usage(**reply["usage"]), tier=billed_at)
                     raise AttemptError(exc.reason, f"{exc.detail} (the same reply twice at temperature 0: not "
                                        "asked again)", retryable=False, breaker=False, raw_text=exc.raw_text) from None
-            self.tally.billed(Usage(**reply["usage"]))
+            self.tally.billed(Usage(**reply["usage"]), tier=billed_at)
             raise
         # The answer is committed to the cache *before* it is counted as paid: a kill between the two can then
         # only under-count one reply, never make a resume pay for an answer it already has.
         if self.cache is not None:
-            await self._committed(p.cache_key, reply)  # counted there, right after the commit
+            await self._committed(p.cache_key, reply, billed_at)  # counted there, right after the commit
         else:
-            self.tally.billed(Usage(**reply["usage"]))
+            self.tally.billed(Usage(**reply["usage"]), tier=billed_at)
         return reply, value
 
-    def _answer_of(self, completion: dict[str, Any]) -> dict[str, Any]:
+    def _rate_limited(self, p: Prepared, tier: str | None, exc: AttemptError) -> None:
+        """React to a retryable 429. A capacity 429 at flex is counted for the request's fallback and leaves
+        the concurrency alone: it says the shared flex pool is full, not that this account sends too fast, so
+        sending fewer at once would not bring capacity back (and a fallback would then run slower for it).
+        A rate-limit 429 lowers the concurrency (AIMD)."""
+        if not flex.is_capacity(exc, tier):
+            self.admission.concurrency.on_rate_limited()
+            return
+        count = self._capacity_429s[p.cache_key] = self._capacity_429s.get(p.cache_key, 0) + 1
+        if flex.sent_tier(self.endpoint, count) == flex.STANDARD:
+            self.tally.flex_fallbacks += 1
+            exc.retry_after = 0.0  # the next attempt goes at the standard tier, which has capacity: no wait
+            logger.debug("llm %s: request %s had %d capacity 429s at the flex tier; sending it at the standard "
+                         "tier", self.endpoint.model, p.request.key, count)
+
+    def _answer_of(self, completion: dict[str, Any], tier: Tier = "standard") -> dict[str, Any]:
         """The normalised reply, or a retryable ``AttemptError`` that counts for the breaker when the body is
         no answer of the model (``rp.fault``): a proxy's empty stub is a fault on the way, like a 502, never
         "the same unusable reply twice" (which ends a greedy request's retries)."""
@@ -292,7 +320,7 @@ class OnlineEngine:
             if why is not None:
                 usage = Usage(**reply["usage"])
                 if usage.prompt_tokens or usage.completion_tokens:  # the server says it billed it
-                    self.tally.billed(usage)
+                    self.tally.billed(usage, tier=tier)
                 raise rp.no_answer(why, completion)
         except AttemptError as exc:
             self.breaker.failure(exc.what, redact(exc.detail, self._secret))
@@ -314,7 +342,7 @@ class OnlineEngine:
                            "reply pays for it, and a long one runs out of max_tokens. %s", self.endpoint.base_url,
                            self.endpoint.model, excess, len(reply.get("text") or ""), rp.PADDING_CURE)
 
-    async def _committed(self, key: str, reply: dict[str, Any]) -> None:
+    async def _committed(self, key: str, reply: dict[str, Any], tier: Tier = "standard") -> None:
         """Returns once ``reply`` is committed and counted as paid. Replies that arrive in the same turn of the
         event loop share one transaction (a commit per reply cost ~15% of the engine's throughput at zero
         latency), and are counted in the same synchronous step, so a kill can fall between the commit and the
@@ -323,15 +351,15 @@ class OnlineEngine:
         done = loop.create_future()
         if not self._to_commit:
             loop.call_soon(self._commit_pending)
-        self._to_commit.append((key, reply, done))
+        self._to_commit.append((key, reply, tier, done))
         await done
 
     def _commit_pending(self) -> None:
         batch, self._to_commit = self._to_commit, []
         try:
-            self.cache.put_many([(key, reply) for key, reply, _ in batch])
+            self.cache.put_many([(key, reply) for key, reply, _, _ in batch])
         finally:  # a reply that could not be stored is still used (put_many logs why): never leave one waiting
-            for _, reply, done in batch:
-                self.tally.billed(Usage(**reply["usage"]))
+            for _, reply, tier, done in batch:
+                self.tally.billed(Usage(**reply["usage"]), tier=tier)
                 if not done.done():
                     done.set_result(None)

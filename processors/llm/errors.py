@@ -46,12 +46,16 @@ class AttemptError(Exception):
     endpoint failing (a bad reply from a healthy server does not); ``retry_after`` is the server's hint."""
 
     def __init__(self, reason: str, detail: str, *, retryable: bool, breaker: bool,
-                 retry_after: float | None = None, raw_text: str | None = None, what: str | None = None):
+                 retry_after: float | None = None, raw_text: str | None = None, what: str | None = None,
+                 capacity: bool | None = None):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
         self.retryable, self.breaker = retryable, breaker
         self.retry_after, self.raw_text = retry_after, raw_text
         self.what = what or reason  # short label for the breaker's summary ("HTTP 503", "timeout", ...)
+        # A 429's cause as its body tells it: True = the server lacks capacity (flex's "Resource Unavailable"),
+        # False = the account's rate limit, None = the body does not say (``capacity_429``)
+        self.capacity = capacity
 
 
 SERVER_WORDS_MAX = 4000  # characters of the server's own message kept in a failure detail (its advice lives there)
@@ -84,11 +88,25 @@ def from_status(status: int, body: str, headers: Mapping[str, str], secret: str 
     if status == 429:
         if "insufficient_quota" in body:  # out of money, not out of rate: retrying cannot help
             return AttemptError(rq.RATE_LIMITED, detail, retryable=False, breaker=True, what="HTTP 429 quota")
+        capacity = capacity_429(body)
         return AttemptError(rq.RATE_LIMITED, detail, retryable=True, breaker=False,
-                            retry_after=parse_retry_after(headers), what="HTTP 429")
+                            retry_after=parse_retry_after(headers), capacity=capacity,
+                            what="HTTP 429 capacity" if capacity else "HTTP 429")
     retryable = status in (408, 409) or status >= 500
     return AttemptError(rq.API_ERROR, detail, retryable=retryable, breaker=True,
                         retry_after=parse_retry_after(headers) if retryable else None, what=f"HTTP {status}")
+
+
+def capacity_429(body: str) -> bool | None:
+    """Whether a 429 says the server has no capacity (OpenAI's flex tier: "429 Resource Unavailable", code
+    ``resource_unavailable``, not billed) rather than that the account's rate limit was hit (code
+    ``rate_limit_exceeded``, "Rate limit reached for ..."); None when the body says neither."""
+    text = body.lower()
+    if "resource_unavailable" in text or "resource unavailable" in text:
+        return True
+    if "rate_limit_exceeded" in text or "rate limit reached" in text:
+        return False
+    return None
 
 
 def timeout_error(timeout_s: float) -> AttemptError:

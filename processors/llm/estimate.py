@@ -24,8 +24,10 @@ def text_tokens(text: str) -> int:
 
 
 def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *, read_images: bool = True) -> int:
-    """Prompt tokens of ``messages``. Images count by their downscaled size at the endpoint's detail; an image
-    whose size is unknown (or ``read_images=False``) counts as a square of ``image_max_side``."""
+    """Prompt tokens of ``messages``. Images count by their downscaled size at the endpoint's detail, under the
+    image-token rule of the endpoint's model family (``images.image_tokens``; an unknown model, a self-hosted
+    vLLM say, counts as GPT-4o); an image whose size is unknown (or ``read_images=False``) counts as a square
+    of ``image_max_side``."""
     total = 0
     for message in messages:
         total += TOKENS_PER_MESSAGE
@@ -37,14 +39,14 @@ def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *
             if images.is_image_part(part):
                 size = images.image_size(part) if read_images else None
                 size = images.scaled_size(size, endpoint.image_max_side) if size else (endpoint.image_max_side,) * 2
-                total += images.image_tokens(*size, endpoint.image_detail)
+                total += images.image_tokens(*size, endpoint.image_detail, model=endpoint.model)
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 total += text_tokens(part["text"])
     return total
 
 
 def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_images: bool = True) -> tuple[int, int]:
-    """(prompt tokens estimated, completion tokens at most) for one request."""
+    """(prompt tokens estimated, completion tokens at most) for one request; images by ``endpoint.model``'s rule."""
     prompt = message_tokens(request.messages, endpoint, read_images=read_images)
     if request.json_schema is not None:
         prompt += text_tokens(str(request.json_schema))
@@ -61,6 +63,12 @@ def tier_discount(price: Price, tier: Tier) -> float:
     if tier == "flex" and price.flex_discount is not None:
         return price.flex_discount
     return 1.0
+
+
+def mode_tier(endpoint: EndpointSettings) -> Tier:
+    """The tier an endpoint's requests are billed at when nothing goes wrong (a flex request that falls back
+    to the standard tier is billed there instead: see ``processors.llm.flex``)."""
+    return "batch" if endpoint.mode == "batch" else "flex" if endpoint.mode == "flex" else "standard"
 
 
 def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion_tokens: float, *,
@@ -108,7 +116,7 @@ def project(
     endpoint = settings.endpoint(endpoint_name)
     side = endpoint.image_max_side
     per_prompt = TOKENS_PER_MESSAGE * 2 + math.ceil(prompt_text_chars / CHARS_PER_TOKEN)
-    per_prompt += images_per_request * images.image_tokens(side, side, endpoint.image_detail)
+    per_prompt += images_per_request * images.image_tokens(side, side, endpoint.image_detail, model=endpoint.model)
     prompt_total, completion_total = requests * per_prompt, requests * completion_tokens
     dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, batch=endpoint.mode == "batch")
     return Projection(requests, prompt_total, completion_total, dollars)
@@ -124,5 +132,5 @@ def estimate_requests(settings: LLMSettings, endpoint_name: str, requests: list[
         prompt, completion_max = request_tokens(request, endpoint)
         prompt_total += prompt
         completion_total += completion_tokens if completion_tokens is not None else completion_max
-    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, batch=endpoint.mode == "batch")
+    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, tier=mode_tier(endpoint))
     return Projection(len(requests), prompt_total, completion_total, dollars)

@@ -141,18 +141,43 @@ class SpendCap:
         self.max_usd, self.stage_max_usd = max_usd, dict(stage_max_usd or {})
         self.spent: dict[str, float] = dict(spent or {})  # USD by stage name (None: a call outside any stage)
         self.reserved: dict[str | None, float] = {}
+        self._released: asyncio.Event | None = None  # set when a reservation is released (``admit`` waits)
 
     @property
     def active(self) -> bool:
         return self.max_usd is not None or bool(self.stage_max_usd)
 
     def reserve(self, stage: str | None, worst_usd: float) -> "Hold":
+        """Reserve now, or raise ``SpendCapReached`` when the request does not fit beside those in flight."""
         if worst_usd > 0:
             for setting, cap, spent, reserved in self._caps(stage):
                 if spent + reserved + worst_usd > cap:
                     raise SpendCapReached(setting, cap, spent, reserved, worst_usd)
             self.reserved[stage] = self.reserved.get(stage, 0.0) + worst_usd
         return Hold(self, stage, worst_usd)
+
+    async def admit(self, stage: str | None, worst_usd: float) -> "Hold":
+        """Reserve as soon as the request fits. While it does not fit only because of the worst cases of
+        requests in flight, it waits for their replies (a reply's bill is usually far below its worst case,
+        so most of the cap is still spent); it raises ``SpendCapReached`` once it could not fit even if every
+        request in flight cost nothing."""
+        while True:
+            blocked = [(setting, cap, spent, reserved) for setting, cap, spent, reserved in self._caps(stage)
+                       if worst_usd > 0 and spent + reserved + worst_usd > cap]
+            if not blocked:
+                return self.reserve(stage, worst_usd)
+            setting, cap, spent, reserved = blocked[0]
+            if spent + worst_usd > cap or reserved <= 0:
+                raise SpendCapReached(setting, cap, spent, reserved, worst_usd)
+            if self._released is None:
+                self._released = asyncio.Event()
+            released = self._released
+            await released.wait()
+
+    def _on_release(self) -> None:
+        if self._released is not None:  # wake every waiter; each checks the cap again
+            self._released.set()
+            self._released = None
 
     def bill(self, stage: str | None, usd: float) -> None:
         self.spent[stage] = self.spent.get(stage, 0.0) + usd
@@ -179,6 +204,7 @@ class Hold:
         if self.usd > 0:
             self.cap.reserved[self.stage] -= self.usd
             self.usd = 0.0
+            self.cap._on_release()
 
 
 class Admission:
@@ -220,3 +246,7 @@ class Admission:
         """Reserve a request's worst-case cost under the run's spend cap; raises ``SpendCapReached`` when it
         does not fit (the caller then sends nothing more)."""
         return self.spend.reserve(stage, worst_usd)
+
+    async def admit(self, stage: str | None, worst_usd: float) -> Hold:
+        """``SpendCap.admit``: reserve once the request fits, waiting for replies in flight if they may make room."""
+        return await self.spend.admit(stage, worst_usd)

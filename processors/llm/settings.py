@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from builder.secrets import check_env_name
+
+
+FLEX_TIMEOUT_S = 900.0  # OpenAI's advice for flex: 15 minutes, its replies may wait in a queue
 
 
 class _Frozen(BaseModel):
@@ -45,8 +48,14 @@ class EndpointSettings(_Frozen):
         0.0, ge=0, description="seconds of rate the buckets may save up; 0 = strict pacing (limits are often "
         "enforced per second, not per minute)"
     )
-    timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
-    max_retries: int = Field(6, ge=0, description="retries after the first attempt (429/5xx/timeouts/bad replies)")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout (mode flex: 900 s unless set)")
+    max_retries: int = Field(6, ge=0, description="retries after the first attempt (429/5xx/timeouts/bad replies; "
+                             "at flex, capacity 429s too)")
+    flex_fallback_after: int | None = Field(
+        None, ge=1, description="mode flex: after this many capacity 429s (\"Resource Unavailable\") of a request at "
+        "the flex tier, its next attempts are sent at the standard tier (service_tier=default) and billed at the "
+        "standard price; null = never: capacity 429s are retried at flex with backoff, and count against "
+        "max_retries like any retry (raise it for a patient run); must be at most max_retries")
     backoff_initial_s: float = Field(1.0, gt=0, description="first backoff; doubles per retry, with jitter")
     backoff_max_s: float = Field(60.0, gt=0, description="longest backoff (and longest Retry-After honoured)")
     image_max_side: int = Field(1024, ge=16, description="images are downscaled to this longest side")
@@ -74,6 +83,19 @@ class EndpointSettings(_Frozen):
     def _a_name_not_a_key(cls, value: str | None) -> str | None:
         return check_env_name(value)
 
+    @model_validator(mode="after")
+    def _flex_defaults(self) -> "EndpointSettings":
+        if self.mode != "flex":
+            return self
+        if "timeout_s" not in self.model_fields_set:
+            # Flex replies may queue for minutes: the online default would time out (and pay for) requests
+            # that are only waiting. Set without marking the field as set, so a copy to another mode drops it.
+            object.__setattr__(self, "timeout_s", FLEX_TIMEOUT_S)
+        if self.flex_fallback_after is not None and self.flex_fallback_after > self.max_retries:
+            raise ValueError(f"flex_fallback_after ({self.flex_fallback_after}) is above max_retries "
+                             f"({self.max_retries}): no attempt would be left to send at the standard tier")
+        return self
+
     def output_parts(self) -> dict:
         """The settings that change what the model answers (part of calling stages' fingerprints); speed,
         limits, retries and online/batch mode do not, so tuning them never re-runs a stage."""
@@ -99,13 +121,15 @@ class Price(_Frozen):
         "known flex price (billed at the standard price)")
 
 
-def _price(input_usd: float, output_usd: float, cached_share: float) -> Price:
+def _price(input_usd: float, output_usd: float, cached_share: float, flex: float | None = None) -> Price:
     return Price(input_per_mtok=input_usd, output_per_mtok=output_usd,
-                 cached_input_per_mtok=round(input_usd * cached_share, 6))
+                 cached_input_per_mtok=round(input_usd * cached_share, 6), flex_discount=flex)
 
 
 # OpenAI's list prices (standard tier). Cached input: 50 % of the input price on the GPT-4o family, 25 % on
 # GPT-4.1, 10 % on GPT-5; OpenAI bills no cache writes on these models, so cache_write_per_mtok stays None.
+# Flex processing is billed at Batch prices (50 %) on the models that offer it (GPT-5 family, o3, o4-mini);
+# the others have no flex price (a flex request to them is counted at the standard price).
 DEFAULT_PRICES: dict[str, Price] = {
     "gpt-4o-2024-08-06": _price(2.50, 10.00, 0.5),
     "gpt-4o": _price(2.50, 10.00, 0.5),
@@ -114,9 +138,9 @@ DEFAULT_PRICES: dict[str, Price] = {
     "gpt-4.1": _price(2.00, 8.00, 0.25),
     "gpt-4.1-mini": _price(0.40, 1.60, 0.25),
     "gpt-4.1-nano": _price(0.10, 0.40, 0.25),
-    "gpt-5": _price(1.25, 10.00, 0.1),
-    "gpt-5-mini": _price(0.25, 2.00, 0.1),
-    "gpt-5-nano": _price(0.05, 0.40, 0.1),
+    "gpt-5": _price(1.25, 10.00, 0.1, flex=0.5),
+    "gpt-5-mini": _price(0.25, 2.00, 0.1, flex=0.5),
+    "gpt-5-nano": _price(0.05, 0.40, 0.1, flex=0.5),
 }
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from builder.stage import StageConfig
+from processors.prompt_layout import PromptLayout
 
 
 class QAConfig(StageConfig):
@@ -24,6 +25,11 @@ class QAConfig(StageConfig):
     max_tokens: int = Field(4096, ge=64, description="reply cap; a reply cut there fails 'truncated'")
     use_json_schema: bool = Field(True, description="ask for structured output (json_schema response_format)")
     repair: bool = Field(True, description="one follow-up turn asking to fix a reply that did not parse")
+    # Left out of dumps (and so of the fingerprint) at the default: the paper-faithful run is unchanged.
+    prompt_layout: PromptLayout = Field(
+        "paper", exclude_if=lambda value: value == "paper",
+        description="cache_friendly: the preamble shared with the filter request, then the image, then the task "
+        "types, under one schema without per-image enums (processors/prompt_layout.py)")
 
     @model_validator(mode="after")
     def _bounds(self) -> "QAConfig":

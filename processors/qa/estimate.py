@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from processors.llm.estimate import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, cost_usd, project
 from processors.llm.settings import LLMSettings
 from processors.qa.config import QAConfig
-from processors.qa.prompt import build_messages, repair_messages
+from processors.qa.prompt import build_layout_messages, build_messages, repair_messages
 
 QA_CHARS = 560
 REPLY_OVERHEAD_CHARS = 12  # {"qa": [ ... ]}
@@ -33,8 +33,9 @@ class QAEstimate:
 
 def _prompt_chars(config: QAConfig, types_per_image: float, type_chars: int) -> int:
     count = max(1, round(types_per_image))
-    messages = build_messages("image", ["x" * type_chars] * count, per_type=config.questions_per_type,
-                              language=config.language)
+    build = build_layout_messages if config.prompt_layout == "cache_friendly" else build_messages
+    messages = build("image", ["x" * type_chars] * count, per_type=config.questions_per_type,
+                     language=config.language)
     chars = len(messages[0]["content"]) + len(messages[1]["content"][1]["text"])
     return chars + round((types_per_image - count) * (type_chars + 3))  # fractional types, linearly
 

@@ -26,7 +26,9 @@ from processors.llm.request import UNPARSABLE, LLMRequest, LLMResult
 from processors.qa.config import QAConfig
 from processors.qa.parse import parse_reply
 from processors.image_locator import IMAGE_MISSING, ImageUnavailable
-from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, build_messages, json_schema, repair_messages
+from processors.prompt_layout import LAYOUT_VERSION, SCHEMA_NAME, prompt_cache_key, shared_schema
+from processors.qa.prompt import (PROMPT_VERSION, REPAIR_VERSION, build_layout_messages, build_messages, json_schema,
+                                  repair_messages)
 from processors.qa.validate import QA, validate_items
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ class Job:
 
 
 def build_request(image_id: str, image_path: str, task_types: list[str], config: QAConfig) -> LLMRequest:
+    if config.prompt_layout == "cache_friendly":  # processors.prompt_layout: the task types checked after parsing
+        return LLMRequest(
+            key=image_id, prompt_version=f"{PROMPT_VERSION}+{LAYOUT_VERSION}", parse=parse_reply,
+            messages=build_layout_messages(image_path, task_types, per_type=config.questions_per_type,
+                                           language=config.language),
+            json_schema=shared_schema() if config.use_json_schema else None, schema_name=SCHEMA_NAME,
+            max_tokens=config.max_tokens, temperature=config.temperature, prompt_cache_key=prompt_cache_key(image_id))
     return LLMRequest(
         key=image_id,
         messages=build_messages(image_path, task_types, per_type=config.questions_per_type, language=config.language),
@@ -62,8 +71,9 @@ def build_repair(job: Job, bad_reply: str) -> LLMRequest:
     request = job.request
     return LLMRequest(
         key=request.key, messages=repair_messages(request.messages, bad_reply),
-        prompt_version=f"{PROMPT_VERSION}+{REPAIR_VERSION}", parse=parse_reply, json_schema=request.json_schema,
+        prompt_version=f"{request.prompt_version}+{REPAIR_VERSION}", parse=parse_reply, json_schema=request.json_schema,
         schema_name=request.schema_name, max_tokens=request.max_tokens, temperature=request.temperature,
+        prompt_cache_key=request.prompt_cache_key,
     )
 
 
@@ -80,6 +90,27 @@ def run_batch(batch: dict[str, list], config: QAConfig, *, image_file: Callable[
     results = _repair(jobs, results, config, send, add_usage)
     for job, result in zip(jobs, results):
         record(out, job, result, config, model)
+    return out
+
+
+def run_fused_batch(batch: dict[str, list], config: QAConfig, *, model: str) -> BatchOutput:
+    """QA rows from the fused filter's replies (``fused_qa``): no request; each image's items go through the
+    same ``record`` (validation, reasons) as a reply of this stage's own."""
+    from processors.filter.fused import read_cell
+
+    out = BatchOutput(COLUMNS)
+    for image_id, task_types, cell in zip(batch["image_id"], batch["task_types"], batch["fused_qa"]):
+        task_types = list(dict.fromkeys(t for t in (task_types or []) if t and t.strip()))
+        if not task_types:
+            out.fail(image_id, "no_task_types", "the filter stage kept no task type for this image")
+            continue
+        try:
+            items, version = read_cell(cell)
+        except ValueError as exc:
+            out.fail(image_id, UNPARSABLE, f"fused_qa: {exc}")
+            continue
+        request = LLMRequest(key=image_id, messages=[], prompt_version=version)
+        record(out, Job(image_id, task_types, request), LLMResult(image_id, True, value=items), config, model)
     return out
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from processors.prompt_layout import layout_messages
+
 PROMPT_VERSION = "qa-v1"
 # The structured-output schema, apart: it is part of the request (and so of its cache key) only when a
 # schema is sent, so only the stage fingerprint needs it (v2: exactly as many items as questions wanted).
@@ -58,6 +60,24 @@ def build_messages(image_path: str, task_types: Sequence[str], *, per_type: int,
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": [{"type": "image_path", "path": image_path}, {"type": "text", "text": text}]},
     ]
+
+
+def count_and_language(per_type: int, language: str) -> str:
+    """The count line (read back by the simulator) and, where one is asked for, the language line."""
+    language_line = (f"\nWrite every question and answer in {LANGUAGE_NAMES[language]}."
+                     if language in LANGUAGE_NAMES else "")
+    return f"Number of {COUNT_PHRASE} {per_type}{language_line}"
+
+
+def build_layout_messages(image_path: str, task_types: Sequence[str], *, per_type: int,
+                          language: str) -> list[dict[str, Any]]:
+    """A QA request under ``prompt_layout: cache_friendly``: the preamble shared with the filter request (rules
+    and reply shape included), the image, then only what varies (``processors.prompt_layout``)."""
+    listing = "\n".join(f"- {t}" for t in task_types)
+    text = (f"Job QA.\n{MARKER}\n{listing}\n\n{count_and_language(per_type, language)}\n\n"
+            "Reply with JSON only, in the form given above: an empty task_types list and the questions and "
+            "answers in qa.")
+    return layout_messages(image_path, text)
 
 
 def repair_messages(messages: list[dict[str, Any]], bad_reply: str) -> list[dict[str, Any]]:

@@ -55,6 +55,10 @@ class SimulatorOptions:
     # OpenAI's prompt caching (``PromptCache``): replies report usage.prompt_tokens_details.cached_tokens
     prompt_cache: bool = False
     cache_ttl_s: float = 600.0  # how long an unused prefix stays cached (OpenAI: 5-10 minutes)
+    # OpenAI's flex tier (``flex``), for requests that carry service_tier "flex" only: nothing else changes
+    flex_latency_factor: float = 3.0  # their latency_ms and jitter_ms are this many times longer
+    flex_rate_429: float = 0.0  # share of flex attempts refused with the capacity 429 (drawn per key and try)
+    flex_fail_first: int = 0  # the first N flex attempts of every request key get the capacity 429 (exact tests)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -77,6 +81,8 @@ class SimStats:
     files_uploaded: int = 0
     batches_created: int = 0
     batch_items: collections.Counter = field(default_factory=collections.Counter)
+    service_tiers: collections.Counter = field(default_factory=collections.Counter)  # attempts by tier asked
+    flex_per_key: collections.Counter = field(default_factory=collections.Counter)  # flex attempts per key
     first_at: float | None = None
     last_at: float | None = None
 
@@ -111,9 +117,11 @@ def _tokens(text: str) -> int:
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    images = sum(1 for m in messages if isinstance(m.get("content"), list)
+    # Images at their detail, as the API bills them (PromptCache.image_tokens), so a cached part is never
+    # more than the prompt it is part of.
+    images = sum(PromptCache.image_tokens(p) for m in messages if isinstance(m.get("content"), list)
                  for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
-    return _tokens(message_text(messages)) + 4 * len(messages) + 85 * images
+    return _tokens(message_text(messages)) + 4 * len(messages) + images
 
 
 CACHE_MIN_TOKENS = 1024  # shorter prompts are never cached
@@ -121,30 +129,92 @@ CACHE_STEP_TOKENS = 128  # the cached part grows in steps of this many tokens
 
 
 class PromptCache:
-    """OpenAI's prompt caching as documented, at message granularity: a request's prefix is its leading
-    messages that an earlier request (same model and ``prompt_cache_key``, if it gave one) sent within
-    ``ttl_s``; its tokens, counted as ``prompt_tokens`` counts them and rounded down to 128-token steps, are
-    cached if the prompt and that part have at least 1,024 tokens. Each use keeps a prefix alive."""
+    """OpenAI's prompt caching as its guide describes it: a request's cached part is the longest prefix that an
+    earlier request (same model and ``prompt_cache_key``, if one is given) sent within ``ttl_s``, counted in
+    128-token steps and only when the prompt and that part have at least 1,024 tokens; each use keeps a
+    prefix alive. The structured-output schema is a prefix of the system message (the guide): it seeds the
+    chain, so two requests with different schemas share nothing (it counts no tokens, as the simulator's
+    ``prompt_tokens`` counts none). Granularity is one content part: a string message is one block, a list
+    message one block per part (its first carries the message's 4 tokens of overhead), so a user message
+    that opens with the same image after the same system message shares the image. Images count as OpenAI
+    bills them at their ``detail`` (``image_tokens``); ``prompt_tokens`` is this model's count of a request."""
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
-        self.last_used: dict[str, float] = {}  # chained hash of a prefix of messages -> when last sent
+        self.last_used: dict[str, float] = {}  # chained hash of a prefix of blocks -> when last sent
 
-    def cached_tokens(self, body: dict[str, Any], now: float) -> int:
-        messages = body["messages"]
-        link = fingerprint("prompt-cache", body.get("model"), body.get("prompt_cache_key"))
-        shared, matching = 0, True
-        for count, message in enumerate(messages, start=1):
-            link = fingerprint(link, message)
+    @staticmethod
+    def image_tokens(part: dict[str, Any]) -> int:
+        """GPT-4o's count for one ``image_url`` part (``processors.llm.images.image_tokens``: 85 at ``low``, else
+        85 + 170 per 512-px tile); a URL whose size cannot be read counts as ``low``."""
+        from processors.llm.images import image_tokens
+
+        image = part.get("image_url") or {}
+        size = None if image.get("detail") == "low" else PromptCache._data_url_size(str(image.get("url", "")))
+        return 85 if size is None else image_tokens(*size, image.get("detail") or "auto")
+
+    @staticmethod
+    def _data_url_size(url: str) -> tuple[int, int] | None:
+        if not url.startswith("data:") or "," not in url:
+            return None
+        import base64
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as img:
+                return img.size
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def blocks(cls, messages: list[dict[str, Any]]) -> list[tuple[Any, int]]:
+        """(identity, tokens) of each block, in the order the model reads them."""
+        out: list[tuple[Any, int]] = []
+        for message in messages:
+            content = message.get("content")
+            parts = content if isinstance(content, list) else [content]
+            for i, part in enumerate(parts):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    tokens = cls.image_tokens(part)
+                elif isinstance(part, dict):
+                    tokens = _tokens(part.get("text", "")) if part.get("type") == "text" else 0
+                else:
+                    tokens = _tokens(part) if isinstance(part, str) and part else 0
+                head = {k: v for k, v in message.items() if k != "content"} if i == 0 else None
+                out.append(((head, part), tokens + (4 if i == 0 else 0)))
+        return out
+
+    @classmethod
+    def prompt_tokens(cls, body: dict[str, Any]) -> int:
+        """This model's token count of the whole prompt (images at their detail)."""
+        return sum(tokens for _, tokens in cls.blocks(body["messages"]))
+
+    def prefix_tokens(self, body: dict[str, Any], now: float) -> int:
+        """The cached part by this model's count (and record this request's prefixes as used at ``now``)."""
+        link = fingerprint("prompt-cache", body.get("model"), body.get("prompt_cache_key"),
+                           body.get("response_format"), body.get("tools"))
+        shared = total = 0
+        matching = True
+        for identity, tokens in self.blocks(body["messages"]):
+            link = fingerprint(link, identity)
             matching = matching and now - self.last_used.get(link, -math.inf) <= self.ttl_s
-            shared = count if matching else shared
+            total += tokens
+            shared = total if matching else shared
             self.last_used[link] = now
         if len(self.last_used) > 100_000:  # forget what expired, now and then
             self.last_used = {k: t for k, t in self.last_used.items() if now - t <= self.ttl_s}
-        if not shared or prompt_tokens(messages) < CACHE_MIN_TOKENS:
-            return 0
-        cached = prompt_tokens(messages[:shared]) // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
-        return cached if cached >= CACHE_MIN_TOKENS else 0
+        cached = shared // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
+        return cached if total >= CACHE_MIN_TOKENS and cached >= CACHE_MIN_TOKENS else 0
+
+    def cached_tokens(self, body: dict[str, Any], now: float) -> int:
+        """What the reply reports as cached: ``prefix_tokens``, never more than the prompt tokens the reply
+        reports (``prompt_tokens``, which counts every image as 85 tokens whatever its detail)."""
+        cached = self.prefix_tokens(body, now)
+        billed = prompt_tokens(body["messages"])
+        return cached if cached <= billed else (billed // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
+                                                if billed >= CACHE_MIN_TOKENS else 0)
 
 
 MASKED = -9999.0  # vLLM's logprob for a token a structured-output constraint excluded

@@ -7,7 +7,9 @@ the command line with ``taskgalaxy simulate-api`` (``thread.add_arguments`` / ``
 with the responders it is built with (``responders``): it imports no stage.
 
 Order of checks per chat request: auth (401) -> RPM window (429 with the time until a slot frees) ->
-latency -> scheduled or random fault -> reply. Headers (and so the API key) are never logged or counted.
+flex capacity (429 "Resource Unavailable", ``flex``; requests at service_tier flex only) -> latency (times
+``flex_latency_factor`` at flex) -> scheduled or random fault -> reply. Headers (and so the API key) are
+never logged or counted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from builder.ids import fingerprint
-from processors.simulator import batches
+from processors.simulator import batches, flex
 from processors.simulator.core import PromptCache, SimStats, SimulatorOptions, Window, completion
 from processors.simulator.responders import Responder, checked
 
@@ -128,8 +130,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if wait is not None:
         stats.outcomes["429_rpm"] += 1
         return _error(429, "Rate limit reached for requests per minute.", "requests", _retry_headers(options, wait))
+    flex.count(stats, body, key)
+    refused = flex.refusal(options, stats, body, key)
+    if refused is not None:
+        return refused
     fault = _pick_fault(state, key)
     latency = max(0.0, state.rng.gauss(options.latency_ms, options.jitter_ms)) / 1000 if options.latency_ms else 0
+    latency *= flex.latency_factor(options, body)
     if latency:
         await asyncio.sleep(latency)
     return await _answer(request, state, body, key, fault)
@@ -176,8 +183,8 @@ async def _answer(request: web.Request, state: SimState, body: dict, key: str, f
         stats.ok_per_key[key] += 1
         stats.answered_at[key].append(time.time())
     cached = state.prompt_cache.cached_tokens(body, time.monotonic()) if state.prompt_cache else None
-    return web.json_response(completion(body, state.responders, options.seed, fault, options,
-                                         state.rng.getrandbits(32), cached))
+    reply = completion(body, state.responders, options.seed, fault, options, state.rng.getrandbits(32), cached)
+    return web.json_response(flex.served(reply, body))
 
 
 async def stats_handler(request: web.Request) -> web.Response:

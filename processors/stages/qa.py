@@ -22,7 +22,13 @@ from processors.qa.config import QAConfig
 from processors.qa.generate import COLUMNS, run_batch
 from processors.qa.prompt import PROMPT_VERSION, REPAIR_VERSION, SCHEMA_VERSION
 from processors.qa.validate import VALIDATE_VERSION
+from processors.prompt_layout import layout_parts
 from processors.stages.llm_stage import LLMStage
+
+
+def fused(run_config) -> bool:
+    """Whether the filter stage writes this stage's QA in its own requests (``stages.filter.fuse_qa``)."""
+    return bool(getattr(getattr(run_config.stages, "filter", None), "fuse_qa", False))
 
 
 class QAStage(LLMStage):
@@ -39,7 +45,16 @@ class QAStage(LLMStage):
     def fingerprint_parts(self, config: QAConfig) -> dict:
         return {"prompt_version": PROMPT_VERSION, "repair_version": REPAIR_VERSION,
                 "validate_version": VALIDATE_VERSION,
-                "schema_version": SCHEMA_VERSION if config.use_json_schema else None}
+                "schema_version": SCHEMA_VERSION if config.use_json_schema else None,
+                **layout_parts(config.prompt_layout)}
+
+    def settings_parts(self, config: QAConfig, settings) -> dict:
+        parts = super().settings_parts(config, settings)
+        if fused(settings):  # the rows come from the filter's fused replies, not from this stage's requests
+            from processors.filter.fused import FUSED_VERSION
+
+            parts["fused_with_filter"] = FUSED_VERSION
+        return parts
 
     def features(self, config: QAConfig):
         import datasets
@@ -53,12 +68,20 @@ class QAStage(LLMStage):
         from processors.llm.estimate import Projection
         from processors.qa.estimate import estimate_per_image
 
+        if fused(run_config):  # the filter's one request per image wrote the QA too (its estimate counts it)
+            return [("qa", Projection(0, 0, 0, 0.0))]
         passing = assumptions.images * assumptions.filter_pass
         per_image = estimate_per_image(config, run_config.llm, types_per_image=assumptions.kept_per_image)
         return [("qa", Projection(math.ceil(passing * per_image.requests), round(passing * per_image.prompt_tokens),
                                   round(passing * per_image.completion_tokens), passing * per_image.cost_usd))]
 
     def make_batch_fn(self, config: QAConfig, ctx: StageContext) -> BatchFn:
+        if fused(ctx.settings):  # no request: the fused filter's replies, validated as ours would be
+            from processors.qa.generate import run_fused_batch
+
+            filter_model = ctx.settings.llm.endpoint(ctx.settings.stages.filter.endpoint).model
+            model = f"simulator:{filter_model}" if ctx.dry_run else filter_model
+            return lambda batch: run_fused_batch(batch, config, model=model).to_columns()
         try:
             call = self.llm_call(config, ctx)
         except KeyError as exc:  # the endpoint is not configured: name the key

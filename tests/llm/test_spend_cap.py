@@ -24,16 +24,27 @@ def capped_ctx(sim, run_dir, **caps):
 
 
 def test_a_cap_one_request_wide_is_never_crossed_with_64_in_flight(simulator, tmp_path, api_key):
-    sim = simulator(latency_ms=200)
+    import time
+
+    latency_s = 0.1
+    sim = simulator(latency_ms=latency_s * 1000)
     requests = json_requests(64)
     probe = fast_settings(sim.base_url)
-    cap = 1.5 * max(worst_usd(probe, r) for r in requests)  # room for one request's worst case, not two
+    worst = max(worst_usd(probe, r) for r in requests)
+    cap = 1.5 * worst  # room for one request's worst case, not two
     ctx, _ = capped_ctx(sim, tmp_path / "run", max_cost_usd=cap)
+    started = time.monotonic()
     with pytest.raises(SpendCapReached) as caught:
         run_requests(requests, endpoint="sim", ctx=ctx)
+    elapsed = time.monotonic() - started
     usage = ctx.meter.usage
-    assert usage["requests"] == sim.stats()["received"] == 1  # the one on the wire finished and was counted
+    # every request sent was answered and counted, and what they cost stays within the cap
+    assert 1 <= usage["requests"] == sim.stats()["received"] < 64
     assert 0 < usage["cost_usd"] <= cap
+    # one at a time: a second request could only be admitted once the first one's bill replaced its worst case
+    assert elapsed >= usage["requests"] * latency_s * 0.9
+    # stopped only when the next request could not fit even with nothing in flight
+    assert usage["cost_usd"] + caught.value.next_usd > cap and caught.value.in_flight == 0
     assert caught.value.cap == cap and caught.value.setting == "llm.max_cost_usd"
     assert "raise llm.max_cost_usd and rerun the same command" in str(caught.value)
 
@@ -42,13 +53,17 @@ def test_a_cap_lets_requests_through_until_the_next_could_cross_it(simulator, tm
     sim = simulator(latency_ms=20)
     requests = json_requests(64)
     worst = max(worst_usd(fast_settings(sim.base_url), r) for r in requests)
-    cap = 10.5 * worst  # the replies cost far less than their worst case: many fit, never all 64
+    clean, _ = capped_ctx(sim, tmp_path / "clean")
+    run_requests(requests, endpoint="sim", ctx=clean)  # what all 64 cost (far less than 64 worst cases)
+    cap = worst + clean.meter.usage["cost_usd"] / 2  # about half of them fit beside one worst case
+    sim.reset()
     ctx, _ = capped_ctx(sim, tmp_path / "run", max_cost_usd=cap)
     with pytest.raises(SpendCapReached):
         run_requests(requests, endpoint="sim", ctx=ctx)
     usage = ctx.meter.usage
-    assert 10 <= usage["requests"] == sim.stats()["received"] < 64
-    assert usage["cost_usd"] <= cap
+    assert 16 <= usage["requests"] == sim.stats()["received"] < 64
+    # the cap is used, not just its first slice: requests waited for the bills of those in flight
+    assert cap - worst < usage["cost_usd"] <= cap
 
 
 def test_a_stage_cap_counts_that_stage_only(simulator, tmp_path, api_key):
