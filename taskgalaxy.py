@@ -66,6 +66,15 @@ class TaskGalaxy(datasets.GeneratorBasedBuilder):
 
 
 # --------------------------------------------------------------------------------------------- CLI
+def _spend_cap_of(exc: BaseException):
+    """The ``SpendCapReached`` behind ``exc`` (the runner wraps a shard's error), or None."""
+    from processors.llm.errors import SpendCapReached
+
+    while exc is not None and not isinstance(exc, SpendCapReached):
+        exc = exc.__cause__
+    return exc
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from processors.session import dry_run_services, open_run
 
@@ -84,6 +93,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except Exception as exc:
+            if _spend_cap_of(exc) is not None:  # what each stage spent, before main() says which cap stopped it
+                print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
+            raise
     print(format_table(runner.run_dir, stage_summaries(runner.run_dir)))
     return 0
 
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
     from builder.engine import StageStalledError
     from builder.runfolder import RunFolderError, RunLockedError
-    from processors.llm.errors import MissingApiKeyError, SpendCapReached
+    from processors.llm.errors import MissingApiKeyError
 
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (open_clip logs on the root logger) only at WARNING unless -v.
@@ -373,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(exc, threads_before)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line: one clear message, traceback with -v
         logger.debug("traceback", exc_info=True)
-        cause = exc
-        while cause is not None and not isinstance(cause, SpendCapReached):  # the runner wraps a shard's error
-            cause = cause.__cause__
+        cause = _spend_cap_of(exc)
         if cause is not None:  # a spend cap stopped the run: the cap, the spend, the next request, what to do
             print(f"error: {exc}", file=sys.stderr)
             return cause.exit_code

@@ -90,6 +90,12 @@ def check_consistency(config: Any) -> None:
     if filt is not None and qa is not None and getattr(filt, "fuse_qa", False) and filt.endpoint != qa.endpoint:
         problems.append(f"stages.filter.fuse_qa is on, so the filter's endpoint ({filt.endpoint}) writes the questions "
                         f"and answers too, but stages.qa.endpoint names {qa.endpoint}: make them the same")
+    llm = getattr(config, "llm", None)
+    stage_caps = getattr(llm, "stage_max_cost_usd", None) or {}
+    unknown = [name for name in stage_caps if not hasattr(stages, name)]
+    if unknown:  # a typo would leave that stage without the cap its owner asked for
+        problems.append(f"llm.stage_max_cost_usd names {', '.join(map(repr, unknown))}, which is no stage of this "
+                        f"pipeline (its stages: {', '.join(type(stages).model_fields)})")
     if problems:
         raise ConfigError("config error: " + "; ".join(problems) + "; nothing was run")
 

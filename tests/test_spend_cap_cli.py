@@ -78,3 +78,17 @@ def test_a_cap_under_ray_is_refused_at_the_start(tmp_path):
     with pytest.raises(ConfigError, match="local engine only"):
         with run_services(config, ray, run_dir=tmp_path / "run"):
             pass
+
+
+def test_a_cap_hit_prints_what_each_stage_spent(tmp_path, capsys):
+    assert _run(_capped(tmp_path, stage_max_cost_usd={"taxonomy": 0.01}), tmp_path / "run") == 3
+    out = capsys.readouterr().out
+    assert "taxonomy" in out and "cost" in out.lower()  # the status table, as after exit 75
+
+
+def test_a_stage_cap_naming_no_stage_is_a_config_error(tmp_path, capsys):
+    # a typo would leave the stage its owner meant without a cap
+    assert _run(_capped(tmp_path, stage_max_cost_usd={"filtr": 1.0}), tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "llm.stage_max_cost_usd names 'filtr'" in err and "filter" in err
+    assert not (tmp_path / "run" / "01_taxonomy").exists()
