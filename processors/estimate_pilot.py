@@ -14,6 +14,8 @@ order; a question's remaining referees skipped once ``final.threshold`` is decid
 
 from __future__ import annotations
 
+import logging
+
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ MODES = {"online": "standard", "flex": "flex", "batch": "batch"}
 Z95 = 1.96
 BASE_LATENCY_S, OUTPUT_TOKENS_PER_S = 1.0, 50.0  # assumed per request: a run folder records no latency
 FIXED_STAGES = ("taxonomy",)  # spent once, whatever the number of images
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +145,8 @@ def _per_image_rows(run_dir: Path, stage: str) -> list[int]:
 def _stage(stage: str, usage: dict, config, counts: list[float], covered: float, images: int, factor: float,
            shares: dict[str, float] | None, latency_s: float | None) -> StageProjection:
     scales = stage not in FIXED_STAGES and bool(counts)
+    if not scales and stage not in FIXED_STAGES:  # no output row to scale by: the pilot's spend as it is
+        logger.warning("estimate: the pilot's %s stage has no output rows; its spend is shown unscaled", stage)
     k = (images / covered if covered else 0.0) * factor if scales else 1.0
     padded = counts + [0] * max(0, round(covered) - len(counts))  # images that never reached the stage
     requests, prompt, cached, completion, written = (k * usage.get(name, 0.0) for name in (
@@ -263,6 +269,9 @@ def _gaps(estimate: PilotEstimate, config) -> list[str]:
     notes, projected = [], {s.stage for s in estimate.stages}
     for stage in default_stages():
         stage_config = getattr(config.stages, stage.name, None)
+        fused = stage.name == "qa" and getattr(getattr(config.stages, "filter", None), "fuse_qa", False)
+        if fused:  # its questions come from the filter's fused requests: nothing of its own to project
+            continue
         if stage_config is not None and stage.llm_endpoints(stage_config) and stage.name not in projected:
             notes.append(f"{stage.name}: calls an LLM but the pilot has no finished shard of it: NOT projected")
     if any(s.usd["online"] and s.usd["flex"] == s.usd["online"] for s in estimate.stages):

@@ -29,7 +29,7 @@ from processors.llm.accounts import call_accounts
 from processors.llm.api import (CACHE_FILE, DRY_RUN_CACHE_FILE, Connection, RequestGroup, execute,
                                 resolve_connection, with_overrides)
 from processors.llm.engine import Tally
-from processors.llm.estimate import Tier, cost_usd
+from processors.llm.estimate import Tier, cost_usd, worst_cost_usd
 from processors.llm.limits import SpendCap
 from processors.llm.request import LLMRequest, LLMResult, Usage
 from processors.llm.settings import EndpointSettings, LLMSettings
@@ -155,7 +155,7 @@ class LLMClient:
         stage = self.stage
 
         def price(prompt: float, completion: float, tier: Tier) -> float:
-            return cost_usd(settings, model, prompt, completion, tier=tier)
+            return worst_cost_usd(settings, model, prompt, completion, tier=tier)
 
         def billed(usage: Usage, tier: Tier) -> None:  # journalled reply by reply: a kill loses none of it
             # The reservation (``price``, a worst case) is at the full input price; the bill at the cache's,

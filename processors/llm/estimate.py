@@ -92,6 +92,16 @@ def cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion
     return dollars * tier_discount(price, tier or ("batch" if batch else "standard"))
 
 
+def worst_cost_usd(settings: LLMSettings, model: str, prompt_tokens: float, completion_tokens: float, *,
+                   tier: Tier = "standard") -> float:
+    """The most a request can be billed (the spend cap's reservation): every prompt token at the input price,
+    or at the cache-write price where the model bills writes above it (which tokens the provider's cache
+    takes is known only from the reply), and every completion token."""
+    return max(cost_usd(settings, model, prompt_tokens, completion_tokens, tier=tier),
+               cost_usd(settings, model, prompt_tokens, completion_tokens, tier=tier,
+                        cache_write_tokens=prompt_tokens))
+
+
 @dataclass
 class Projection:
     requests: int

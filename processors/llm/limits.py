@@ -141,33 +141,41 @@ class SpendCap:
         self.max_usd, self.stage_max_usd = max_usd, dict(stage_max_usd or {})
         self.spent: dict[str, float] = dict(spent or {})  # USD by stage name (None: a call outside any stage)
         self.reserved: dict[str | None, float] = {}
+        self.settling: dict[str | None, float] = {}  # the part of ``reserved`` online attempts hold
         self._released: asyncio.Event | None = None  # set when a reservation is released (``admit`` waits)
 
     @property
     def active(self) -> bool:
         return self.max_usd is not None or bool(self.stage_max_usd)
 
-    def reserve(self, stage: str | None, worst_usd: float) -> "Hold":
-        """Reserve now, or raise ``SpendCapReached`` when the request does not fit beside those in flight."""
+    def reserve(self, stage: str | None, worst_usd: float, *, settles: bool = False) -> "Hold":
+        """Reserve now, or raise ``SpendCapReached`` when the request does not fit beside those in flight.
+
+        ``settles``: the hold is one online attempt's, released when its reply is billed without anything
+        else having to happen first, so ``admit`` may wait for it. A Batch API call's hold is not: it lasts
+        for the whole call, online retries of its failed items included, which would wait for it for ever."""
         if worst_usd > 0:
             for setting, cap, spent, reserved in self._caps(stage):
                 if spent + reserved + worst_usd > cap:
                     raise SpendCapReached(setting, cap, spent, reserved, worst_usd)
             self.reserved[stage] = self.reserved.get(stage, 0.0) + worst_usd
-        return Hold(self, stage, worst_usd)
+            if settles:
+                self.settling[stage] = self.settling.get(stage, 0.0) + worst_usd
+        return Hold(self, stage, worst_usd, settles)
 
     async def admit(self, stage: str | None, worst_usd: float) -> "Hold":
         """Reserve as soon as the request fits. While it does not fit only because of the worst cases of
         requests in flight, it waits for their replies (a reply's bill is usually far below its worst case,
         so most of the cap is still spent); it raises ``SpendCapReached`` once it could not fit even if every
-        request in flight cost nothing."""
+        request in flight cost nothing. Only the holds of online attempts (``settles``) are waited for."""
         while True:
             blocked = [(setting, cap, spent, reserved) for setting, cap, spent, reserved in self._caps(stage)
                        if worst_usd > 0 and spent + reserved + worst_usd > cap]
             if not blocked:
-                return self.reserve(stage, worst_usd)
+                return self.reserve(stage, worst_usd, settles=True)
             setting, cap, spent, reserved = blocked[0]
-            if spent + worst_usd > cap or reserved <= 0:
+            lasting = reserved - self._settling(setting, stage)  # holds that no reply of ours will release
+            if spent + lasting + worst_usd > cap or reserved - lasting <= 1e-12:
                 raise SpendCapReached(setting, cap, spent, reserved, worst_usd)
             if self._released is None:
                 self._released = asyncio.Event()
@@ -178,6 +186,11 @@ class SpendCap:
         if self._released is not None:  # wake every waiter; each checks the cap again
             self._released.set()
             self._released = None
+
+    def _settling(self, setting: str, stage: str | None) -> float:
+        if setting == "llm.max_cost_usd":
+            return sum(self.settling.values())
+        return self.settling.get(stage, 0.0)
 
     def bill(self, stage: str | None, usd: float) -> None:
         self.spent[stage] = self.spent.get(stage, 0.0) + usd
@@ -199,10 +212,13 @@ class Hold:
     cap: SpendCap
     stage: str | None
     usd: float
+    settles: bool = False
 
     def release(self) -> None:
         if self.usd > 0:
             self.cap.reserved[self.stage] -= self.usd
+            if self.settles:
+                self.cap.settling[self.stage] -= self.usd
             self.usd = 0.0
             self.cap._on_release()
 

@@ -52,15 +52,18 @@ def outcome_decided(yes: int, left: int, threshold: int) -> bool:
 
 
 def cascade_ballots(counting: Sequence[str], checks: Sequence[str], shown: dict[str, list[RefereeItem]],
-                    ask: Callable[[list[str], dict[str, list[RefereeItem]]], dict[str, dict[str, Vote]]], *,
+                    ask: Callable[[list[str], dict[str, list[RefereeItem]], dict[str, list[RefereeItem]]],
+                  dict[str, dict[str, Vote]]], *,
                     threshold: int, policy: str) -> tuple[dict[str, dict[str, Vote]], dict[str, list[str]]]:
     """The ballots of every referee by qa_id, and per qa_id the counting referees not asked.
 
-    ``ask(names, shown)`` asks referees ``names`` about their items in ``shown`` at once and returns their
-    ballots (``score_all``). ``checks`` (answer and blind referees) are asked about every question in the
-    first round, beside the first counting referees."""
+    ``ask(names, subset, shown)`` asks referees ``names`` about their items in ``subset`` (taken from the
+    whole batch, ``shown``) at once and returns their ballots (``score_all``). ``checks`` (answer and blind
+    referees) are asked about every question in the first round, beside the first counting referees. A
+    referee that was asked about a question and returned no vote is *missing* there, not "not asked"."""
     open_ids = [item.qa_id for item in shown[counting[0]]] if counting else []
     ballots: dict[str, dict[str, Vote]] = {name: {} for name in [*counting, *checks]}
+    asked_about: dict[str, set[str]] = {name: set() for name in counting}
     asked, take = 0, first_round(len(counting), threshold)
     if not take:
         open_ids = []  # every outcome is decided before any vote
@@ -69,7 +72,10 @@ def cascade_ballots(counting: Sequence[str], checks: Sequence[str], shown: dict[
         wanted = set(open_ids)
         subset = {name: shown[name] if name in checks else [i for i in shown[name] if i.qa_id in wanted]
                   for name in names}
-        for name, votes in ask(names, subset).items():
+        for name in names:
+            if name in asked_about:
+                asked_about[name].update(item.qa_id for item in subset[name])
+        for name, votes in ask(names, subset, shown).items():
             ballots[name].update(votes)
         asked += take
         left = len(counting) - asked
@@ -78,7 +84,7 @@ def cascade_ballots(counting: Sequence[str], checks: Sequence[str], shown: dict[
         take = 1
         names = counting[asked:asked + 1] if open_ids and left else []
     every = [item.qa_id for item in shown[counting[0]]] if counting else []
-    not_asked = {qa_id: [name for name in counting if qa_id not in ballots[name]] for qa_id in every}
+    not_asked = {qa_id: [name for name in counting if qa_id not in asked_about[name]] for qa_id in every}
     return ballots, not_asked
 
 

@@ -204,11 +204,19 @@ class EndpointReferee:
                           temperature=0.0, logprobs=True, top_logprobs=self.settings.endpoint.top_logprobs,
                           accept_truncated=True, extra_body=extra, **checked)
 
-    def plan(self, items: Sequence[RefereeItem]) -> list[tuple[Any, str]]:
+    def plan(self, items: Sequence[RefereeItem], universe: Sequence[RefereeItem] | None = None
+             ) -> list[tuple[Any, str]]:
         """The calls that score ``items``: one ``RequestGroup`` per endpoint serving this referee (each image
-        to one of them, so its questions share that server's prefix cache), with the constraint used."""
+        to one of them, so its questions share that server's prefix cache), with the constraint used.
+
+        ``universe``: the items ``items`` were taken from (the referee cascade asks a later referee about a
+        subset of a batch): the images are spread over the servers as for the whole batch, so a question goes
+        to the same server whichever subset a run asks (the request cache's key names the server)."""
         plan = []
-        for name, share in spread_by_image(items, self.live_endpoints()).items():
+        wanted = {item.qa_id for item in items}
+        spread = spread_by_image(universe if universe is not None else items, self.live_endpoints())
+        for name, share in spread.items():
+            share = [item for item in share if item.qa_id in wanted]
             if share:
                 call = self.call(name)
                 constraint = resolved_constraint(self.settings, call.endpoint.base_url)

@@ -210,7 +210,7 @@ class PromptCache:
 
     def cached_tokens(self, body: dict[str, Any], now: float) -> int:
         """What the reply reports as cached: ``prefix_tokens``, never more than the prompt tokens the reply
-        reports (``prompt_tokens``, which counts every image as 85 tokens whatever its detail)."""
+        reports (``prompt_tokens``: the same image count, text counted a little differently)."""
         cached = self.prefix_tokens(body, now)
         billed = prompt_tokens(body["messages"])
         return cached if cached <= billed else (billed // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS

@@ -188,9 +188,10 @@ class ScoreStage(Stage):
         by_name = dict(zip((s.name for s in config.referees), zip(config.referees, referees)))
         final = ctx.settings.stages.final
 
-        def ask(names: list[str], shown: dict[str, list[RefereeItem]]) -> dict[str, dict]:
+        def ask(names: list[str], shown: dict[str, list[RefereeItem]], whole: dict[str, list[RefereeItem]]
+                ) -> dict[str, dict]:
             chosen = [by_name[name] for name in names]
-            return score_all([s for s, _ in chosen], [r for _, r in chosen], shown, client)
+            return score_all([s for s, _ in chosen], [r for _, r in chosen], shown, client, universe=whole)
 
         def score(batch: dict[str, list]) -> dict[str, list]:
             items, unavailable = _items(batch, image_file)
@@ -228,7 +229,7 @@ STOP_WAIT_S = 16.0  # after Ctrl-C/SIGTERM, how long the endpoint calls may take
 
 
 def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, list[RefereeItem]],
-              client: "LLMClient") -> dict[str, dict]:
+              client: "LLMClient", universe: dict[str, list[RefereeItem]] | None = None) -> dict[str, dict]:
     """Every referee at once: the calls of those that run on the event loop (``runs_on_device`` false: all
     their servers) through ``client`` in a helper thread, while those on the device run on this thread (the
     GPU); votes by referee and qa_id.
@@ -239,7 +240,9 @@ def score_all(settings: list[RefereeSettings], referees: list, shown: dict[str, 
     import contextvars
     import threading
 
-    remote = [(s.name, r, r.plan(shown[s.name])) for s, r in zip(settings, referees) if not runs_on_device(s)]
+    # ``universe``: the whole batch a subset was taken from (the cascade), so each image keeps its server
+    remote = [(s.name, r, r.plan(shown[s.name], universe[s.name]) if universe else r.plan(shown[s.name]))
+              for s, r in zip(settings, referees) if not runs_on_device(s)]
     groups = [group for _, _, plan in remote for group, _ in plan]
     ballots: dict[str, dict] = {}
     stop = threading.Event()

@@ -103,3 +103,53 @@ def test_earlier_spend_counts_and_a_reply_replaces_its_reservation():
     with pytest.raises(SpendCapReached) as caught:
         stage.reserve("qa", 0.1)
     assert caught.value.setting == "llm.stage_max_cost_usd.qa" and caught.value.spent == 0.45
+
+
+def test_a_request_never_waits_for_a_hold_only_its_own_call_can_release():
+    # A Batch API call holds its worst case for the whole call, online retries of its failed items included:
+    # an online retry that fits only without that hold must stop (exit 3), not wait for it for ever.
+    import asyncio
+
+    cap = SpendCap(1.0)
+    batch_hold = cap.reserve("filter", 0.8)  # a batch call's hold (not settles)
+    cap.bill("filter", 0.3)
+
+    async def retry():
+        return await asyncio.wait_for(cap.admit("filter", 0.5), timeout=5)
+
+    with pytest.raises(SpendCapReached):
+        asyncio.run(retry())
+    batch_hold.release()
+
+
+def test_a_request_waits_for_the_bills_of_online_attempts_in_flight():
+    import asyncio
+
+    async def scenario():
+        cap = SpendCap(1.0)
+        first = await cap.admit("filter", 0.6)  # an online attempt on the wire
+        waiting = asyncio.ensure_future(cap.admit("filter", 0.6))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # 0.6 + 0.6 > 1.0: it waits for the first one's bill
+        cap.bill("filter", 0.05)
+        first.release()  # the reply cost 0.05, not 0.6
+        second = await asyncio.wait_for(waiting, timeout=5)
+        assert cap.reserved["filter"] == pytest.approx(0.6) and cap.spent["filter"] == pytest.approx(0.05)
+        second.release()
+        cap.bill("filter", 0.5)
+        with pytest.raises(SpendCapReached):  # 0.55 spent + 0.6 > 1.0 with nothing in flight: stop
+            await cap.admit("filter", 0.6)
+
+    asyncio.run(scenario())
+
+
+def test_the_worst_case_counts_cache_writes_priced_above_the_input():
+    from processors.llm.estimate import worst_cost_usd
+    from processors.llm.settings import LLMSettings, Price
+
+    settings = LLMSettings(prices={"w": Price(input_per_mtok=1.0, output_per_mtok=2.0, cache_write_per_mtok=1.25),
+                                   "r": Price(input_per_mtok=1.0, output_per_mtok=2.0, cached_input_per_mtok=0.5)})
+    # a reply may bill every prompt token as a cache write: the reservation must cover it
+    assert worst_cost_usd(settings, "w", 1_000_000, 1_000_000) == pytest.approx(1.25 + 2.0)
+    assert worst_cost_usd(settings, "r", 1_000_000, 1_000_000) == pytest.approx(1.0 + 2.0)
+    assert worst_cost_usd(settings, "r", 1_000_000, 0, tier="batch") == pytest.approx(0.5)

@@ -45,7 +45,7 @@ def _run_cascade(table: dict, names: list[str], threshold: int, policy: str):
     asked = Counter()
     items = [RefereeItem(qa_id, "img.png", "A~B", "Q?") for qa_id in table]
 
-    def ask(chosen: list[str], shown: dict[str, list[RefereeItem]]) -> dict[str, dict[str, Vote]]:
+    def ask(chosen: list[str], shown: dict[str, list[RefereeItem]], whole) -> dict[str, dict[str, Vote]]:
         out = {}
         for name in chosen:
             column = names.index(name)
@@ -134,7 +134,7 @@ def test_answer_and_blind_referees_are_asked_about_every_question():
     items = [RefereeItem(f"q{i}", "img.png", "A~B", "Q?") for i in range(4)]
     asked = Counter()
 
-    def ask(chosen, shown):
+    def ask(chosen, shown, whole):
         for name in chosen:
             asked.update({name: len(shown[name])})
         return {name: {item.qa_id: Vote(item.qa_id, 1, 0.9) for item in shown[name]} for name in chosen}
@@ -143,3 +143,54 @@ def test_answer_and_blind_referees_are_asked_about_every_question():
                                          threshold=2, policy="fail")
     assert asked == {"a": 4, "b": 4, "judge": 4, "blind": 4}  # c is never needed: a and b said yes
     assert all(names == ["c"] for names in not_asked.values())
+
+
+def test_a_vote_asked_but_not_returned_is_missing_not_not_asked():
+    items = [RefereeItem(f"q{i}", "img.png", "A~B", "Q?") for i in range(3)]
+
+    def ask(chosen, shown, whole):  # r1 loses q1's vote: asked, no ballot
+        return {name: {item.qa_id: Vote(item.qa_id, 1 if name == "r0" else 0, 0.5) for item in shown[name]
+                       if not (name == "r1" and item.qa_id == "q1")} for name in chosen}
+
+    ballots, not_asked = cascade_ballots(["r0", "r1", "r2"], [], {n: items for n in ("r0", "r1", "r2")}, ask,
+                                         threshold=2, policy="fail")
+    assert "r1" not in not_asked["q1"] and "q1" not in ballots["r1"]
+    columns = _join(_batch({i.qa_id: None for i in items}), ballots, "fail", [*BASE, "not_asked"],
+                    not_asked=not_asked)
+    reasons = dict(zip(columns["__source_key"], columns[FAILURE_REASON]))
+    assert reasons["q1"] == "vote_missing"  # under fail, a lost vote fails the row; never silently skipped
+
+
+def test_a_later_round_sends_each_image_to_the_server_it_has_for_the_whole_batch():
+    # A resume may ask a later referee about another subset of a batch (an earlier vote that failed is now
+    # answered): each question must still go to the same replica, whose cached answer then costs nothing.
+    from processors.llm.api import RequestGroup
+    from processors.llm.settings import LLMSettings
+    from processors.referees.endpoint import EndpointReferee
+    from processors.referees.settings import RefereeSettings
+
+    servers = ["a", "b", "c"]
+    settings = LLMSettings(endpoints={name: {"base_url": f"http://{name}:8000/v1", "api_key_env": None}
+                                      for name in servers})
+
+    class Client:  # what plan() reads of an LLMClient
+        def __init__(self):
+            self.settings = settings
+
+        def endpoint(self, name, overrides=None):
+            return SimpleNamespace(endpoint=settings.endpoint(name),
+                                   group=lambda requests: RequestGroup(requests, name, overrides))
+
+    referee = EndpointReferee(RefereeSettings(name="v2", preset="internvl2-26b", endpoint={"endpoints": servers}),
+                              Client())
+    items = [RefereeItem(f"q{i}", f"img{i % 11}.png", "A~B", "Q?") for i in range(60)]
+
+    def server_of(plan) -> dict[str, str]:
+        return {request.key: group.endpoint for group, _ in plan for request in group.requests}
+
+    whole = server_of(referee.plan(items))
+    for subset in (items[::3], items[1::4], items[:7]):
+        kept = server_of(referee.plan(subset, items))
+        assert kept == {item.qa_id: whole[item.qa_id] for item in subset}
+    alone = server_of(referee.plan(items[::3]))  # without the whole batch the spread may differ
+    assert set(alone) == {item.qa_id for item in items[::3]}
