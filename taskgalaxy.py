@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import datasets
 
 from builder.outputs import load_stage_output, stage_state
+from processors.stopping import leaving, stop_on_sigterm, stopped
 
 logger = logging.getLogger("taskgalaxy")
 
@@ -279,80 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
-EXIT_TERMINATED = 143  # SIGTERM: 128 + SIGTERM
-STOP_GRACE_S = 3.0  # after a stop, how long threads still working may take before the process leaves them
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread: a polite kill unwinds exactly like Ctrl-C (finished shards are kept)."""
-
-
-def _stop_on_sigterm(signum, frame):
-    raise Terminated
-
-
-def _stopped(exc: KeyboardInterrupt, threads_before: set[threading.Thread]) -> int:
-    """Report a Ctrl-C / SIGTERM stop and return its exit code, leaving behind threads that will not end.
-
-    The stages stop their own workers, but a thread stuck in the kernel (a read from a hung mount, a FIFO)
-    cannot be interrupted, and Python joins every such thread at exit, forever. So threads this run started get
-    ``STOP_GRACE_S`` to finish; if any is still alive then, the process exits without them (the run lock is an
-    ``flock`` and every shard is committed by a rename, so nothing is left half-done). A second signal during
-    the wait exits at once.
-    """
-    code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-    print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-    return _leaving(code, threads_before)
-
-
-def _leaving(code: int, threads_before: set[threading.Thread]) -> int:
-    """``code``, once the threads this run started have ended - or, after ``STOP_GRACE_S``, by leaving them
-    (``os._exit``): a stalled or stopped shard may hold a thread that never returns."""
-    stuck = _threads_started_since(threads_before)
-    if not stuck:
-        return code
-    previous = _exit_at_once_on(code, signal.SIGTERM, signal.SIGINT)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for thread in stuck:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = _threads_started_since(threads_before)
-    if stuck:
-        logger.warning("%d thread(s) still busy %.0f s after the stop (%s); exiting without waiting for them",
-                       len(stuck), STOP_GRACE_S, ", ".join(sorted(t.name for t in stuck)))
-        _exit_now(code)
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    return code
-
-
-def _threads_started_since(before: set[threading.Thread]) -> list[threading.Thread]:
-    """Threads this run started that the interpreter would join at exit: non-daemon ones, and the workers of
-    every ``ThreadPoolExecutor`` (``concurrent.futures`` joins those at exit even when they are daemons, as
-    they are when a pool is made on a shard's engine thread)."""
-    import concurrent.futures.thread as pool_threads
-
-    joined_at_exit = set(getattr(pool_threads, "_threads_queues", {}))
-    return [t for t in threading.enumerate()
-            if t not in before and t.is_alive() and (not t.daemon or t in joined_at_exit)]
-
-
-def _exit_at_once_on(code: int, *signals: int) -> dict:
-    """Make each of ``signals`` exit at once; returns the handlers they had."""
-    return {signum: signal.signal(signum, lambda *_: _exit_now(code)) for signum in signals}
-
-
-def _exit_now(code: int) -> None:
-    """Leave without joining threads (``os._exit``), after flushing what we printed and logged."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
     from builder.engine import StageStalledError
@@ -365,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("taskgalaxy", "builder", "loaders", "processors"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     threads_before = set(threading.enumerate())
     try:
         return args.func(args)
@@ -378,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except StageStalledError as exc:  # the stall watchdog stopped a stage: what stalled, how long, what to do
         print(f"error: {exc}", file=sys.stderr)
-        return _leaving(exc.exit_code, threads_before)  # the stalled shard's threads may never return
+        return leaving(exc.exit_code, threads_before)  # the stalled shard's threads may never return
     except BrokenPipeError:  # `taskgalaxy status RUN | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        return _stopped(exc, threads_before)
+        return stopped(exc, threads_before)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line: one clear message, traceback with -v
         logger.debug("traceback", exc_info=True)
         cause = _spend_cap_of(exc)

@@ -65,7 +65,8 @@ sys.path.insert(0, {repo!r})
 import taskgalaxy
 import processors.stages.images as images
 
-taskgalaxy.STOP_GRACE_S = 1.0
+import processors.stopping
+processors.stopping.STOP_GRACE_S = 1.0
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even if the test runner ignores SIGINT
 
 first = threading.Lock()
