@@ -227,7 +227,7 @@ class OnlineEngine:
     def worst_usd(self, p: Prepared, *, batch: bool = False, tier: Tier | None = None) -> float:
         """The most ``p`` can cost: its prompt estimate and all of its max_tokens, at ``tier``'s price (default:
         the standard price, what an online or flex attempt can cost at most; ``batch``: the Batch API's)."""
-        completion = p.params.get("max_tokens") or self.endpoint.max_tokens
+        completion = p.params.get("max_tokens") or p.params.get("max_completion_tokens") or self.endpoint.max_tokens
         tier = tier or ("batch" if batch else "standard")
         return self.tally.price(max(0, p.est_tokens - completion), completion, tier)
 

@@ -128,7 +128,7 @@ def project(
     per_prompt = TOKENS_PER_MESSAGE * 2 + math.ceil(prompt_text_chars / CHARS_PER_TOKEN)
     per_prompt += images_per_request * images.image_tokens(side, side, endpoint.image_detail, model=endpoint.model)
     prompt_total, completion_total = requests * per_prompt, requests * completion_tokens
-    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, batch=endpoint.mode == "batch")
+    dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, tier=mode_tier(endpoint))
     return Projection(requests, prompt_total, completion_total, dollars)
 
 

@@ -78,10 +78,17 @@ def endpoint_identity(base_url: str) -> str | None:
 
 
 def request_params(request: LLMRequest, endpoint: EndpointSettings) -> dict[str, Any]:
-    params: dict[str, Any] = {"max_tokens": request.max_tokens or endpoint.max_tokens}
+    limit = request.max_tokens or endpoint.max_tokens
     temperature = request.temperature if request.temperature is not None else endpoint.temperature
-    if temperature is not None:
-        params["temperature"] = temperature
+    if endpoint.is_reasoning_model:
+        # OpenAI answers a reasoning model's max_tokens, and any temperature but the default, with a 400.
+        params: dict[str, Any] = {"max_completion_tokens": limit}
+        if endpoint.reasoning_effort is not None:
+            params["reasoning_effort"] = endpoint.reasoning_effort
+    else:
+        params = {"max_tokens": limit}
+        if temperature is not None:
+            params["temperature"] = temperature
     if endpoint.seed is not None:
         params["seed"] = endpoint.seed
     if request.logprobs:

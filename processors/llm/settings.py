@@ -65,6 +65,12 @@ class EndpointSettings(_Frozen):
     temperature: float | None = Field(None, ge=0, le=2, description="default temperature; a request may override")
     max_tokens: int = Field(1024, ge=1, description="default max_tokens; a request may override")
     seed: int | None = Field(None, description="sent as `seed` when set (best-effort determinism)")
+    reasoning: Literal["auto", "on", "off"] = Field(
+        "auto", description="an OpenAI reasoning model (GPT-5 family, o1/o3/o4): the reply limit is sent as "
+        "max_completion_tokens (reasoning tokens count in it and are billed as output) and no temperature (only "
+        "the default is accepted); auto = by the model id")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None, description="sent as reasoning_effort to a reasoning model; null = the model's default (medium)")
     send_prompt_cache_key: bool = Field(
         False, description="send `prompt_cache_key` (the image id) so one image's requests meet the same prompt "
         "cache; OpenAI accepts it, other servers may reject an unknown field")
@@ -99,10 +105,24 @@ class EndpointSettings(_Frozen):
     def output_parts(self) -> dict:
         """The settings that change what the model answers (part of calling stages' fingerprints); speed,
         limits, retries and online/batch mode do not, so tuning them never re-runs a stage."""
-        return self.model_dump(mode="json", include={
+        parts = self.model_dump(mode="json", include={
             "model", "image_max_side", "image_detail", "image_format", "supports_json_schema", "temperature",
             "max_tokens", "seed",
         })
+        if self.reasoning_effort is not None:  # only when set: every other config keeps its fingerprint
+            parts["reasoning_effort"] = self.reasoning_effort
+        return parts
+
+    @property
+    def is_reasoning_model(self) -> bool:
+        if self.reasoning != "auto":
+            return self.reasoning == "on"
+        name = self.model.rsplit("/", 1)[-1].lower()
+        return name.startswith(REASONING_MODEL_PREFIXES)
+
+
+# OpenAI's reasoning models: they take max_completion_tokens (not max_tokens) and only the default temperature.
+REASONING_MODEL_PREFIXES = ("gpt-5", "o1", "o3", "o4")
 
 
 class Price(_Frozen):

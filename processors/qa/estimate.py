@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from processors.llm.estimate import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, cost_usd, project
+from processors.llm.estimate import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, cost_usd, mode_tier, project
 from processors.llm.settings import LLMSettings
 from processors.qa.config import QAConfig
 from processors.qa.prompt import build_layout_messages, build_messages, repair_messages
@@ -53,5 +53,5 @@ def estimate_per_image(config: QAConfig, settings: LLMSettings, *, types_per_ima
     prompt = first.prompt_tokens + repair_rate * repair_prompt
     completion = reply_tokens * (1 + repair_rate)
     model = settings.endpoint(config.endpoint)
-    dollars = cost_usd(settings, model.model, prompt, completion, batch=model.mode == "batch")
+    dollars = cost_usd(settings, model.model, prompt, completion, tier=mode_tier(model))
     return QAEstimate(requests=1 + repair_rate, prompt_tokens=prompt, completion_tokens=completion, cost_usd=dollars)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from builder.ids import fingerprint
+from processors.llm.settings import REASONING_MODEL_PREFIXES
 from processors.simulator import batches, flex
 from processors.simulator.core import PromptCache, SimStats, SimulatorOptions, Window, completion
 from processors.simulator.responders import Responder, checked
@@ -53,8 +54,9 @@ class SimState:
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None, *,
-           param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status if param else None}}
+           param: str | None = None, code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param,
+                      "code": code if code is not None else status if param else None}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -149,7 +151,7 @@ def _refuse_like_server(body: dict, options: SimulatorOptions) -> web.Response |
         return _error(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(options.served_models)}.",
                       "NotFoundError", param="model")
     if options.flavor != "vllm":
-        return None
+        return _refuse_like_openai(body)
     top = body.get("top_logprobs")
     if isinstance(top, int) and top > options.max_logprobs:
         return _error(400, f"Requested sample logprobs of {top}, which is greater than max allowed: "
@@ -159,6 +161,23 @@ def _refuse_like_server(body: dict, options: SimulatorOptions) -> web.Response |
                       "multimodal preprocessing resource usage. Start the server with --trust-request-mm-kwargs "
                       "only when clients are trusted. (parameter=mm_processor_kwargs)", "BadRequestError",
                       param="mm_processor_kwargs")
+    return None
+
+
+def _refuse_like_openai(body: dict) -> web.Response | None:
+    """OpenAI's 400s for a reasoning model (GPT-5 family, o-series) asked with a chat model's parameters."""
+    name = str(body.get("model", "")).rsplit("/", 1)[-1].lower()
+    if not name.startswith(REASONING_MODEL_PREFIXES):
+        return None
+    if "max_tokens" in body:
+        return _error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                      "'max_completion_tokens' instead.", "invalid_request_error", param="max_tokens",
+                      code="unsupported_parameter")
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        return _error(400, f"Unsupported value: 'temperature' does not support {temperature} with this model. Only "
+                      "the default (1) value is supported.", "invalid_request_error", param="temperature",
+                      code="unsupported_value")
     return None
 
 
