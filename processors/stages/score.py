@@ -162,9 +162,9 @@ class ScoreStage(Stage):
             later = counting[first_round(len(counting), run_config.stages.final.threshold):]
             if later:
                 assumptions.notes.append(
-                    f"referee cascade: {', '.join(later)} are asked only where the earlier referees left the "
-                    "outcome open; counted here for every question (an upper bound). `estimate --from-run` "
-                    "projects them from a pilot's agreement")
+                    f"referee cascade: the later referees ({', '.join(later)}) are asked only where the earlier "
+                    "referees left the outcome open; counted here for every question (an upper bound). "
+                    "`estimate --from-run` projects them from a pilot's agreement")
         for referee in config.referees:
             if runs_on_device(referee):
                 assumptions.notes.append(f"referee {referee.name} runs locally: GPU time, no API requests")
