@@ -85,6 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         runner = open_run(args.config, run_dir=args.run_dir, dry_run=args.dry_run, services=services,
                           progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address,
                           accept_unanswered=args.accept_unanswered)
+        runner.progress_interval = args.progress_interval
         logger.info("run folder: %s", runner.run_dir)
         try:
             runner.run(only)
@@ -107,6 +108,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         print(f"error: no run folder at {run_dir}", file=sys.stderr)
         return 2
+    if args.watch or args.once:
+        from builder.watch import watch
+
+        return watch(run_dir, interval=args.interval, once=args.once)
     summaries = stage_summaries(run_dir)
     print(json.dumps(summaries, indent=2) if args.json else format_table(run_dir, summaries))
     return 0
@@ -159,21 +164,34 @@ def _image_resolver(run_dir: Path):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from processors.publish.export import ImageRootError, export_llava
+    from processors.publish.export import ImageRootError, export
 
     run_dir = Path(args.run_dir)
+    if (args.llava is None) == (args.out is None) or (args.llava and args.format not in (None, "llava")):
+        print("error: give --out DIR (with --format), or --llava OUT.json for the LLaVA JSON", file=sys.stderr)
+        return 2
+    out = Path(args.llava) if args.llava else Path(args.out)
     try:
-        result = export_llava(run_dir, Path(args.llava), resolve_image=_image_resolver(run_dir),
-                              image_root=Path(args.image_root) if args.image_root else None,
-                              copy_images=args.copy_images, protected=_image_store(run_dir))
+        result = export(run_dir, args.format or "llava", out.parent if args.llava else out,
+                        main_name=out.name if args.llava else None, resolve_image=_image_resolver(run_dir),
+                        image_root=Path(args.image_root) if args.image_root else None,
+                        copy_images=args.copy_images, protected=_image_store(run_dir))
     except ImageRootError as exc:  # a usage error, like a bad config: nothing was written
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {result.samples} samples to {result.json_path}; images under {result.image_root}"
+    images = f"images under {result.image_root}" if result.image_root else "images embedded"
+    print(f"wrote {result.samples} samples ({result.format}) to {result.json_path}; {images}"
           + (f"; task types in {result.tasktype_path}" if result.tasktype_path else ""))
-    browser = _browser_writer(run_dir)(result.json_path.parent)  # resolved: `out/../x.json` makes no `out`
-    print(f"sample browser: open {browser} in a web browser")
+    if result.format == "llava":
+        browser = _browser_writer(run_dir)(result.json_path.parent)  # resolved: `out/../x.json` makes no `out`
+        print(f"sample browser: open {browser} in a web browser")
     return 0
+
+
+def _export_formats() -> list[str]:
+    from processors.publish.formats import FORMATS
+
+    return list(FORMATS)
 
 
 def _image_store(run_dir: Path) -> list[Path]:
@@ -227,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help="comma-separated stages to run, e.g. taxonomy,images (default: all)")
     run.add_argument("--dry-run", action="store_true",
                      help="offline: every LLM call goes to a local simulator; nothing is paid")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument("--no-progress", action="store_true", help="no live panel nor progress lines (logs only)")
+    run.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
+                     help="seconds between progress lines when stderr is not a terminal (default 10)")
     run.add_argument("--engine", choices=["local", "ray"],
                      help="where shards run (default: run.engine): this process, or Ray workers (docs/scaling.md)")
     run.add_argument("--ray-address", help="with --engine ray: the cluster to join, e.g. auto (default: "
@@ -241,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = verbs.add_parser("status", help="what each stage of a run folder has done")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="follow a running job live until it ends (Ctrl-C leaves)")
+    status.add_argument("--once", action="store_true", help="the --watch view, one frame, then exit")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch: seconds between updates")
     status.set_defaults(func=_cmd_status)
 
     estimate = verbs.add_parser("estimate", help="project requests, tokens and $ of CONFIG before spending")
@@ -260,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(simulate)
     simulate.set_defaults(func=_cmd_simulate)
 
-    export = verbs.add_parser("export", help="write the final samples as LLaVA JSON with an image folder")
+    export = verbs.add_parser("export", help="write the final samples as a trainer reads them, with an image folder")
     export.add_argument("run_dir")
-    export.add_argument("--llava", required=True, metavar="OUT.json")
-    export.add_argument("--image-root", help="folder the JSON's image paths are relative to (default: images/ beside OUT.json)")
+    export.add_argument("--format", choices=_export_formats(), help="the trainer's format (default: llava)")
+    export.add_argument("--out", metavar="DIR", help="the folder to write the format's files and images/ into")
+    export.add_argument("--llava", metavar="OUT.json", help="the LLaVA JSON under its own name (instead of --out)")
+    export.add_argument("--image-root", help="LLaVA only: folder the JSON's image paths are relative to (default: images/ beside OUT.json)")
     export.add_argument("--copy-images", action="store_true", help="copy image files instead of symlinking them")
     export.set_defaults(func=_cmd_export)
 

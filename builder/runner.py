@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from tqdm import tqdm
 
 from builder import runfolder as rf
 from builder.accounting import FAILURE_FEATURES, AccountingError, split_shard
@@ -30,8 +29,10 @@ from builder.arrowfiles import write_arrow_table
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, StageStalledError
 from builder.fingerprints import stage_fingerprints, stage_reads
+from builder.live import LIVE_ENDPOINTS
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
+from builder.panel import StagePanel
 from builder.recovery import (RESUME_KEYS, adopt_killed_usage, check_frozen_input, clear_keeping_spend, discard_shard,
                               interrupted_name, readable_states, recover_state)
 from builder.stage import Stage, StageContext, StageError
@@ -52,7 +53,8 @@ class Runner:
     dry_run: bool = False
     services: dict[str, Any] = field(default_factory=dict)
     engine: Any = field(default_factory=LocalEngine)
-    progress: bool = True
+    progress: bool = True  # a live panel on a terminal (builder.panel), plain log lines elsewhere
+    progress_interval: float = 10.0  # seconds between those plain lines
     preflight: Callable[[list[Stage]], None] | None = None  # e.g. check API keys of the stages about to run
     # Services that live as long as one ``run`` (entered after the run lock, closed when it ends): e.g. the
     # LLM accounts, whose admission and breaker every shard and stage of the run share. Their values join
@@ -271,11 +273,14 @@ class Runner:
                    for index in range(count) if not (folder / rf.shard_name(index)).exists()}
         for task in pending.values():
             task.journal_path.unlink(missing_ok=True)  # adopted at the start of the stage if a kill left one
-        with tqdm(total=len(inputs), initial=state["totals"]["rows_in"], desc=f"{stage.name:>8}", unit="row",
-                  disable=not self.progress, dynamic_ncols=True) as bar:
+        panel = StagePanel(stage.name, folder, shards_total=count, rows_total=len(inputs),
+                           rows_done=state["totals"]["rows_in"], usage=state["totals"]["usage"],
+                           endpoints=self._run_services.get(LIVE_ENDPOINTS), interval=self.progress_interval,
+                           mode="auto" if self.progress else "off")
+        with panel:
             outcomes = self.engine.run_shards(work, list(pending.values()), features=features,
                                               batch_size=stage.batch_size, in_flight=stage.shards_in_flight(config),
-                                              on_rows=bar.update)
+                                              on_rows=panel.rows)
             try:
                 with contextlib.closing(outcomes):  # leaving early stops the shards still in flight
                     for outcome in outcomes:  # in the order they finish
@@ -285,7 +290,7 @@ class Runner:
                         self._commit_shard(stage, folder, task, outcome, key, features, resume)
                         del pending[outcome.index]
                         state = self._write_state(folder, base, done=False)
-                        bar.set_postfix_str(_postfix(state["totals"]), refresh=False)
+                        panel.committed(state)
             except BaseException:
                 # Requests paid by the shards that did not finish: their answers are cached, their cost must
                 # show. Each journal becomes an interrupted record by a rename, so no moment holds both (or
@@ -379,9 +384,3 @@ class Runner:
             logger.warning("stage %s: could not update %s (%s); `taskgalaxy status` still counts what was paid "
                            "from the stats/ records", base["stage"], folder / rf.STATE_FILE, exc)
 
-
-def _postfix(totals: dict) -> str:
-    parts = [f"out={totals['rows_out']}", f"failed={sum(totals['failed'].values())}"]
-    if "cost_usd" in totals["usage"]:
-        parts.append(f"${totals['usage']['cost_usd']:.2f}")
-    return " ".join(parts)

@@ -110,7 +110,7 @@ def test_push_to_a_local_folder_loads_every_config_back(finished_run, capsys):
     meta = DatasetCard(card).data
     assert meta.license == "other" and meta.task_categories == ["visual-question-answering", "image-text-to-text"]
     assert meta.size_categories == ["n<1K"] and meta.language == ["en"] and meta.pretty_name
-    assert {c["config_name"] for c in meta.configs} == set(STAGES) | {"failures"}
+    assert {c["config_name"] for c in meta.configs} == set(STAGES) | {"failures", "trl"}  # trl: issue 23
     assert "### Referee agreement" in card and "### Task coverage" in card
     assert "(plots/quality_votes.png)" in card and (repo / "plots" / "quality_votes.png").is_file()
     page = (repo / "browser" / "index.html").read_text()

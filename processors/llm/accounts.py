@@ -32,6 +32,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from builder.live import LIVE_ENDPOINTS
 from processors.llm.breaker import CircuitBreaker
 from processors.llm.limits import Admission, SpendCap
 from processors.llm.settings import EndpointSettings
@@ -53,6 +54,7 @@ class Account:
     admission: Admission
     breaker: CircuitBreaker
     transport: Transport
+    label: str = ""  # the endpoint name that opened it, for the live view
 
 
 class Accounts:
@@ -165,13 +167,22 @@ class Accounts:
                 shared = RayLimits(self.lease_from, key[:4])
             breaker = CircuitBreaker(breaker_threshold, endpoint=name, base_url=base_url, model=endpoint.model,
                                      key_env=key_env)
-            account = Account(Admission(share, shared, self.spend), breaker, transport)
+            account = Account(Admission(share, shared, self.spend), breaker, transport, label=name)
             if key in self._accounts:  # opened by a concurrent call meanwhile
                 await transport.__aexit__(None, None, None)
                 return self._accounts[key]
             self._accounts[key] = account
             self._limits[key] = _limits_of(endpoint)
         return account
+
+    def live_endpoints(self) -> dict[str, dict[str, float]]:
+        """Each endpoint's figures in this process (``Admission.gauges``), for the live view: the run's
+        ``builder.live.LIVE_ENDPOINTS`` service. Read from any thread (plain ints; the dict is copied)."""
+        figures: dict[str, dict[str, float]] = {}
+        for account in list(self._accounts.values()):
+            label = account.label if account.label not in figures else f"{account.label}#{len(figures)}"
+            figures[label] = account.admission.gauges()
+        return figures
 
     def scaled(self, endpoint: EndpointSettings) -> EndpointSettings:
         """The endpoint's limits times this process's share of the account; the concurrency also times its
@@ -268,7 +279,7 @@ def run_accounts(budget_share: float = 1.0, lease_from: str | None = None, spend
     the run's spend caps and what the run folder had spent when the run started."""
     accounts = _register(Accounts(budget_share, lease_from, spend=spend))
     try:
-        yield {SERVICE: accounts}
+        yield {SERVICE: accounts, LIVE_ENDPOINTS: accounts.live_endpoints}
     finally:
         accounts.close()
         with _PROCESS_LOCK:

@@ -253,9 +253,13 @@ class OnlineEngine:
                 raise AttemptError(reason, f"{type(exc).__name__}: {exc}", retryable=False, breaker=False) from None
             task = asyncio.current_task()
             self._on_wire.add(task)  # sent: a stop lets it finish (its answer is paid for)
+            self.admission.sent += 1
+            self.admission.retries += int(attempts[0] > 1)  # the attempt is a retry
             try:
                 completion = await self.transport.chat(body, p.cache_key)
             except AttemptError as exc:
+                if exc.reason == RATE_LIMITED:
+                    self.admission.rate_limited += 1
                 if exc.reason == RATE_LIMITED and exc.retryable:
                     self._rate_limited(p, tier, exc)
                 if exc.breaker:

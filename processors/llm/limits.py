@@ -233,6 +233,8 @@ class Admission:
     def __init__(self, endpoint: EndpointSettings, shared: SharedLimits | None = None,
                  spend: SpendCap | None = None):
         self.spend = spend if spend is not None else SpendCap()
+        # Counters the live view reads (``gauges``), counted by the online engine on the accounts' loop.
+        self.sent = self.rate_limited = self.retries = 0
         self.concurrency = AdaptiveConcurrency(endpoint.max_concurrency, endpoint.min_concurrency,
                                                endpoint.aimd_decrease)
         bucket = _local_bucket if shared is None else shared.bucket
@@ -257,6 +259,12 @@ class Admission:
             yield
         finally:
             self.concurrency.release()
+
+    def gauges(self) -> dict[str, float]:
+        """This endpoint's figures for the live view (``builder.live``): requests holding a slot now, the
+        current AIMD window, and since the run started the requests sent, the 429s and the retries."""
+        return {"in_flight": self.concurrency.in_flight, "limit": int(self.concurrency.limit), "requests": self.sent,
+                "rate_limited": self.rate_limited, "retries": self.retries}
 
     def reserve(self, stage: str | None, worst_usd: float) -> Hold:
         """Reserve a request's worst-case cost under the run's spend cap; raises ``SpendCapReached`` when it

@@ -92,6 +92,8 @@ def size_category(rows: int) -> str:
 
 
 FAILURES_TEXT = "every row any stage dropped, with its stage, reason code and detail"  # the `failures` config
+TRL_TEXT = ("the `final` samples in TRL's shape: `messages` (typed parts, no `<image>` token) and `images` "
+            "(embedded); trains with TRL's `SFTTrainer` as it is")  # the `trl` config
 
 
 def _front_matter(configs: list[dict], settings: CardSettings, run_name: str) -> str:
@@ -127,7 +129,7 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
                 browser: bool = False) -> str:
     """``stages``: the pipeline's stages, whose ``description`` says what each config holds. ``browser``: the
     layout holds the static sample browser (``browser/index.html``)."""
-    holds = {stage.name: stage.description for stage in stages} | {"failures": FAILURES_TEXT}
+    holds = {stage.name: stage.description for stage in stages} | {"failures": FAILURES_TEXT, "trl": TRL_TEXT}
     config_text = (Path(run_dir) / "config.yaml")
     settings, run_name = card_settings(run_dir)
     title = settings.pretty_name or "TaskGalaxy-style instruction-tuning data"
@@ -173,6 +175,8 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
         "`llava/taskgalaxy_llava.json` holds the `final` samples as LLaVA records "
         "(`id`, `image`, `task_type`, `conversations`); `llava/tasktype.txt` lists the task types.", "",
     ]
+    if any(c["name"] == "trl" for c in configs):
+        lines += _trl_section()
     if browser:
         lines += ["## Browse the samples", "",
                   "`browser/index.html` is a static page (no network, no server): download it and open the file "
@@ -182,6 +186,24 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
         text = config_text.read_text(encoding="utf-8").rstrip()
         lines += ["## Config", "", f"{md_fence(text)}yaml", text, md_fence(text), ""]
     return "\n".join(lines)
+
+
+def _trl_section() -> list[str]:
+    return [
+        "## Train with TRL", "",
+        "The `trl` config is what TRL's `SFTTrainer` reads for a vision-language model: each row's `messages` "
+        "is a user turn (an `{\"type\": \"image\"}` part, then the question as a text part) and an assistant "
+        "turn (the answer), and `images` holds the image itself, embedded, so nothing else needs downloading. "
+        "Give it to the trainer as it is, with the model's processor:", "",
+        "```python",
+        "from datasets import load_dataset",
+        "from trl import SFTConfig, SFTTrainer",
+        "",
+        "train = load_dataset(REPO, \"trl\", split=\"train\")",
+        "trainer = SFTTrainer(model=MODEL, args=SFTConfig(output_dir=\"out\"), train_dataset=train)",
+        "trainer.train()",
+        "```", "",
+    ]
 
 
 def _reasons(counts: dict) -> str:

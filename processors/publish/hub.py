@@ -1,7 +1,8 @@
 """``taskgalaxy push``: every stage of a run as one config of a Hub dataset repo, plus LLaVA JSON and a card.
 
 The repo is first laid out in a local folder — ``<stage>/train-0000k-of-0000n.parquet`` per stage, images
-embedded as bytes in ``images`` and ``final``, every stage's failures as the ``failures`` config, the LLaVA
+embedded as bytes in ``images`` and ``final``, the kept samples in TRL's shape as the ``trl`` config (``messages``
++ embedded ``images``, what TRL's ``SFTTrainer`` reads), every stage's failures as the ``failures`` config, the LLaVA
 JSON and ``tasktype.txt`` under ``llava/``, and a README whose YAML ``configs:`` make each folder a config
 (``final`` the default). ``--local-dir`` stops there; ``--repo-id`` uploads that exact folder with
 ``upload_folder`` (resumable) and tags the commit, so the Hub copy and the local copy cannot differ.
@@ -25,11 +26,14 @@ from builder.runfolder import TMP_PREFIX, plain_mode
 from builder.stage import Stage
 from processors.publish.card import render_card
 from processors.publish.export import export_llava
+from processors.publish.formats import trl as trl_format
+from processors.publish.records import read_samples
 from processors.publish.writes import OutputWriteError, write_failure
 
 logger = logging.getLogger(__name__)
 
 EMBED_IMAGES = {"images": "path", "final": "image"}  # config -> column holding the images-stage path
+TRL_CONFIG = "trl"  # the kept samples as TRL's SFTTrainer reads them (beside `final`)
 MAX_SHARD_BYTES = 500 * 1024 * 1024
 BROWSER = "browser/index.html"  # the static sample browser, when the CLI's extras wrote one
 
@@ -118,6 +122,8 @@ def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, ex
     doing("write the Parquet files of config 'failures'", out_dir / "failures")
     configs.append(_config_entry("failures", failures, out_dir))
     if any(s["stage"] == "final" for s in states):
+        doing("write the Parquet files of config 'trl'", out_dir / TRL_CONFIG)
+        configs.append(_trl_config(run_dir, out_dir, resolve_image, scratch))
         # the images travel embedded in the `final` config; the JSON's paths are the images stage's
         export_llava(run_dir, out_dir / "llava" / "taskgalaxy_llava.json", resolve_image=resolve_image,
                      place_images=False)
@@ -132,6 +138,15 @@ def _lay_out(run_dir: Path, out_dir: Path, states: list[dict], resolve_image, ex
     doing("write the dataset card", out_dir / "README.md")
     (out_dir / "README.md").write_text(render_card(run_dir, configs, states, stages=stages, browser=browser), encoding="utf-8")
     return configs
+
+
+def _trl_config(run_dir: Path, out_dir: Path, resolve_image, scratch: Path) -> dict:
+    """The ``trl`` config: the kept samples in TRL's shape (``processors.publish.formats.trl``), images embedded."""
+    samples = read_samples(run_dir, resolve_image)
+    try:
+        return _config_entry(TRL_CONFIG, trl_format.dataset(samples, scratch / "trl.arrow"), out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 MARKER = ".taskgalaxy-repo"  # marks a folder this module laid out, the only kind it will ever replace
@@ -180,11 +195,7 @@ def _with_embedded_images(dataset: datasets.Dataset, column: str, resolve_image,
         column = "image_path"
     files = [str(resolve_image(p)) for p in dataset[column]]
     dataset = dataset.add_column(target, files).cast_column(target, datasets.Image())
-    from datasets.table import embed_table_storage
-
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    return dataset.with_format("arrow").map(embed_table_storage, batched=True, cache_file_name=str(cache_file),
-                                            load_from_cache_file=False).with_format(None)
+    return trl_format.embed_files(dataset, cache_file)
 
 
 def _config_entry(name: str, dataset: datasets.Dataset, out_dir: Path) -> dict:

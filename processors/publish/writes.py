@@ -106,6 +106,14 @@ class Writes:
         link.unlink()
         self._undo.append(lambda: _restore_link(link, previous))
 
+    def remove(self, path: Path) -> None:
+        """Remove an earlier export's file that this one replaces by nothing; put back by ``undo``."""
+        self.doing = ("remove an earlier export's file", path)
+        backup = _keep_aside(path)
+        path.unlink()
+        self._backups.append(backup)
+        self._undo.append(lambda: os.replace(backup, path))
+
     def commit(self) -> None:
         for staged, target in self._pending:
             self.doing = ("move the finished file into place", target)

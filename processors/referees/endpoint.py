@@ -199,6 +199,8 @@ class EndpointReferee:
         extra = constraint_body(constraint)
         if self.settings.endpoint.request_mm_processor_kwargs and self.preset.mm_processor_kwargs:
             extra["mm_processor_kwargs"] = dict(self.preset.mm_processor_kwargs)
+        if self.preset.chat_template_kwargs:  # e.g. GLM-4.5V's thinking off: the first token is the answer
+            extra["chat_template_kwargs"] = dict(self.preset.chat_template_kwargs)
         checked = {"parse": one_digit} if constraint != "none" else {}  # unconstrained: any text, read logprobs
         return LLMRequest(key=item.qa_id, messages=messages, prompt_version=PROMPT_VERSION, max_tokens=1,
                           temperature=0.0, logprobs=True, top_logprobs=self.settings.endpoint.top_logprobs,

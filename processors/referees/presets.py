@@ -1,5 +1,7 @@
 """Named referees: the paper's three (served by vLLM, so they point at the endpoint backend) and a few
-HF-native VLMs the local transformers backend runs directly, plus the offline ``tiny-random-llava``.
+HF-native VLMs the local transformers backend runs directly, plus the offline ``tiny-random-llava``; the
+referees of 2026 (Qwen2.5-VL, Qwen3-VL, InternVL3/3.5, GLM-4.1V/4.5V, all vLLM-served) are in
+``processors.referees.presets_modern`` with the servers they need, and join ``PRESETS`` below.
 
 A preset fills the settings a user leaves out; anything set explicitly in ``RefereeSettings`` wins.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors.referees.factory import Backend
+from processors.referees.presets_modern import MODERN_PRESETS
 
 
 class RefereePreset(BaseModel):
@@ -20,7 +23,8 @@ class RefereePreset(BaseModel):
     belong on the server (``vllm serve --mm-processor-kwargs``, docs/referees.md) and are sent per request
     only when the referee sets ``endpoint.request_mm_processor_kwargs`` (vLLM refuses per-request ones unless
     started with ``--trust-request-mm-kwargs``). ``system_prompt`` is prepended as a system turn for models
-    whose chat template expects one.
+    whose chat template expects one. ``chat_template_kwargs`` are sent with every endpoint request (vLLM
+    passes them to the chat template; GLM-4.5V's ``enable_thinking: false``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,8 +34,9 @@ class RefereePreset(BaseModel):
     model_id: str
     served_model_name: str | None = None
     trust_remote_code: bool = False
-    mm_processor_kwargs: dict[str, int | bool] = Field(default_factory=dict)
+    mm_processor_kwargs: dict[str, int | bool | dict[str, int]] = Field(default_factory=dict)
     system_prompt: str | None = None
+    chat_template_kwargs: dict[str, bool | int | str] = Field(default_factory=dict)
     max_side: int | None = None
     notes: str = ""
 
@@ -73,6 +78,10 @@ PRESETS: dict[str, RefereePreset] = {
         ),
     )
 }
+
+
+# The referees of 2026 (plain data there, validated here): docs/referees.md, "Modern referees (2026)".
+PRESETS.update({spec["name"]: RefereePreset(**spec) for spec in MODERN_PRESETS})
 
 
 def get_preset(name: str) -> RefereePreset:

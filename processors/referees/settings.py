@@ -146,4 +146,6 @@ class RefereeSettings(BaseModel):
             # how the vote is read changes it (a constrained reply can differ from a free one)
             "vote_constraint": None if runs_on_device(self) else self.endpoint.vote_constraint,
             **({"blind": BLIND_PROMPT_VERSION} if self.blind else {}),  # only when on: others keep their prints
+            # only when set (GLM-4.5V's thinking switch): every other referee keeps its fingerprint
+            **({"chat_template_kwargs": preset.chat_template_kwargs} if preset.chat_template_kwargs else {}),
         }

@@ -20,7 +20,7 @@ SPECIAL_TOKENS = (
 # Qwen2-VL's template, cut to what the export uses: string content or typed parts ({"type": "image"} and
 # {"type": "text", "text": ...}; the export's image parts carry "text": null, which must not print). Every turn
 # ends with <|im_end|> (the EOS), so an SFT model learns to stop; {% generation %} marks the assistant's tokens
-# for TRL's assistant_only_loss. transformers renders with trim_blocks, hence {{ '\\n' }} after a block tag.
+# for TRL's assistant_only_loss. transformers renders with trim_blocks, hence {{ '\n' }} after a block tag.
 CHAT_TEMPLATE = (
     "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"

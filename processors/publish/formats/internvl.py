@@ -1,0 +1,25 @@
+"""InternVL fine-tuning (``internvl_chat``): JSONL of ``{"id", "image", "width", "height", "conversations"}``
+with ``<image>\\n`` opening the first human turn, and a meta JSON naming it. InternVL opens
+``os.path.join(root, image)``; ``root`` and ``annotation`` are written as absolute paths (InternVL resolves
+relative ones from its own working directory): edit the two if the folder moves."""
+
+from __future__ import annotations
+
+from processors.publish.formats.base import Format, OutFile, image_path, json_bytes, jsonl_bytes, user_text
+
+MAX_DYNAMIC_PATCH = 12  # InternVL2.5/3 fine-tuning scripts' default
+
+
+def render(samples, context):
+    rows = [{"id": s.id, "image": image_path(s), "width": s.width, "height": s.height,
+             "conversations": [{"from": "human", "value": user_text(s)}, {"from": "gpt", "value": s.answer}]}
+            for s in samples]
+    yield OutFile(context.main_name, jsonl_bytes(rows), "the InternVL JSONL")
+    meta = {context.name: {"root": f"{context.out_dir}/", "annotation": str(context.out_dir / context.main_name),
+                           "data_augment": False, "max_dynamic_patch": MAX_DYNAMIC_PATCH, "repeat_time": 1,
+                           "length": len(rows)}}
+    yield OutFile("meta.json", json_bytes(meta), "InternVL's meta JSON")
+
+
+FORMAT = Format("internvl", "InternVL internvl_chat fine-tuning (--meta_path DIR/meta.json)", "taskgalaxy.jsonl",
+                render)

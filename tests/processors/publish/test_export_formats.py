@@ -1,0 +1,257 @@
+"""`taskgalaxy export --format F --out DIR` for every trainer's format (issue 23, items 1-2): each export is read
+back with the rules of the trainer that reads it and gives the same samples (ids where the format has them,
+question, answer, image bytes); placeholder tokens are counted per format; the LLaVA output is what it always
+was; the `trl` config of `taskgalaxy push` loads with `load_dataset`.
+
+One small finished run (the offline demo's stages, `--dry-run`, a handful of synthetic images) serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+
+from taskgalaxy import main
+
+CONFIG = """
+run: {name: formats, shard_size: 16}
+llm:
+  endpoints:
+    gpt4o: {model: gpt-4o-2024-08-06, image_max_side: 256}
+stages:
+  taxonomy: {levels: 2, rounds_per_level: 1, children_per_request: 3, new_first_level_per_round: 2, plots: false}
+  images:
+    sources: [{type: synthetic, count: 6, seed: 5}]
+  match: {model: tg-tiny-clip, pretrained: null, top_k: 4}
+  score:
+    referees:
+      - {name: tiny_llava, preset: tiny-random-llava, batch_size: 8}
+  final: {threshold: 0}
+"""
+FORMATS = ["llava", "trl", "llamafactory", "swift", "internvl", "qwenvl"]
+TOKEN = "<image>"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("formats")
+    (root / "formats.yaml").write_text(CONFIG)
+    assert main(["run", str(root / "formats.yaml"), "--dry-run", "--run-dir", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def expected(run) -> list[dict]:
+    """The kept samples as the final stage holds them, read without the export's code."""
+    from builder.outputs import load_stage_output
+    from loaders.images.paths import trusted_image_resolver
+
+    resolve = trusted_image_resolver(run)
+    rows = sorted(load_stage_output(run, "final"), key=lambda r: r["id"])
+    assert rows, "the demo run should keep some samples"
+    return [{"id": r["id"], "question": r["conversations"][0]["value"].removeprefix(TOKEN + "\n"),
+             "answer": r["conversations"][1]["value"], "bytes": resolve(r["image"]).read_bytes()} for r in rows]
+
+
+def _export(run: Path, out: Path, fmt: str, *extra: str) -> int:
+    return main(["export", str(run), "--format", fmt, "--out", str(out), *extra])
+
+
+# -- reading each format back as its trainer does --------------------------------------------------------------
+def _read_llava(out: Path) -> list[dict]:
+    records = json.loads((out / "taskgalaxy_llava.json").read_text())
+    return [{"id": r["id"], "question": r["conversations"][0]["value"].removeprefix(TOKEN + "\n"),
+             "answer": r["conversations"][1]["value"], "bytes": (out / "images" / r["image"]).read_bytes()}
+            for r in records]  # LLaVA: --image_folder DIR/images
+
+
+def _read_trl(out: Path) -> list[dict]:
+    ds = datasets.load_dataset(str(out), split="train")
+    assert set(ds.column_names) == {"id", "messages", "images"}
+    assert ds.features["images"] == datasets.List(datasets.Image())
+    raw = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    rows = []
+    for row, undecoded in zip(ds, raw):
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and [p["type"] for p in user["content"]] == ["image", "text"]
+        assert assistant["role"] == "assistant" and row["images"][0].size[0] > 0
+        rows.append({"id": row["id"], "question": user["content"][1]["text"],
+                     "answer": assistant["content"][0]["text"], "bytes": undecoded["images"][0]["bytes"]})
+    return rows
+
+
+def _read_llamafactory(out: Path) -> list[dict]:
+    (name, info), = json.loads((out / "dataset_info.json").read_text()).items()
+    assert name == "taskgalaxy" and info["formatting"] == "sharegpt"
+    columns, tags = info["columns"], info["tags"]
+    rows = []
+    for record in json.loads((out / info["file_name"]).read_text()):
+        turns = record[columns["messages"]]
+        assert [t[tags["role_tag"]] for t in turns] == [tags["user_tag"], tags["assistant_tag"]]
+        images = record[columns["images"]]
+        assert sum(t[tags["content_tag"]].count(TOKEN) for t in turns) == len(images) == 1
+        rows.append({"question": turns[0][tags["content_tag"]].removeprefix(TOKEN + "\n"),
+                     "answer": turns[1][tags["content_tag"]],
+                     "bytes": (out / images[0]).read_bytes()})  # media_dir defaults to dataset_dir
+    return rows
+
+
+def _read_swift(out: Path) -> list[dict]:
+    rows = []
+    for line in (out / "taskgalaxy.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        user, assistant = record["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert user["content"].count(TOKEN) == len(record["images"]) == 1 and TOKEN not in assistant["content"]
+        rows.append({"question": user["content"].removeprefix(TOKEN + "\n"), "answer": assistant["content"],
+                     "bytes": (out / record["images"][0]).read_bytes()})  # relative to the working directory
+    return rows
+
+
+def _read_internvl(out: Path) -> list[dict]:
+    from PIL import Image
+
+    (name, meta), = json.loads((out / "meta.json").read_text()).items()
+    assert name == "taskgalaxy" and meta["data_augment"] is False and meta["repeat_time"] == 1
+    lines = Path(meta["annotation"]).read_text().splitlines()
+    assert meta["length"] == len(lines)
+    rows = []
+    for line in lines:
+        record = json.loads(line)
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt" and human["value"].startswith(TOKEN + "\n")
+        assert human["value"].count(TOKEN) == 1 and TOKEN not in gpt["value"]
+        path = os.path.join(meta["root"], record["image"])
+        with Image.open(path) as image:
+            assert image.size == (record["width"], record["height"])
+        rows.append({"id": record["id"], "question": human["value"].removeprefix(TOKEN + "\n"),
+                     "answer": gpt["value"], "bytes": Path(path).read_bytes()})
+    return rows
+
+
+def _read_qwenvl(out: Path) -> list[dict]:
+    rows = []
+    for record in json.loads((out / "taskgalaxy.json").read_text()):
+        human, gpt = record["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"].count(TOKEN) == 1 and TOKEN not in gpt["value"]
+        rows.append({"question": human["value"].removeprefix(TOKEN + "\n"), "answer": gpt["value"],
+                     "bytes": Path(os.path.join(out, record["image"])).read_bytes()})  # data_path: DIR
+    return rows
+
+
+READERS = {"llava": _read_llava, "trl": _read_trl, "llamafactory": _read_llamafactory, "swift": _read_swift,
+           "internvl": _read_internvl, "qwenvl": _read_qwenvl}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_round_trips_to_the_same_samples(run, expected, tmp_path, fmt):
+    out = tmp_path / fmt
+    assert _export(run, out, fmt) == 0
+    got = READERS[fmt](out)
+    keys = set(got[0])
+    assert [{k: e[k] for k in keys} for e in expected] == got  # sorted by id, as exported
+    if fmt != "trl":  # the others link their images under DIR/images
+        assert all(p.is_symlink() for p in (out / "images").rglob("*") if p.is_file())
+    assert (out / "tasktype.txt").is_file()
+
+
+def test_a_second_export_to_the_same_folder_gives_the_same_files(run, tmp_path):
+    for fmt in ("trl", "swift"):
+        out = tmp_path / fmt
+        assert _export(run, out, fmt) == 0
+        first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert _export(run, out, fmt) == 0
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+
+
+def test_copy_images_writes_files_not_links(run, expected, tmp_path):
+    out = tmp_path / "copied"
+    assert _export(run, out, "qwenvl", "--copy-images") == 0
+    files = [p for p in (out / "images").rglob("*") if p.is_file()]
+    assert files and not any(p.is_symlink() for p in files)
+    assert [e["bytes"] for e in expected] == [r["bytes"] for r in _read_qwenvl(out)]
+
+
+def test_the_llava_output_is_what_export_always_wrote(run, tmp_path):
+    """--llava OUT.json and --format llava write the bytes the export wrote before the formats existed."""
+    from builder.outputs import load_stage_output
+    from processors.qa.validate import strip_control
+
+    def printable(value):
+        if isinstance(value, str):
+            return strip_control(value)
+        if isinstance(value, list):
+            return [printable(v) for v in value]
+        return {k: printable(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    before = sorted(({k: printable(r[k]) if k in ("task_type", "conversations") else r[k]
+                      for k in ("id", "image", "task_type", "conversations")} for r in load_stage_output(run, "final")),
+                    key=lambda r: r["id"])
+    old_bytes = json.dumps(before, ensure_ascii=False, indent=1).encode("utf-8")
+    assert main(["export", str(run), "--llava", str(tmp_path / "a" / "data.json")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0  # llava is the default format
+    assert (tmp_path / "a" / "data.json").read_bytes() == old_bytes
+    assert (tmp_path / "b" / "taskgalaxy_llava.json").read_bytes() == old_bytes
+
+
+# -- a literal <image> in a question never becomes a second image token ----------------------------------------
+def test_a_literal_placeholder_in_the_text_is_neutralised_in_every_format(tmp_path):
+    from processors.publish.formats import FORMATS as TABLE
+    from processors.publish.formats.base import Context
+    from processors.publish.records import sample_from_row
+
+    row = {"id": "tg-1", "image": "toy/a.png", "task_type": "OCR~Tags",
+           "conversations": [{"from": "human", "value": "<image>\nWhat does the <image> tag in <video> mean?"},
+                             {"from": "gpt", "value": "It embeds an <image>."}]}
+    sample = sample_from_row(row, {"width": 4, "height": 4})
+    assert sample.question == "What does the < image> tag in < video> mean?" and sample.answer == "It embeds an < image>."
+    assert sample.neutralized == 3
+    picture = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(picture)
+    sample.file = picture
+    import io
+
+    import pyarrow.parquet as pq
+
+    for name, fmt in TABLE.items():
+        files = list(fmt.render([sample], Context(tmp_path, "taskgalaxy", fmt.main_name)))
+        if name == "trl":
+            (messages,) = pq.read_table(io.BytesIO(files[0].data)).column("messages").to_pylist()
+            texts = [p["text"] or "" for turn in messages for p in turn["content"]]
+            assert sum(t.count(TOKEN) for t in texts) == 0  # the image is a typed part, not a token
+            assert [p["type"] for p in messages[0]["content"]].count("image") == 1
+            continue
+        text = files[0].data.decode()
+        assert text.count(TOKEN) == 1, name  # the one image's token, nothing from the question or answer
+        assert "< image> tag in < video>" in text and "<video>" not in text, name
+
+
+def test_image_root_is_for_llava_only_and_out_or_llava_is_needed(run, tmp_path, capsys):
+    assert _export(run, tmp_path / "x", "swift", "--image-root", str(tmp_path / "imgs")) == 2
+    assert "--image-root is for the LLaVA format only" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "trl"]) == 2
+    assert main(["export", str(run), "--format", "trl", "--llava", str(tmp_path / "y.json")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.json").exists()
+
+
+# -- the Hub layout's trl config ---------------------------------------------------------------------------------
+def test_push_lays_out_a_trl_config_that_load_dataset_reads(run, expected, tmp_path):
+    repo = tmp_path / "hub"
+    assert main(["push", str(run), "--local-dir", str(repo)]) == 0
+    trl = datasets.load_dataset(str(repo), "trl", split="train")
+    assert trl.features["images"] == datasets.List(datasets.Image())
+    assert trl["id"] == [e["id"] for e in expected]
+    assert [m[0]["content"][1]["text"] for m in trl["messages"]] == [e["question"] for e in expected]
+    raw = trl.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    assert [r[0]["bytes"] for r in raw["images"]] == [e["bytes"] for e in expected]
+    final = datasets.load_dataset(str(repo), split="train")  # `final` stays the default config
+    assert "conversations" in final.column_names
+    card = (repo / "README.md").read_text()
+    assert "config_name: trl" in card and "## Train with TRL" in card and 'load_dataset(REPO, "trl"' in card
