@@ -152,12 +152,14 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
     lines += ["", "## What each stage did", "",
               "| stage | rows in | rows out | failed (by reason) | items rejected | tokens | cost $ | fingerprint |",
               "|---|---:|---:|---|---|---:|---:|---|"]
-    total_cost = 0.0
+    total_cost, cached, prompt = 0.0, 0, 0
     for state in states:
         totals = state["totals"]
         usage = totals.get("usage", {})
         cost = float(usage.get("cost_usd", 0.0))
         total_cost += cost
+        cached += int(usage.get("cached_tokens", 0))
+        prompt += int(usage.get("prompt_tokens", 0))
         tokens = int(usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
         lines.append(
             f"| {md_text(state['stage'])} | {state['rows_in']:,} | {totals['rows_out']:,} | "
@@ -165,6 +167,9 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
             f"{cost:.2f} | `{md_code(state['fingerprint'][:12])}` |"
         )
     lines += ["", f"Total API cost: ${total_cost:.2f}.", ""]
+    if cached:  # only when the provider's prompt cache served some: a card without it reads as before
+        lines[-1:] = [f"Of {prompt:,} prompt tokens, {cached:,} ({cached / prompt:.1%}) were read from the "
+                      "provider's prompt cache and billed at its cached-input price.", ""]
     for section in sorted(Path(run_dir).glob("[0-9][0-9]_*/card.md")):
         lines += [section.read_text(encoding="utf-8").rstrip(), ""]
     plots = sorted(p.name for p in Path(run_dir).glob("[0-9][0-9]_*/*.png"))

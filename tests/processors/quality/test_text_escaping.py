@@ -192,3 +192,16 @@ def test_partial_levels_hold_whole_sibling_groups_in_tree_order():
         seen.add(id(node))
     few = plots.drawn_sectors(root, 2)  # fewer sectors than first-level categories: the widest of them
     assert [node.name for _, node in few.pairs] == ["Category 0", "Category 9"]
+
+
+def test_the_card_counts_cached_input_tokens_only_when_there_are_some(tmp_path):
+    run = _run_folder(tmp_path, "run: {name: demo}\n")
+
+    def state(cached: int) -> dict:
+        usage = {"prompt_tokens": 4000, "completion_tokens": 100, "cached_tokens": cached, "cost_usd": 0.5}
+        return {"stage": "qa", "rows_in": 1, "fingerprint": "f" * 16,
+                "totals": {"usage": usage, "rows_out": 1, "failed": {}, "item_failures": {}}}
+
+    assert "prompt cache" not in render_card(run, [], [state(0)])
+    card = render_card(run, [], [state(1000)])
+    assert "Of 4,000 prompt tokens, 1,000 (25.0%) were read from the provider's prompt cache" in card
