@@ -189,9 +189,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_formats() -> list[str]:
-    from processors.publish.formats import FORMATS
+    from processors.publish import FORMAT_NAMES  # not the formats themselves: TRL's imports `datasets`
 
-    return list(FORMATS)
+    return list(FORMAT_NAMES)
 
 
 def _image_store(run_dir: Path) -> list[Path]:

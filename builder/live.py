@@ -115,6 +115,20 @@ def snapshot(stage: str, rows: RowsTracker, usage: dict[str, float], endpoints: 
     }
 
 
+def real_terminal(stream) -> bool:
+    """Whether ``stream`` is a real, capable terminal: a tty file descriptor and TERM not ``dumb``. Not rich's
+    ``is_terminal``, which FORCE_COLOR or TTY_COMPATIBLE=1 make True on a log file too (a live panel would
+    write its cursor moves there)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # StringIO, a closed or proxied stream: no terminal
+        return False
+    try:
+        return os.isatty(fd) and os.environ.get("TERM", "").lower() != "dumb"
+    except OSError:
+        return False
+
+
 # -- plain text ---------------------------------------------------------------------------------------------
 def duration(seconds: float | None) -> str:
     if seconds is None:

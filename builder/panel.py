@@ -4,13 +4,16 @@ One ``StagePanel`` per stage run (the runner opens it around the stage's shards)
 ``Live`` table redrawn a few times a second and on every committed shard, ending in a summary frame that
 stays; when stderr is no terminal (a log file, CI), one plain log line every ``interval`` seconds and a
 summary line at the end. A ticker thread refreshes the spend (``stage_totals``, at most every
-``SPEND_EVERY_S``) and persists the figures to ``live.json`` for ``status --watch``.
+``SPEND_EVERY_S``) and persists the figures to ``live.json`` for ``status --watch``, with ``--no-progress``
+too (mode ``"off"``: nothing drawn nor printed, the file still written). A terminal is a real one: a tty
+descriptor and TERM not ``dumb`` (``builder.live.real_terminal``), whatever FORCE_COLOR says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -26,6 +29,7 @@ logger = logging.getLogger(__name__)
 SPEND_EVERY_S = 2.0  # how often the running spend is re-read from the stage's records
 LIVE_EVERY_S = 2.0  # how often live.json is rewritten
 TICK_S = 0.25
+JOIN_S = 5.0  # how long a stage's end waits for the ticker (a slow spend read); it writes nothing after
 
 
 def render(snaps: list[dict[str, Any]], title: str = "taskgalaxy"):
@@ -54,11 +58,23 @@ def render(snaps: list[dict[str, Any]], title: str = "taskgalaxy"):
 
 
 def stderr_console():
-    """A console on stderr, or None when stderr is no (capable) terminal: then plain lines are written."""
+    """A console on stderr, or None when stderr is no real (capable) terminal: then plain lines are written.
+    A real terminal is a tty descriptor (``lv.real_terminal``): FORCE_COLOR / TTY_COMPATIBLE make rich call a
+    log file a terminal, and the panel's cursor moves would fill it."""
+    if not lv.real_terminal(sys.stderr):
+        return None
     from rich.console import Console
 
     console = Console(file=sys.stderr)
     return console if console.is_terminal and not console.is_dumb_terminal else None
+
+
+def _same_file(first, second) -> bool:
+    """Whether two streams write to the same file (stdout and stderr on one terminal)."""
+    try:
+        return os.path.samestat(os.fstat(first.fileno()), os.fstat(second.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -77,7 +93,8 @@ def logging_through(stream) -> Iterator[None]:
 
 class StagePanel:
     """The live view of one stage. ``mode``: ``"auto"`` (a panel on a terminal, else plain lines), ``"plain"``
-    or ``"off"``. ``rows(n)`` may be called from any thread; ``committed(state)`` after each shard."""
+    or ``"off"`` (nothing shown; ``live.json`` is still written, for ``status --watch``). ``rows(n)`` may be
+    called from any thread; ``committed(state)`` after each shard."""
 
     def __init__(self, stage: str, folder: Path, *, shards_total: int, rows_total: int, rows_done: int,
                  usage: dict[str, float], endpoints: lv.EndpointProvider | None = None, mode: str = "auto",
@@ -96,6 +113,7 @@ class StagePanel:
         self._live_written = -float("inf")  # the first tick writes live.json: a watcher sees the stage at once
         self._printed = -float("inf")
         self._lock = threading.Lock()
+        self._live_file_lock = threading.Lock()  # live.json is written, and removed, under it
 
     def rows(self, count: int) -> None:
         self.tracker.add(count)
@@ -126,12 +144,13 @@ class StagePanel:
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "StagePanel":
-        if self.mode == "off":
-            return self
         if self.mode == "live":
             from rich.live import Live
 
+            # stdout is drawn above the panel only when it is the panel's own terminal; redirected (a file, a
+            # pipe) it stays where it goes, never swallowed into the stderr console. stderr: the log lines.
             self._live = Live(console=self.console, refresh_per_second=4, transient=False,
+                              redirect_stdout=_same_file(sys.stdout, sys.stderr), redirect_stderr=True,
                               get_renderable=lambda: render([self._final or self.snapshot()]))
             self._live.start()
             self._logging = logging_through(sys.stderr)  # Live has redirected sys.stderr by now
@@ -141,11 +160,13 @@ class StagePanel:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.mode == "off":
-            return
         self._stop.set()
         if self._ticker is not None:
-            self._ticker.join(timeout=5)
+            self._ticker.join(timeout=JOIN_S)
+        with self._live_file_lock:  # a ticker still in a slow read finds the stop flag set: it writes no more
+            lv.remove_live(self.folder)
+        if self.mode == "off":
+            return
         self._refresh_spend(force=True)
         final = self._final = self.snapshot("stopped" if exc_type is not None else "done")
         if self._live is not None:
@@ -154,7 +175,6 @@ class StagePanel:
             self._live.stop()
         else:
             (logger.warning if exc_type is not None else logger.info)("%s", lv.plain_line(final))
-        lv.remove_live(self.folder)
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -163,7 +183,11 @@ class StagePanel:
                 now = time.monotonic()
                 if now - self._live_written >= LIVE_EVERY_S:
                     self._live_written = now
-                    lv.write_live(self.folder, self.snapshot())
+                    snap = self.snapshot()
+                    with self._live_file_lock:
+                        if self._stop.is_set():  # the stage has ended (its file may be removed): no rewrite
+                            return
+                        lv.write_live(self.folder, snap)
                 if self.mode == "plain":
                     self._print_due()
             except Exception:  # noqa: BLE001 - a display must never stop paid work

@@ -316,6 +316,41 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
+LOCK_WAIT_S = 1.0  # a busy lock is retried this long: a watcher's probe holds it (shared) for a moment only
+
+
+def _flock_exclusive(fd: int, wait_s: float = LOCK_WAIT_S) -> None:
+    """``LOCK_EX`` on ``fd`` without blocking for ever: a lock still busy after ``wait_s`` raises (EAGAIN)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
+def run_lock_held(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock now (``status --watch``). Probes the flock itself, never
+    the pid written in the file: after a SIGKILL that pid may be reused, or be another namespace's. The probe
+    takes a shared lock and releases it at once (``RunLock.acquire`` retries past such a moment)."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file: no run ever held the folder (or it is unreadable: nothing to tell)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive lock on a run folder. ``flock`` dies with its process (and is not inherited by the
     processes it forks), so a killed run never blocks."""
@@ -329,11 +364,11 @@ class RunLock:
         refuse_pseudo_filesystem(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # never inherited by exec
         except OSError as exc:
             raise self._unusable(exc) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as exc:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)

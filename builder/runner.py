@@ -53,7 +53,8 @@ class Runner:
     dry_run: bool = False
     services: dict[str, Any] = field(default_factory=dict)
     engine: Any = field(default_factory=LocalEngine)
-    progress: bool = True  # a live panel on a terminal (builder.panel), plain log lines elsewhere
+    progress: bool = True  # a live panel on a terminal (builder.panel), plain log lines elsewhere; False:
+    # neither (live.json is still written for ``status --watch``)
     progress_interval: float = 10.0  # seconds between those plain lines
     preflight: Callable[[list[Stage]], None] | None = None  # e.g. check API keys of the stages about to run
     # Services that live as long as one ``run`` (entered after the run lock, closed when it ends): e.g. the

@@ -3,13 +3,12 @@
 Each stage's figures come from its ``state.json`` and spend records (``stage_totals``, the live spend
 journals of the shards in flight included) and, while it runs, from the ``live.json`` its process rewrites
 every few seconds (``builder.live``: rows done, rows/s, time left, per-endpoint in flight / 429s / retries).
-A run is in progress while its lock file names a living process (same host) or a stage's ``live.json`` is
+A run is in progress while a process holds its lock file's flock (same host) or a stage's ``live.json`` is
 fresh; once none is, the watch prints the final figures and the status table and returns.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,21 +23,11 @@ STALE_S = 15.0  # live figures older than this are a stopped process's (they are
 
 
 def run_in_progress(run_dir: Path) -> bool:
-    """Whether a process holds the run: its lock file names a living pid (the lock is emptied on release),
-    or a stage's live figures are fresh (a run on another host that shares the folder)."""
-    try:
-        holder = (run_dir / rf.LOCK_FILE).read_text(errors="replace")
-    except OSError:
-        holder = ""
-    parts = holder.split()
-    if len(parts) >= 2 and parts[0] == "pid" and parts[1].isdigit():
-        try:
-            os.kill(int(parts[1]), 0)
-            return True
-        except PermissionError:
-            return True
-        except OSError:
-            pass
+    """Whether a process holds the run: the flock on its lock file is taken (``rf.run_lock_held``: the lock
+    itself, never the pid the file names, which a killed run leaves behind and the OS may reuse), or a stage's
+    live figures are fresh (a run on another host that shares the folder)."""
+    if rf.run_lock_held(run_dir):
+        return True
     return any(lv.read_live(run_dir / state["folder"], max_age_s=STALE_S) for state in run_states(run_dir))
 
 
@@ -77,7 +66,7 @@ def watch(run_dir: Path, *, interval: float = 2.0, once: bool = False, out: Text
     from rich.console import Console
 
     console = Console(file=out)
-    terminal = console.is_terminal and not console.is_dumb_terminal
+    terminal = lv.real_terminal(out) and console.is_terminal and not console.is_dumb_terminal
     try:
         if terminal:
             _watch_panel(run_dir, console, interval, once)

@@ -94,7 +94,7 @@ def check_llamafactory(export: Path, work: Path) -> dict:
     from llamafactory.model import load_tokenizer
 
     result: dict = {"llamafactory_version": llamafactory.__version__}
-    expected = _expected(export, "taskgalaxy.json")
+    expected = _expected(export, "taskgalaxy_llamafactory.json")
     n = len(expected)
     proc_dir = build_tiny_processor(work / "tiny-llava-processor")
     args = {
@@ -195,12 +195,12 @@ def check_swift(export: Path, work: Path) -> dict:
     from swift.template.vision_utils import load_image
 
     result: dict = {"swift_version": getattr(swift, "__version__", "?")}
-    expected = _expected(export, "taskgalaxy.jsonl")
+    expected = _expected(export, "taskgalaxy_swift.jsonl")
     n = len(expected)
 
     # 1. swift's own loader: a local .jsonl path, AutoPreprocessor -> MessagesPreprocessor, strict=True
     t0 = time.time()
-    train, val = load_dataset([str(export / "taskgalaxy.jsonl")], strict=True, num_proc=1,
+    train, val = load_dataset([str(export / "taskgalaxy_swift.jsonl")], strict=True, num_proc=1,
                               load_from_cache_file=False)
     print(f"[swift] load_dataset: rows={len(train)}/{n} columns={train.column_names} val={val}"
           f" ({time.time() - t0:.1f}s)")
@@ -265,7 +265,7 @@ def check_swift(export: Path, work: Path) -> dict:
 def main() -> int:
     mode, export, work = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    expected_n = len(_expected(export, "taskgalaxy.jsonl" if mode == "swift" else "taskgalaxy.json"))
+    expected_n = len(_expected(export, "taskgalaxy_swift.jsonl" if mode == "swift" else "taskgalaxy_llamafactory.json"))
     t0 = time.time()
     try:
         res = check_llamafactory(export, work) if mode == "llamafactory" else check_swift(export, work)

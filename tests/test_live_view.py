@@ -219,3 +219,20 @@ def test_run_in_a_pipe_prints_plain_lines(tmp_path, server):
     summary = re.findall(r"builder\.panel: (taxonomy done: .*)", proc.stderr)
     assert len(summary) == 1 and re.search(r"37/37 rows \(100%\).*gpt4o: 0 in flight .* [1-9]\d* 429s", summary[0])
     assert "total cost so far" in proc.stdout
+
+
+def test_force_color_with_stderr_a_file_writes_plain_lines_no_control_sequences(tmp_path, server):
+    """FORCE_COLOR / TTY_COMPATIBLE make rich call any stream a terminal: the panel needs a real one."""
+    sim, gate = server
+    gate.open()
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.run(_cli("run", str(_config(tmp_path, sim.base_url)), "--stages", "taxonomy", "--run-dir",
+                                   str(tmp_path / "run"), "--progress-interval", "0.05"),
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT, timeout=WAIT_S,
+                              env={**_env(), "FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"})
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\x1b" not in text and "\r" not in text, text[:2000]
+    assert re.search(r"builder\.panel: taxonomy: \d+/37 rows .*rows/s", text)
+    assert re.search(r"builder\.panel: taxonomy done: 37/37 rows \(100%\)", text)

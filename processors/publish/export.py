@@ -11,7 +11,10 @@ What the export reads is checked before anything is written: the final stage's s
 resolves under an image root the run's config vouches for (``loaders.images.paths.trusted_roots``) and is a
 regular file, and no file of someone else's stands where a link would go (``processors.publish.imagefolder``).
 What it writes appears whole or not at all: a new image folder is filled beside its target and renamed into
-place, links added to an existing one are taken back, and the files are renamed over their targets last.
+place, links added to an existing one are taken back, and the files are renamed over their targets last. Each
+file is staged on disk as the format's ``render`` yields it (TRL's Parquet shards are written straight to their
+staged paths), so no format holds its output in memory whole. The output folder, like the image folder, may
+not lie in the run folder or the run's image store (``checked_out_dir``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from processors.publish.imagefolder import (  # noqa: F401 - ImageRootError, _pl
     ImageRootError,
     _place_image,
     checked_image_root,
+    checked_out_dir,
 )
 from processors.publish.imagefolder import place_images as fill_image_folder
 from processors.publish.records import printable, read_samples, sample_from_row  # noqa: F401 - printable: API
@@ -83,7 +87,7 @@ def export(run_dir: Path, format_name: str, out_dir: Path, *, resolve_image: Cal
     if image_root is not None and format_name != "llava":
         raise ImageRootError(f"--image-root is for the LLaVA format only: {format_name}'s image paths are "
                              "relative to the output folder (its images go to images/ in it); nothing was written.")
-    out_dir = Path(os.path.realpath(out_dir))
+    out_dir = checked_out_dir(out_dir, run_dir, protected)
     main_name = main_name or fmt.main_name
     samples = read_samples(run_dir, resolve_image)
     place = place_images and fmt.images
@@ -93,16 +97,17 @@ def export(run_dir: Path, format_name: str, out_dir: Path, *, resolve_image: Cal
     main = out_dir / main_name
     writes = Writes()
     try:
-        files = list(fmt.render(samples, Context(out_dir, DATASET_NAME, main_name)))
         if place:
             fill_image_folder({s.image: s.file for s in samples}, image_root, copy=copy_images, writes=writes)
         writes.file(out_dir / "tasktype.txt", tasktype_text, what="the task type list")
-        written = {out_dir / f.path for f in files}
+        files: list[Path] = []  # only the paths: each file is staged on disk as render yields it
+        for file in fmt.render(samples, Context(out_dir, DATASET_NAME, main_name)):
+            writes.file(out_dir / file.path, file.data, what=file.what)
+            files.append(out_dir / file.path)
+        written = set(files)
         for pattern in fmt.owns:  # an earlier export's files that this one does not write again
             for stale in sorted(set(out_dir.glob(pattern)) - written):
                 writes.remove(stale)
-        for file in files:
-            writes.file(out_dir / file.path, file.data, what=file.what)
         writes.commit()
     except BaseException as exc:
         writes.undo()
@@ -119,8 +124,7 @@ def export(run_dir: Path, format_name: str, out_dir: Path, *, resolve_image: Cal
                        "on): no trainer reads them as a second placeholder", neutralized)
     logger.info("exported %d samples as %s to %s%s", len(samples), format_name, main,
                 f" (images under {image_root})" if place else "")
-    return ExportResult(len(samples), main, image_root, tasktype, format_name,
-                        [out_dir / f.path for f in files], neutralized)
+    return ExportResult(len(samples), main, image_root, tasktype, format_name, files, neutralized)
 
 
 def _tasktype(run_dir: Path) -> bytes | None:

@@ -30,17 +30,32 @@ def checked_image_root(image_root: Path, run_dir: Path, protected: Sequence[Path
     run wrote and reads back, and a later run or export would take them for its own."""
     real = Path(os.path.realpath(image_root))
     shown = f"the image folder {image_root}" + (f" (that is {real})" if str(real) != str(image_root) else "")
-    for what, folder in (("the run folder", run_dir), *(("the run's image store", p) for p in protected)):
-        inside = Path(os.path.realpath(folder))
-        if real == inside or inside in real.parents:
-            raise ImageRootError(
-                f"{shown} lies in {what} {folder}: the export would write its links among the run's own files. "
-                "Pass --image-root a folder outside it (by default the images go to images/ beside the JSON, "
-                "so give --llava, or --out, a path outside the run folder too); nothing was written.")
+    _refuse_inside(real, shown, run_dir, protected, "its links",
+                   "Pass --image-root a folder outside it (by default the images go to images/ beside the JSON, "
+                   "so give --llava, or --out, a path outside the run folder too)")
     if real.exists() and not real.is_dir():
         raise ImageRootError(f"{shown} is a file, not a folder: pass --image-root a new or empty folder (or an "
                              "earlier export's); nothing was written.")
     return real
+
+
+def checked_out_dir(out_dir: Path, run_dir: Path, protected: Sequence[Path] = ()) -> Path:
+    """The real folder behind ``out_dir`` (the folder an export writes its files into, for every format), refused
+    with ``ImageRootError`` like the image folder (``checked_image_root``) when it lies in the run folder or in
+    one of ``protected``: the export's files would sit among the run's own."""
+    real = Path(os.path.realpath(out_dir))
+    shown = f"the output folder {out_dir}" + (f" (that is {real})" if str(real) != str(out_dir) else "")
+    _refuse_inside(real, shown, run_dir, protected, "its files",
+                   "Give --out (or --llava) a path outside it")
+    return real
+
+
+def _refuse_inside(real: Path, shown: str, run_dir: Path, protected: Sequence[Path], things: str, fix: str) -> None:
+    for what, folder in (("the run folder", run_dir), *(("the run's image store", p) for p in protected)):
+        inside = Path(os.path.realpath(folder))
+        if real == inside or inside in real.parents:
+            raise ImageRootError(f"{shown} lies in {what} {folder}: the export would write {things} among the "
+                                 f"run's own files. {fix}; nothing was written.")
 
 
 def _refuse_links_out(image_root: Path, targets: list[Path]) -> None:

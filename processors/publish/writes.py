@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,9 @@ class Writes:
         self._pending.append((staging, target))
         return staging
 
-    def file(self, target: Path, data: bytes | None, *, what: str = "a file") -> None:
-        """Stage ``data`` for ``target`` (None: nothing to write there); ``what`` names it in an error."""
+    def file(self, target: Path, data: bytes | Callable[[BinaryIO], None] | None, *, what: str = "a file") -> None:
+        """Stage ``data`` for ``target`` (None: nothing to write there; a callable: called with the staged
+        file's binary handle, so a big file is written straight to disk); ``what`` names it in an error."""
         if data is None:
             return
         self.doing = (f"write {what}", target)
@@ -93,7 +95,10 @@ class Writes:
         self._undo.append(lambda: Path(tmp).unlink(missing_ok=True))
         rf.plain_mode(Path(tmp))
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         self._pending.append((Path(tmp), target))

@@ -118,3 +118,211 @@ def test_a_stage_that_stops_says_so(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "builder.panel"]
     assert any(line.startswith("square stopped: 4/8 rows (50%)") for line in lines), lines
     assert not (tmp_path / "run" / "01_square" / lv.LIVE_FILE).exists()
+
+
+# -- review fixes: a real terminal only, the flock as the run's sign of life, stdout left alone, no late
+# -- live.json, live.json with --no-progress ----------------------------------------------------------------
+def _panel(folder: Path, mode: str = "auto", provider=None):
+    from builder.panel import StagePanel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return StagePanel("qa", folder, shards_total=1, rows_total=10, rows_done=0, usage={}, endpoints=provider,
+                      mode=mode, interval=0.01)
+
+
+def test_force_color_on_a_log_file_gives_plain_lines_and_no_escape_sequences(tmp_path, monkeypatch, caplog):
+    from rich.console import Console
+
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TERM", "xterm-256color")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stream:
+        assert Console(file=stream).is_terminal  # rich's view: the premise of the bug
+        monkeypatch.setattr(sys, "stderr", stream)
+        handler = logging.StreamHandler(stream)
+        logging.getLogger().addHandler(handler)
+        caplog.set_level(logging.INFO, logger="builder.panel")
+        try:
+            panel = _panel(tmp_path / "stage")
+            assert panel.mode == "plain" and panel.console is None
+            with panel:
+                panel.rows(4)
+                time.sleep(0.6)
+                panel.rows(6)
+        finally:
+            logging.getLogger().removeHandler(handler)
+    text = log.read_text()
+    assert "\x1b" not in text and "qa: " in text and "qa done: 10/10 rows (100%)" in text
+    assert not lv.real_terminal(io.StringIO()) and not lv.real_terminal(open(log))
+
+
+def test_a_real_terminal_is_a_tty_and_not_dumb(monkeypatch):
+    import os
+
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as stream:
+            monkeypatch.setenv("TERM", "xterm")
+            assert lv.real_terminal(stream)
+            monkeypatch.setenv("TERM", "dumb")
+            assert not lv.real_terminal(stream)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_stdout_redirected_during_a_stage_is_not_swallowed_by_the_panel(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    master, slave = os.openpty()
+    screen: list[bytes] = []
+
+    def drain() -> None:  # the terminal's reader: the panel never blocks on a full pty buffer
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            screen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = tmp_path / "stdout.txt"
+    try:
+        with open(slave, "w", closefd=False) as terminal, open(out, "w") as stdout:
+            monkeypatch.setattr(sys, "stderr", terminal)
+            monkeypatch.setattr(sys, "stdout", stdout)
+            panel = _panel(tmp_path / "stage")
+            assert panel.mode == "live"
+            with panel:
+                print("printed by the stage")
+                panel.rows(10)
+            stdout.flush()
+    finally:
+        os.close(slave)
+        reader.join(5)
+        os.close(master)
+    assert out.read_text() == "printed by the stage\n"
+    assert b"printed by the stage" not in b"".join(screen) and b"rows/s" in b"".join(screen)
+
+
+def test_the_ticker_never_writes_the_live_file_after_the_stage_ended(tmp_path, monkeypatch):
+    from builder import panel as panel_module
+
+    monkeypatch.setattr(panel_module, "JOIN_S", 0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def provider():
+        if threading.current_thread().name == "qa-panel":  # the ticker: stuck in a slow read
+            entered.set()
+            release.wait(30)
+        return {}
+
+    for mode in ("plain", "off"):
+        entered.clear(), release.clear()
+        folder = tmp_path / mode
+        panel = _panel(folder, mode, provider)
+        with panel:
+            assert entered.wait(30)
+        assert not (folder / lv.LIVE_FILE).exists()
+        release.set()
+        panel._ticker.join(30)
+        assert not panel._ticker.is_alive() and not (folder / lv.LIVE_FILE).exists()
+
+
+def test_no_progress_still_writes_the_live_file_for_watch(tmp_path, caplog):
+    hold = tmp_path / "hold"
+    hold.touch()
+    config = {"run": {"name": "toy", "shard_size": 4},
+              "stages": {"numbers": {"count": 12}, "square": {"hold_while": str(hold), "hold_from": 6}}}
+    run_dir = tmp_path / "run"
+    runner = _runner(run_dir, config, {lv.LIVE_ENDPOINTS: lambda: {"llm": {"in_flight": 1, "limit": 4}}})
+    runner.progress = False
+    caplog.set_level(logging.INFO, logger="builder.panel")
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    live_file = run_dir / "01_square" / lv.LIVE_FILE
+    try:
+        deadline = time.monotonic() + 60
+        snap = None
+        while time.monotonic() < deadline:
+            snap = lv.read_live(live_file.parent, max_age_s=60) if live_file.exists() else None
+            if snap and snap["rows_done"] >= 4:
+                break
+            time.sleep(0.02)
+        assert snap and snap["stage"] == "square" and snap["state"] == "running" and snap["rows_total"] == 12
+        assert snap["endpoints"]["llm"]["in_flight"] == 1
+        running = {s["stage"]: s for s in folder_snapshots(run_dir, running=True)}
+        assert running["square"]["state"] == "running" and "rate" in running["square"]
+    finally:
+        hold.unlink()
+        thread.join(60)
+    assert not live_file.exists()
+    assert not [r for r in caplog.records if r.name == "builder.panel"]  # nothing printed: --no-progress
+
+
+def test_watch_believes_the_flock_not_the_pid_in_the_lock_file(tmp_path):
+    import subprocess
+
+    from builder import runfolder as rf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / rf.LOCK_FILE).write_text("pid 1 since 2024-01-01 00:00:00")  # a live pid, no flock: a killed run
+    assert not run_in_progress(run_dir)
+    started = time.monotonic()
+    out = io.StringIO()
+    assert watch(run_dir, interval=0.05, out=out) == 0 and time.monotonic() - started < 10
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(run_dir / rf.LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_in_progress(run_dir)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert not run_in_progress(run_dir)
+
+
+def test_a_watchers_probe_never_makes_a_starting_run_report_busy(tmp_path):
+    import fcntl
+    import os
+
+    from builder import runfolder as rf
+
+    run_dir = tmp_path / "run"
+    with rf.RunLock(run_dir):
+        assert run_in_progress(run_dir)
+    # A probe's shared lock held at the very moment the run takes its lock: the run waits it out.
+    fd = os.open(run_dir / rf.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    releaser = threading.Timer(0.3, lambda: os.close(fd))
+    releaser.start()
+    with rf.RunLock(run_dir):
+        pass
+    releaser.join()
+    # A watcher probing as fast as it can while runs start and end.
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            run_in_progress(run_dir)
+
+    watcher = threading.Thread(target=probe)
+    watcher.start()
+    try:
+        for _ in range(50):
+            with rf.RunLock(run_dir):
+                pass
+    finally:
+        stop.set()
+        watcher.join(10)

@@ -1,14 +1,16 @@
 """What an export format is: a name, the trainer that reads it, where its images go, and a ``render`` that turns
 the samples (``processors.publish.records.Sample``) into the files that trainer reads.
 
-``render`` only produces bytes; ``processors.publish.export`` checks, writes (all or nothing) and places the
-images, the same way for every format.
+``render`` only produces the files' contents (bytes, or a function that writes them to a binary handle: a big
+file goes straight to its staged path, never whole in memory); ``processors.publish.export`` checks, writes
+(all or nothing, each file as ``render`` yields it) and places the images, the same way for every format.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ class Context:
 @dataclass(frozen=True)
 class OutFile:
     path: str  # relative to the output folder
-    data: bytes
+    data: bytes | Callable[[BinaryIO], None]  # the bytes, or what writes them to the staged file's handle
     what: str  # names the file in an error message
 
 

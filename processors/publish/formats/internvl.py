@@ -1,7 +1,7 @@
-"""InternVL fine-tuning (``internvl_chat``): JSONL of ``{"id", "image", "width", "height", "conversations"}``
-with ``<image>\\n`` opening the first human turn, and a meta JSON naming it. InternVL opens
-``os.path.join(root, image)``; ``root`` and ``annotation`` are written as absolute paths (InternVL resolves
-relative ones from its own working directory): edit the two if the folder moves."""
+"""InternVL fine-tuning (``internvl_chat``): ``taskgalaxy_internvl.jsonl``, JSONL of ``{"id", "image", "width",
+"height", "conversations"}`` with ``<image>\\n`` opening the first human turn, and ``meta.json`` naming it.
+InternVL opens ``os.path.join(root, image)``; ``root`` and ``annotation`` are written as absolute paths
+(InternVL resolves relative ones from its own working directory): edit the two if the folder moves."""
 
 from __future__ import annotations
 
@@ -21,5 +21,5 @@ def render(samples, context):
     yield OutFile("meta.json", json_bytes(meta), "InternVL's meta JSON")
 
 
-FORMAT = Format("internvl", "InternVL internvl_chat fine-tuning (--meta_path DIR/meta.json)", "taskgalaxy.jsonl",
-                render)
+FORMAT = Format("internvl", "InternVL internvl_chat fine-tuning (--meta_path DIR/meta.json)",
+                "taskgalaxy_internvl.jsonl", render)

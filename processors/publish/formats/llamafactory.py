@@ -1,5 +1,6 @@
-"""LLaMA-Factory: sharegpt JSON (``conversations`` of ``from``/``value``, ``human``/``gpt``; ``images``: paths
-relative to the dataset folder, which is LLaMA-Factory's ``media_dir`` by default) and the
+"""LLaMA-Factory: sharegpt JSON ``taskgalaxy_llamafactory.json`` (``conversations`` of ``from``/``value``,
+``human``/``gpt``; ``images``: paths relative to the dataset folder, which is LLaMA-Factory's ``media_dir`` by
+default) and the
 ``dataset_info.json`` that registers it. One ``<image>`` in the human turn per image: LLaMA-Factory checks
 that the count of ``<image>`` tokens equals the number of images."""
 
@@ -21,4 +22,5 @@ def render(samples, context):
     yield OutFile("dataset_info.json", json_bytes(info), "LLaMA-Factory's dataset_info.json")
 
 
-FORMAT = Format("llamafactory", "LLaMA-Factory (dataset_dir: DIR, dataset: taskgalaxy)", "taskgalaxy.json", render)
+FORMAT = Format("llamafactory", "LLaMA-Factory (dataset_dir: DIR, dataset: taskgalaxy)", "taskgalaxy_llamafactory.json",
+                render)

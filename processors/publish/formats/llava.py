@@ -1,5 +1,7 @@
 """LLaVA / LLaVA-NeXT: a JSON list of ``{"id", "image", "task_type", "conversations"}``, ``image`` relative to
-the image folder (``--image_folder``). Byte for byte what ``taskgalaxy export --llava`` always wrote."""
+the image folder (``--image_folder``). What ``taskgalaxy export --llava`` always wrote, byte for byte, except
+that a literal ``<image>`` (or ``<video>``, ``<audio>``) in a question or answer is now written ``< image>``
+(``records.neutral``), so no trainer counts it as a second image."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""ms-swift: JSONL of ``{"messages": [{"role", "content"}...], "images": [path]}``, one ``<image>`` in the user
-content per image, in order. ms-swift opens a relative image path from its working directory: run it from
-the output folder."""
+"""ms-swift: ``taskgalaxy_swift.jsonl``, JSONL of ``{"messages": [{"role", "content"}...], "images": [path]}``,
+one ``<image>`` in the user content per image, in order. ms-swift opens a relative image path from its working
+directory: run it from the output folder."""
 
 from __future__ import annotations
 
@@ -13,4 +13,5 @@ def render(samples, context):
     yield OutFile(context.main_name, jsonl_bytes(rows), "the ms-swift JSONL")
 
 
-FORMAT = Format("swift", "ms-swift (cd DIR && swift sft --dataset taskgalaxy.jsonl)", "taskgalaxy.jsonl", render)
+FORMAT = Format("swift", "ms-swift (cd DIR && swift sft --dataset taskgalaxy_swift.jsonl)", "taskgalaxy_swift.jsonl",
+                render)

@@ -10,7 +10,6 @@ the ``trl`` config of ``taskgalaxy push`` (``dataset``).
 
 from __future__ import annotations
 
-import io
 import math
 import tempfile
 from pathlib import Path
@@ -20,7 +19,8 @@ import datasets
 from builder.runfolder import TMP_PREFIX
 from processors.publish.formats.base import Format, OutFile
 
-MAX_SHARD_BYTES = 500 * 1024 * 1024
+MAX_SHARD_BYTES = 500 * 1024 * 1024  # of embedded image bytes (and text) per Parquet file
+MAX_SHARD_ROWS = 50_000  # and of rows
 _text = datasets.Value("string")
 FEATURES = datasets.Features({
     "id": _text,
@@ -52,15 +52,26 @@ def embed_files(table: datasets.Dataset, cache_file: Path) -> datasets.Dataset:
                                           load_from_cache_file=False).with_format(None)
 
 
+def shard_count(table: datasets.Dataset) -> int:
+    """Shards of at most ``MAX_SHARD_BYTES`` of table (the embedded images, mostly) and ``MAX_SHARD_ROWS`` rows."""
+    rows = len(table)
+    count = max(1, math.ceil(table.data.nbytes / MAX_SHARD_BYTES), math.ceil(rows / MAX_SHARD_ROWS))
+    return max(1, min(count, rows))
+
+
 def render(samples, context):
+    """One ``OutFile`` per shard, each written by ``to_parquet`` straight to the handle of its staged file (the
+    export writes it before asking for the next one): the table itself is a memory-mapped Arrow file beside the
+    output, so no shard, and not the dataset, is ever held in memory whole."""
     scratch = next(p for p in context.out_dir.parents if p.exists())  # beside the output: big, not in /tmp
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}trl-", dir=scratch) as tmp:
         table = dataset(samples, Path(tmp) / "trl.arrow")
-        shards = max(1, math.ceil(table.data.nbytes / MAX_SHARD_BYTES))
+        shards = shard_count(table)
         for index in range(shards):
-            buffer = io.BytesIO()
-            table.shard(shards, index, contiguous=True).to_parquet(buffer)
-            yield OutFile(f"data/train-{index:05d}-of-{shards:05d}.parquet", buffer.getvalue(), "a TRL Parquet file")
+            shard = table.shard(shards, index, contiguous=True)
+            yield OutFile(f"data/train-{index:05d}-of-{shards:05d}.parquet",
+                          lambda handle, shard=shard: shard.to_parquet(handle), "a TRL Parquet file")
+            del shard
         del table
 
 

@@ -102,7 +102,7 @@ def _read_llamafactory(out: Path) -> list[dict]:
 
 def _read_swift(out: Path) -> list[dict]:
     rows = []
-    for line in (out / "taskgalaxy.jsonl").read_text().splitlines():
+    for line in (out / "taskgalaxy_swift.jsonl").read_text().splitlines():
         record = json.loads(line)
         user, assistant = record["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
@@ -135,7 +135,7 @@ def _read_internvl(out: Path) -> list[dict]:
 
 def _read_qwenvl(out: Path) -> list[dict]:
     rows = []
-    for record in json.loads((out / "taskgalaxy.json").read_text()):
+    for record in json.loads((out / "taskgalaxy_qwenvl.json").read_text()):
         human, gpt = record["conversations"]
         assert (human["from"], gpt["from"]) == ("human", "gpt")
         assert human["value"].count(TOKEN) == 1 and TOKEN not in gpt["value"]
@@ -199,6 +199,20 @@ def test_the_llava_output_is_what_export_always_wrote(run, tmp_path):
     assert (tmp_path / "b" / "taskgalaxy_llava.json").read_bytes() == old_bytes
 
 
+def _rendered(fmt, samples, context):
+    """``fmt.render``'s files with their bytes, each file's content taken as it is yielded (as the export does)."""
+    import io
+
+    from processors.publish.formats.base import OutFile
+
+    for file in fmt.render(samples, context):
+        if callable(file.data):
+            buffer = io.BytesIO()
+            file.data(buffer)
+            file = OutFile(file.path, buffer.getvalue(), file.what)
+        yield file
+
+
 # -- a literal <image> in a question never becomes a second image token ----------------------------------------
 def test_a_literal_placeholder_in_the_text_is_neutralised_in_every_format(tmp_path):
     from processors.publish.formats import FORMATS as TABLE
@@ -221,7 +235,7 @@ def test_a_literal_placeholder_in_the_text_is_neutralised_in_every_format(tmp_pa
     import pyarrow.parquet as pq
 
     for name, fmt in TABLE.items():
-        files = list(fmt.render([sample], Context(tmp_path, "taskgalaxy", fmt.main_name)))
+        files = list(_rendered(fmt, [sample], Context(tmp_path, "taskgalaxy", fmt.main_name)))
         if name == "trl":
             (messages,) = pq.read_table(io.BytesIO(files[0].data)).column("messages").to_pylist()
             texts = [p["text"] or "" for turn in messages for p in turn["content"]]
@@ -239,6 +253,119 @@ def test_image_root_is_for_llava_only_and_out_or_llava_is_needed(run, tmp_path, 
     assert main(["export", str(run), "--format", "trl"]) == 2
     assert main(["export", str(run), "--format", "trl", "--llava", str(tmp_path / "y.json")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.json").exists()
+
+
+# -- review items: streamed TRL shards, one file name per format, --out outside the run, a light parser ---------
+@pytest.mark.parametrize("limit", [("MAX_SHARD_ROWS", 2), ("MAX_SHARD_BYTES", 1)])
+def test_the_trl_export_writes_each_bounded_shard_as_render_yields_it(run, expected, tmp_path, monkeypatch, limit):
+    """No shard is built in memory (``to_parquet`` writes to the staged file's handle), each is written before
+    the next is rendered, and a shard holds at most MAX_SHARD_ROWS rows / MAX_SHARD_BYTES of table (at least one
+    row): the folder is several Parquet files that ``load_dataset`` reads back whole."""
+    from dataclasses import replace
+
+    from builder.runfolder import TMP_PREFIX
+    from processors.publish.formats import FORMATS as TABLE
+    from processors.publish.formats import trl
+    from processors.publish.formats.base import OutFile
+
+    monkeypatch.setattr(trl, *limit)
+    out, at, written = tmp_path / "trl", {}, []
+
+    def streamed(samples, context):
+        for index, file in enumerate(trl.render(samples, context)):
+            assert callable(file.data), "a TRL shard is written to its staged file, not returned as bytes"
+            if index:  # the previous shard is already on disk, staged, before this one was rendered
+                assert written == list(range(index))
+                assert list((out / "data").glob(f"{TMP_PREFIX}train-{index - 1:05d}-*"))
+            at["index"] = index
+
+            def write(handle, file=file, index=index):
+                assert at["index"] == index, "the export took the files' contents after rendering them all"
+                file.data(handle)
+                written.append(index)
+
+            yield OutFile(file.path, write, file.what)
+
+    monkeypatch.setitem(TABLE, "trl", replace(TABLE["trl"], render=streamed))
+    assert _export(run, out, "trl") == 0
+    n = len(expected)
+    shards = sorted((out / "data").glob("train-*.parquet"))
+    assert len(shards) == (-(-n // 2) if limit[0] == "MAX_SHARD_ROWS" else n) >= 2
+    assert written == list(range(len(shards)))
+    assert not list(out.rglob(f"{TMP_PREFIX}*")) and not list(tmp_path.glob(f"{TMP_PREFIX}*"))
+    got = _read_trl(out)
+    assert [{k: e[k] for k in got[0]} for e in expected] == got
+    monkeypatch.setattr(trl, "MAX_SHARD_ROWS", 10**6)
+    monkeypatch.setattr(trl, "MAX_SHARD_BYTES", 10**12)
+    assert _export(run, out, "trl") == 0  # fewer shards now: the earlier export's extra ones are removed
+    assert [p.name for p in (out / "data").iterdir()] == ["train-00000-of-00001.parquet"]
+    assert _read_trl(out) == got
+
+
+def test_every_format_exported_into_one_folder_stays_valid(run, expected, tmp_path):
+    """Each format's files are named after it (dataset_info.json and meta.json point at their own), so six
+    exports into one folder leave six readable datasets."""
+    out = tmp_path / "all"
+    for fmt in FORMATS:
+        assert _export(run, out, fmt) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"taskgalaxy_llava.json", "taskgalaxy_llamafactory.json", "taskgalaxy_qwenvl.json",
+            "taskgalaxy_swift.jsonl", "taskgalaxy_internvl.jsonl", "dataset_info.json", "meta.json", "data",
+            "images", "tasktype.txt", "browser"} == names  # browser/: the LLaVA export's sample browser
+    info, meta = (json.loads((out / name).read_text())["taskgalaxy"] for name in ("dataset_info.json", "meta.json"))
+    assert info["file_name"] == "taskgalaxy_llamafactory.json"
+    assert meta["annotation"] == str(out / "taskgalaxy_internvl.jsonl")
+    for fmt in FORMATS:
+        got = READERS[fmt](out)
+        assert [{k: e[k] for k in got[0]} for e in expected] == got, fmt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_output_folder_in_the_run_folder_is_refused_for_every_format(run, tmp_path, capsys, fmt):
+    (tmp_path / "link-to-run").symlink_to(run)
+
+    def tree():
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+    before = tree()
+    for where in (run / "exported", tmp_path / "link-to-run" / "x", run):
+        assert _export(run, where, fmt) == 2
+        err = capsys.readouterr().err
+        assert f"the output folder {where}" in err and f"lies in the run folder {run}" in err
+        assert "nothing was written" in err and "Traceback" not in err
+        assert tree() == before
+    if fmt == "llava":
+        outside = tmp_path / "imgs"
+        assert main(["export", str(run), "--llava", str(run / "data.json"), "--image-root", str(outside)]) == 2
+        assert "lies in the run folder" in capsys.readouterr().err and not outside.exists() and tree() == before
+
+
+def test_the_output_folder_in_the_image_store_is_refused(run, tmp_path):
+    from loaders.images.paths import trusted_image_resolver
+    from processors.publish.export import ImageRootError, export
+
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(ImageRootError, match=f"the output folder {store / 'x'} lies in the run's image store"):
+        export(run, "trl", store / "x", resolve_image=trusted_image_resolver(run), protected=[store])
+    assert list(store.iterdir()) == []
+
+
+def test_the_parser_names_the_formats_without_importing_them():
+    """--format's choices come from a plain tuple, equal to FORMATS; building the parser imports no writer."""
+    import subprocess
+    import sys
+
+    from processors.publish import FORMAT_NAMES
+    from processors.publish.formats import FORMATS as TABLE
+
+    assert FORMAT_NAMES == tuple(TABLE) and list(FORMAT_NAMES) == FORMATS
+    code = ("import sys, taskgalaxy; parser = taskgalaxy.build_parser(); "
+            "assert not [m for m in sys.modules if m.startswith('processors.publish.formats')], sorted(sys.modules); "
+            "args = parser.parse_args(['export', 'RUN', '--format', 'qwenvl', '--out', 'D']); "
+            "assert args.format == 'qwenvl'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[3], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # -- the Hub layout's trl config ---------------------------------------------------------------------------------
