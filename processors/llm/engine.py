@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,7 +257,9 @@ class OnlineEngine:
             self.admission.sent += 1
             self.admission.retries += int(attempts[0] > 1)  # the attempt is a retry
             try:
+                started = time.monotonic()
                 completion = await self.transport.chat(body, p.cache_key)
+                latency = time.monotonic() - started  # told to the admission: a queueing server's signal
             except AttemptError as exc:
                 if exc.reason == RATE_LIMITED:
                     self.admission.rate_limited += 1
@@ -271,7 +274,7 @@ class OnlineEngine:
         billed_at = flex.billed_tier(completion, tier)
         reply = self._answer_of(completion, billed_at)
         self.breaker.success()
-        self.admission.concurrency.on_success()
+        self.admission.concurrency.on_success(latency)
         if p.request.json_schema is not None:
             self._note_padding(reply)
         try:

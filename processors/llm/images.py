@@ -2,6 +2,14 @@
 
 A request's images are read and encoded only when it is actually sent (never for a cache hit), in a worker
 thread so the event loop keeps serving other requests while PIL decodes.
+
+Image work is done once per image file per process, not once per request (a referee sends each image with
+every question about it, and every referee sends it again): what the cache key and the token estimate need of
+a file (the hash of its bytes, its pixel size) is kept in a bounded LRU keyed by the file's identity
+(``st_dev``, ``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_ns`` of the regular file the path names), so
+a file changed on disk is read again; the wire encoding (resize + base64) is kept in a byte-bounded LRU keyed
+by (content hash, longest side, format). Each look-up still ``stat``s the path and refuses anything but a
+regular file; a miss reads it through ``read_regular_file``'s checks.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +49,8 @@ def content_ref(part: dict[str, Any]) -> dict[str, Any]:
         if url.startswith("data:"):
             return {"image_sha": bytes_id(url.encode("ascii", "replace"))}
         return {"image_url": url}
+    if part["type"] == "image_path":
+        return {"image_sha": file_info(part["path"]).digest}
     return {"image_sha": bytes_id(part_bytes(part))}
 
 
@@ -69,42 +80,135 @@ def to_wire_part(part: dict[str, Any], *, max_side: int, detail: str, fmt: str) 
         image_url = dict(part["image_url"])
         image_url.setdefault("detail", detail)
         return {"type": "image_url", "image_url": image_url}
-    data = part_bytes(part)
+    if part["type"] == "image_path":
+        cached = _cached_url(file_info(part["path"]).digest, max_side, fmt)
+        if cached is not None:
+            return {"type": "image_url", "image_url": {"url": cached, "detail": detail}}
+        data = file_info(part["path"], want_bytes=True).data  # a miss: the bytes it encodes, hashed as read
+    else:
+        data = part_bytes(part)
     url = _encoded_url(bytes_id(data), max_side, fmt, data)
     return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
 
 
+# ------------------------------------------------------------------------- per-process image caches
+@dataclass(frozen=True)
+class FileInfo:
+    """What a request needs of one image file: the hash of its bytes (the cache key's ``image_sha``) and its
+    pixel size from the header (None when PIL cannot tell). ``data`` only on the read that filled the entry."""
+
+    digest: str
+    size: tuple[int, int] | None
+    data: bytes | None = None
+
+
+FILE_INFO_KEEP = 8192  # image files remembered per process (a few hundred bytes each)
+_FILE_INFO: "OrderedDict[tuple[int, ...], FileInfo]" = OrderedDict()
+_FILE_INFO_LOCK = threading.Lock()
+
+
+def _identity(info) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def file_info(path: str, *, want_bytes: bool = False) -> FileInfo:
+    """The ``FileInfo`` of the regular file at ``path``, read and hashed once per file identity (see the
+    module doc). Raises as ``read_regular_file`` does: ``FileNotFoundError`` for a missing file,
+    ``NotRegularFileError`` for a FIFO, device or folder (never opened). ``want_bytes`` reads the file (the
+    entry is refreshed from what was read) and returns its bytes in ``data``."""
+    from loaders.images.paths import open_regular_file, require_regular_file
+
+    if not want_bytes:
+        key = _identity(require_regular_file(path))
+        with _FILE_INFO_LOCK:
+            found = _FILE_INFO.get(key)
+            if found is not None:
+                _FILE_INFO.move_to_end(key)
+                return found
+    fd, opened = open_regular_file(path)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    key = _identity(opened)  # of the file as opened: a path swapped since the stat above is not mixed up
+    info = FileInfo(bytes_id(data), _header_size(data))
+    if len(data) == opened.st_size:  # a file that grew or shrank while being read is not remembered
+        with _FILE_INFO_LOCK:
+            _FILE_INFO[key] = info
+            _FILE_INFO.move_to_end(key)
+            while len(_FILE_INFO) > FILE_INFO_KEEP:
+                _FILE_INFO.popitem(last=False)
+    return FileInfo(info.digest, info.size, data) if want_bytes else info
+
+
+ENCODED_MAX_BYTES = 256 * 1024 * 1024  # data URLs kept, in characters (encoding is the dearest part)
+ENCODED_KEEP = 65536  # and at most this many of them
 _ENCODED: "OrderedDict[tuple[str, int, str], str]" = OrderedDict()
 _ENCODED_LOCK = threading.Lock()
-ENCODED_KEEP = 32  # data URLs kept: the questions of one image are sent close together (score: ~3 per image)
+_encoded_bytes = 0
+
+
+def _cached_url(digest: str, max_side: int, fmt: str) -> str | None:
+    key = (digest, max_side, fmt)
+    with _ENCODED_LOCK:
+        url = _ENCODED.get(key)
+        if url is not None:
+            _ENCODED.move_to_end(key)
+        return url
 
 
 def _encoded_url(digest: str, max_side: int, fmt: str, data: bytes) -> str:
     """``_encode``'s data URL, reused for the next requests about the same image (decode + resize + JPEG
-    encode is the client's main CPU cost per request)."""
+    encode is the client's main CPU cost per request), within ``ENCODED_MAX_BYTES``."""
+    global _encoded_bytes
     key = (digest, max_side, fmt)
-    with _ENCODED_LOCK:
-        if key in _ENCODED:
-            _ENCODED.move_to_end(key)
-            return _ENCODED[key]
+    cached = _cached_url(digest, max_side, fmt)
+    if cached is not None:
+        return cached
     url, _ = _encode(data, max_side, fmt)
+    if len(url) > ENCODED_MAX_BYTES:
+        return url
     with _ENCODED_LOCK:
-        _ENCODED[key] = url
-        while len(_ENCODED) > ENCODED_KEEP:
-            _ENCODED.popitem(last=False)
+        if key not in _ENCODED:
+            _ENCODED[key] = url
+            _encoded_bytes += len(url)
+        _ENCODED.move_to_end(key)
+        while _encoded_bytes > ENCODED_MAX_BYTES or len(_ENCODED) > ENCODED_KEEP:
+            _, dropped = _ENCODED.popitem(last=False)
+            _encoded_bytes -= len(dropped)
     return url
+
+
+def clear_caches() -> None:
+    """Forget every remembered image (tests; a long-lived process that wants its memory back)."""
+    global _encoded_bytes
+    with _FILE_INFO_LOCK:
+        _FILE_INFO.clear()
+    with _ENCODED_LOCK:
+        _ENCODED.clear()
+        _encoded_bytes = 0
 
 
 def image_size(part: dict[str, Any]) -> tuple[int, int] | None:
     """Pixel size of a local image from its header (cheap), or None when unknown (remote URL, unreadable)."""
     if part["type"] == "image_url":
         return None
-    from PIL import Image, UnidentifiedImageError
-
+    if part["type"] == "image_path":
+        try:
+            return file_info(part["path"]).size
+        except (OSError, ValueError):
+            return None
     try:
-        with Image.open(io.BytesIO(part_bytes(part))) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, ValueError):
+        return _header_size(part_bytes(part))
+    except (OSError, ValueError):
         return None
 
 

@@ -54,9 +54,17 @@ class AdaptiveConcurrency:
     """A concurrency limit that halves-ish on 429s and grows back by one slot per window of successes.
 
     At most one decrease per ``cooldown_s``: a burst of 429s from one overload is one signal, not fifty.
+
+    With ``latency`` (a ``LatencySignal``: self-hosted servers, which queue instead of answering 429), rising
+    reply latency lowers the window too, at most once per window's worth of replies, and the window opens by
+    slow start (from ``SLOW_START`` slots, one more per reply, until the first decrease) instead of sending
+    ``maximum`` requests at once onto a server that may serve far fewer.
     """
 
-    def __init__(self, maximum: int, minimum: int, decrease: float, cooldown_s: float = 1.0):
+    SLOW_START = 8
+
+    def __init__(self, maximum: int, minimum: int, decrease: float, cooldown_s: float = 1.0,
+                 latency: "LatencySignal | None" = None):
         self.maximum, self.minimum, self.decrease = maximum, min(minimum, maximum), decrease
         self.limit = float(maximum)
         self.cooldown_s = cooldown_s
@@ -64,6 +72,12 @@ class AdaptiveConcurrency:
         self.listener: RateListener | None = None  # told of every success and 429 (a shared budget's AIMD)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._last_decrease = -1e9
+        self.latency = latency
+        self._slow_start = latency is not None and maximum > self.SLOW_START
+        if self._slow_start:
+            self.limit = float(max(self.minimum, self.SLOW_START))
+        self._since_decrease = 0  # replies since the last decrease (latency decreases: one per window of them)
+        self.latency_decreases = 0
 
     async def acquire(self) -> None:
         if self.in_flight < int(self.limit) and not self._waiters:
@@ -89,11 +103,24 @@ class AdaptiveConcurrency:
                 self.in_flight += 1
                 waiter.set_result(None)
 
-    def on_success(self) -> None:
+    def on_success(self, latency_s: float | None = None) -> None:
+        """A reply came back; ``latency_s`` (seconds on the wire) feeds the latency signal, if there is one."""
         if self.listener is not None:
             self.listener.on_success()
+        self._since_decrease += 1
+        if self.latency is not None and latency_s is not None:
+            self.latency.add(latency_s)
+            if self.latency.congested:
+                if self._since_decrease >= int(self.limit) and self.limit > self.minimum:
+                    self._lower(time.monotonic())
+                    self.latency_decreases += 1
+                    logger.info("reply latency %.3f s is %.1fx its baseline %.3f s: the server queues; concurrency "
+                                "lowered to %d", self.latency.recent, self.latency.recent / self.latency.baseline,
+                                self.latency.baseline, int(self.limit))
+                return  # no growth while the server queues
         if self.limit < self.maximum:
-            self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+            step = 1.0 if self._slow_start else 1.0 / self.limit
+            self.limit = min(self.maximum, self.limit + step)
             self._wake()
 
     def on_rate_limited(self) -> None:
@@ -101,9 +128,48 @@ class AdaptiveConcurrency:
             self.listener.on_rate_limited()
         now = time.monotonic()
         if now - self._last_decrease >= self.cooldown_s:
-            self._last_decrease = now
-            self.limit = max(float(self.minimum), self.limit * self.decrease)
+            self._lower(now)
             logger.info("429 from the endpoint: concurrency lowered to %d", int(self.limit))
+
+    def _lower(self, now: float) -> None:
+        self._last_decrease = now
+        self._since_decrease = 0
+        self._slow_start = False
+        self.limit = max(float(self.minimum), self.limit * self.decrease)
+
+
+class LatencySignal:
+    """Whether a server queues requests, read from its reply latencies (it never says so with a 429).
+
+    Replies are taken in blocks of ``BLOCK``; a block's median is the recent latency. The baseline is the
+    lowest block median seen, allowed to drift up by ``DRIFT`` per block (so a lasting change of the work,
+    longer replies, is learnt within a few hundred replies, while a queue that the lowered window drains
+    brings it back down). Congested: the recent latency is over ``factor`` times the baseline and over
+    ``floor_s`` (a fast server's jitter never counts). A slow server whose latency does not grow with the
+    load (OpenAI-like, constant latency) never counts as congested, however slow."""
+
+    BLOCK = 16
+    DRIFT = 0.05
+
+    def __init__(self, factor: float = 2.0, floor_s: float = 0.25):
+        self.factor, self.floor_s = factor, floor_s
+        self.baseline: float | None = None
+        self.recent: float | None = None
+        self.congested = False
+        self._block: list[float] = []
+
+    def add(self, latency_s: float) -> None:
+        self._block.append(latency_s)
+        if len(self._block) < self.BLOCK:
+            return
+        block, self._block = sorted(self._block), []
+        median = block[len(block) // 2]
+        self.recent = median
+        if self.baseline is None:
+            self.baseline = median
+            return
+        self.congested = median > self.factor * self.baseline and median > self.floor_s
+        self.baseline = min(median, self.baseline * (1 + self.DRIFT))
 
 
 class Bucket(Protocol):
@@ -235,8 +301,10 @@ class Admission:
         self.spend = spend if spend is not None else SpendCap()
         # Counters the live view reads (``gauges``), counted by the online engine on the accounts' loop.
         self.sent = self.rate_limited = self.retries = 0
+        latency = (LatencySignal(endpoint.latency_backoff_factor, endpoint.latency_backoff_floor_s)
+                   if endpoint.uses_latency_backoff else None)
         self.concurrency = AdaptiveConcurrency(endpoint.max_concurrency, endpoint.min_concurrency,
-                                               endpoint.aimd_decrease)
+                                               endpoint.aimd_decrease, latency=latency)
         bucket = _local_bucket if shared is None else shared.bucket
         self.rpm = self.tpm = None
         if endpoint.rpm:

@@ -39,6 +39,20 @@ class EndpointSettings(_Frozen):
     max_concurrency: int = Field(256, ge=1, description="requests in flight at most (AIMD lowers it on 429s)")
     min_concurrency: int = Field(4, ge=1, description="AIMD never lowers the concurrency below this")
     aimd_decrease: float = Field(0.7, gt=0, lt=1, description="concurrency factor applied on a 429")
+    latency_backoff: Literal["auto", "on", "off"] = Field(
+        "off", description="let rising reply latency lower the concurrency window as a 429 does (a saturated "
+        "self-hosted server such as vLLM queues requests instead of answering 429), and open the window by slow "
+        "start; auto = on for an online endpoint without an API key (api_key_env null) that is not "
+        "api.openai.com, off otherwise (OpenAI's API answers 429, and its latency varies with reply length, not "
+        "load); never in mode batch; not part of any fingerprint. Off by default: a vLLM server's latency also "
+        "grows with its batch well before it saturates, so on a server you do not overload the signal could "
+        "cost throughput (not measured on a real server yet); turn it on for servers a run may swamp")
+    latency_backoff_factor: float = Field(
+        2.0, gt=1, description="latency backoff: the recent median reply latency must exceed this many times the "
+        "baseline (the lowest recent median, at low load) to count as the server queueing")
+    latency_backoff_floor_s: float = Field(
+        0.25, ge=0, description="latency backoff: a recent median latency below this never counts (a fast "
+        "server's jitter)")
     rpm: int | None = Field(None, ge=1, description="requests per minute allowed by the account; null = no bucket")
     tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt estimate + max_tokens); null = none")
     rate_headroom: float = Field(
@@ -112,6 +126,16 @@ class EndpointSettings(_Frozen):
         if self.reasoning_effort is not None:  # only when set: every other config keeps its fingerprint
             parts["reasoning_effort"] = self.reasoning_effort
         return parts
+
+    @property
+    def uses_latency_backoff(self) -> bool:
+        """Whether rising latency lowers the concurrency window (``latency_backoff``; never for the Batch API)."""
+        if self.mode == "batch" or self.latency_backoff == "off":
+            return False
+        if self.latency_backoff == "on":
+            return True
+        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].split(":", 1)[0].lower()
+        return self.mode == "online" and self.api_key_env is None and host != "api.openai.com"
 
     @property
     def is_reasoning_model(self) -> bool:

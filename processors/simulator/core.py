@@ -52,6 +52,9 @@ class SimulatorOptions:
     json_whitespace: bool = False  # structured output padded with free whitespace (vLLM's default grammar)
     digit_spread: float = 0.0  # share of one-digit replies whose other digit is not among the top logprobs
     echo_auth: bool = False  # a hostile server: its 401 repeats the Authorization header it was sent
+    # A saturated self-hosted server (vLLM's scheduler): at most queue_capacity requests are served at once,
+    # each for its latency; the others wait in a FIFO, so latency grows with the load instead of a 429.
+    queue_capacity: int = 0  # 0 = every request is served at once (no queue)
     # OpenAI's prompt caching (``PromptCache``): replies report usage.prompt_tokens_details.cached_tokens
     prompt_cache: bool = False
     cache_ttl_s: float = 600.0  # how long an unused prefix stays cached (OpenAI: 5-10 minutes)
@@ -83,6 +86,8 @@ class SimStats:
     batch_items: collections.Counter = field(default_factory=collections.Counter)
     service_tiers: collections.Counter = field(default_factory=collections.Counter)  # attempts by tier asked
     flex_per_key: collections.Counter = field(default_factory=collections.Counter)  # flex attempts per key
+    queued_peak: int = 0  # queue_capacity: most requests waiting for a serving slot at once
+    serving_peak: int = 0  # queue_capacity: most requests served at once
     first_at: float | None = None
     last_at: float | None = None
 

@@ -8,13 +8,15 @@ with the responders it is built with (``responders``): it imports no stage.
 
 Order of checks per chat request: auth (401) -> RPM window (429 with the time until a slot frees) ->
 flex capacity (429 "Resource Unavailable", ``flex``; requests at service_tier flex only) -> latency (times
-``flex_latency_factor`` at flex) -> scheduled or random fault -> reply. Headers (and so the API key) are
+``flex_latency_factor`` at flex; with ``queue_capacity``, first a wait in a FIFO for one of that many serving
+slots, as vLLM's scheduler queues) -> scheduled or random fault -> reply. Headers (and so the API key) are
 never logged or counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import json
 import logging
@@ -51,6 +53,8 @@ class SimState:
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
         self.prompt_cache = PromptCache(self.options.cache_ttl_s) if self.options.prompt_cache else None
+        self.serving = 0  # queue_capacity: requests being served now
+        self.queue: collections.deque[asyncio.Future[None]] = collections.deque()  # and those waiting, FIFO
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None, *,
@@ -139,9 +143,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fault = _pick_fault(state, key)
     latency = max(0.0, state.rng.gauss(options.latency_ms, options.jitter_ms)) / 1000 if options.latency_ms else 0
     latency *= flex.latency_factor(options, body)
-    if latency:
+    if options.queue_capacity > 0:
+        await _served(state, latency)
+    elif latency:
         await asyncio.sleep(latency)
     return await _answer(request, state, body, key, fault)
+
+
+async def _served(state: SimState, latency: float) -> None:
+    """Wait for one of ``queue_capacity`` serving slots (FIFO), then hold it for ``latency``."""
+    stats = state.stats
+    if state.serving >= state.options.queue_capacity or state.queue:
+        waiter = asyncio.get_running_loop().create_future()
+        state.queue.append(waiter)
+        stats.queued_peak = max(stats.queued_peak, len(state.queue))
+        try:
+            await waiter  # the slot is handed over by the request that frees it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                _free(state)
+            elif waiter in state.queue:
+                state.queue.remove(waiter)
+            raise
+    else:
+        state.serving += 1
+    stats.serving_peak = max(stats.serving_peak, state.serving)
+    try:
+        if latency:
+            await asyncio.sleep(latency)
+    finally:
+        _free(state)
+
+
+def _free(state: SimState) -> None:
+    while state.queue:
+        waiter = state.queue.popleft()
+        if not waiter.done():
+            waiter.set_result(None)  # the slot passes on: ``serving`` stays the same
+            return
+    state.serving -= 1
 
 
 def _refuse_like_server(body: dict, options: SimulatorOptions) -> web.Response | None:
