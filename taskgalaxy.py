@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from builder.config import ConfigError
     from builder.engine import StageStalledError
-    from builder.runfolder import RunFolderError, RunLockedError
+    from builder.runfolder import RunFolderError
+    from builder.runlock import RunLockedError
     from processors.llm.errors import MissingApiKeyError
 
     args = build_parser().parse_args(argv)

@@ -33,6 +33,7 @@ from builder.live import LIVE_ENDPOINTS
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
 from builder.panel import StagePanel
+from builder.runlock import RunLock
 from builder.recovery import (RESUME_KEYS, adopt_killed_usage, check_frozen_input, clear_keeping_spend, discard_shard,
                               interrupted_name, readable_states, recover_state)
 from builder.stage import Stage, StageContext, StageError
@@ -99,7 +100,7 @@ class Runner:
         states = {}
         self._verified.clear()
         scope = self.run_scope() if self.run_scope is not None else contextlib.nullcontext({})
-        with rf.RunLock(self.run_dir), scope as scoped:
+        with RunLock(self.run_dir), scope as scoped:
             self._run_services = {**self.services, **scoped}
             try:
                 self._refuse_mixing_dry_and_paid()

@@ -17,16 +17,17 @@ from typing import Any, TextIO
 from builder import live as lv
 from builder import runfolder as rf
 from builder.outputs import run_states, stage_totals
+from builder.runlock import run_lock_held
 from builder.status import format_table, stage_summaries
 
 STALE_S = 15.0  # live figures older than this are a stopped process's (they are rewritten every 2 s)
 
 
 def run_in_progress(run_dir: Path) -> bool:
-    """Whether a process holds the run: the flock on its lock file is taken (``rf.run_lock_held``: the lock
+    """Whether a process holds the run: the flock on its lock file is taken (``runlock.run_lock_held``: the lock
     itself, never the pid the file names, which a killed run leaves behind and the OS may reuse), or a stage's
     live figures are fresh (a run on another host that shares the folder)."""
-    if rf.run_lock_held(run_dir):
+    if run_lock_held(run_dir):
         return True
     return any(lv.read_live(run_dir / state["folder"], max_age_s=STALE_S) for state in run_states(run_dir))
 

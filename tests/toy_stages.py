@@ -212,3 +212,28 @@ class ToyImages(Stage):
         from loaders.images.paths import ROOTS_FILE, write_roots
 
         write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, {"toy": Path(config.folder)})
+
+
+CANDIDATES = ["OCR~Scene text~Street signs", "Counting~Animals", "Charts, tables~Reading values", "Art~Style"]
+
+
+class ToyMatch(Stage):
+    """Stands in for the match stage: every image gets the same four candidates (``CANDIDATES``)."""
+
+    name, Config, key, upstream, batch_size = "match", StageConfig, "image_id", "images", 64
+
+    def input_key(self, config):
+        return "image_id"
+
+    def features(self, config):
+        candidate = {"task_type": datasets.Value("string"), "task_id": datasets.Value("string"),
+                     "score": datasets.Value("float32")}
+        return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
+
+    def make_batch_fn(self, config, ctx):
+        def fn(batch):
+            rows = {"image_id": batch["image_id"],
+                    "candidates": [[{"task_type": c, "task_id": c, "score": 0.5} for c in CANDIDATES]] * len(batch["image_id"])}
+            return copy_rows(("image_id", "candidates"), "image_id")(rows)
+
+        return fn

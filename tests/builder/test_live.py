@@ -298,16 +298,17 @@ def test_a_watchers_probe_never_makes_a_starting_run_report_busy(tmp_path):
     import os
 
     from builder import runfolder as rf
+    from builder.runlock import RunLock
 
     run_dir = tmp_path / "run"
-    with rf.RunLock(run_dir):
+    with RunLock(run_dir):
         assert run_in_progress(run_dir)
     # A probe's shared lock held at the very moment the run takes its lock: the run waits it out.
     fd = os.open(run_dir / rf.LOCK_FILE, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)
     releaser = threading.Timer(0.3, lambda: os.close(fd))
     releaser.start()
-    with rf.RunLock(run_dir):
+    with RunLock(run_dir):
         pass
     releaser.join()
     # A watcher probing as fast as it can while runs start and end.
@@ -321,7 +322,7 @@ def test_a_watchers_probe_never_makes_a_starting_run_report_busy(tmp_path):
     watcher.start()
     try:
         for _ in range(50):
-            with rf.RunLock(run_dir):
+            with RunLock(run_dir):
                 pass
     finally:
         stop.set()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.runfolder import RunLock, RunLockedError
+from builder.runlock import RunLock, RunLockedError
 from toy_run import make_runner
 
 TOY_RUN = Path(__file__).parent.parent / "toy_run.py"
@@ -58,7 +58,7 @@ def test_a_killed_run_whose_forked_worker_lives_on_does_not_keep_the_folder_lock
     script = textwrap.dedent(f"""
         import os, signal, time
         from pathlib import Path
-        from builder.runfolder import RunLock
+        from builder.runlock import RunLock
         RunLock(Path({str(tmp_path / 'run')!r})).acquire()
         child = os.fork()
         if child == 0:

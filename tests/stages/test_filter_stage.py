@@ -5,22 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 from PIL import Image
 
 from builder.config import build_config_model, validate_config
 from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner
-from builder.stage import Stage, StageConfig
 from processors.filter.prompt import MARKER
 from processors.llm.settings import LLMSettings
 from processors.simulator.responders import Responder, message_text
 from processors.simulator.thread import SimulatorThread
 from processors.stages.filter import FilterStage
-from toy_stages import ToyImages, copy_rows
+from toy_stages import CANDIDATES, ToyImages, ToyMatch
 
-CANDIDATES = ["OCR~Scene text~Street signs", "Counting~Animals", "Charts, tables~Reading values", "Art~Style"]
 # What the scripted model answers, by image colour index: kept subsets, an invented label, none, garbage.
 REPLIES = [
     json.dumps({"task_types": ["Counting~Animals", "Art~Style"]}),
@@ -29,29 +26,6 @@ REPLIES = [
     "None",
     "I cannot help with that.",
 ]
-
-
-class ToyMatch(Stage):
-    """Stands in for the match stage: every image gets the same four candidates."""
-
-    name, Config, key, upstream, batch_size = "match", StageConfig, "image_id", "images", 64
-
-    def input_key(self, config):
-        return "image_id"
-
-    def features(self, config):
-        candidate = {"task_type": datasets.Value("string"), "task_id": datasets.Value("string"),
-                     "score": datasets.Value("float32")}
-        return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
-
-    def make_batch_fn(self, config, ctx):
-        def fn(batch):
-            rows = {"image_id": batch["image_id"],
-                    "candidates": [[{"task_type": c, "task_id": c, "score": 0.5} for c in CANDIDATES]] * len(batch["image_id"])}
-            return copy_rows(("image_id", "candidates"), "image_id")(rows)
-
-        return fn
-
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 from PIL import Image
 
@@ -14,7 +13,6 @@ from builder.config import build_config_model, validate_config
 from builder.fingerprints import stage_fingerprints
 from builder.outputs import load_stage_failures, load_stage_output
 from builder.runner import Runner
-from builder.stage import Stage, StageConfig
 from processors.filter.fused import FUSED_MARKER, parse_fused
 from processors.llm.settings import LLMSettings
 from processors.pipeline import default_responders
@@ -24,33 +22,10 @@ from processors.stages.filter import FilterStage
 from processors.stages.final import FinalStage
 from processors.stages.qa import QAStage
 from processors.stages.score import ScoreStage
-from toy_stages import ToyImages, copy_rows
+from toy_stages import CANDIDATES, ToyImages, ToyMatch
 
-CANDIDATES = ["OCR~Scene text~Street signs", "Counting~Animals", "Charts, tables~Reading values", "Art~Style"]
 REFEREES = [{"name": "ref_a", "preset": "internvl-chat-v1.5", "endpoint": {"endpoint": "gpt4o"}},
             {"name": "ref_b", "preset": "internvl2-26b", "endpoint": {"endpoint": "gpt4o"}}]
-
-
-class ToyMatch(Stage):
-    """Stands in for the match stage: every image gets the same four candidates."""
-
-    name, Config, key, upstream, batch_size = "match", StageConfig, "image_id", "images", 64
-
-    def input_key(self, config):
-        return "image_id"
-
-    def features(self, config):
-        candidate = {"task_type": datasets.Value("string"), "task_id": datasets.Value("string"),
-                     "score": datasets.Value("float32")}
-        return datasets.Features({"image_id": datasets.Value("string"), "candidates": datasets.List(candidate)})
-
-    def make_batch_fn(self, config, ctx):
-        def fn(batch):
-            rows = {"image_id": batch["image_id"], "candidates": [
-                [{"task_type": c, "task_id": c, "score": 0.5} for c in CANDIDATES]] * len(batch["image_id"])}
-            return copy_rows(("image_id", "candidates"), "image_id")(rows)
-
-        return fn
 
 
 def _pictures(folder: Path, count: int) -> Path:
