@@ -7,8 +7,9 @@ never writes a final name, so a retried call (a worker died, Ray ran it again) c
 
 What a stage runs on comes from ``Stage.resources`` (overridable per stage with ``run.ray_resources``):
 
-- ``cpu`` (e.g. ``images``): each shard a Ray *task* on any node (``workers`` at once: 1 by default, so
-  shards that carry state forward run in input order), retried by Ray when its worker dies; the batch
+- ``cpu`` (e.g. ``images``, ``final``): each shard a Ray *task* on any node (``workers`` at once: 1 by default,
+  for a stage whose shards carry state forward; ``None``: one per CPU — the images stage keeps its state in a
+  settle step the runner applies in input order), retried by Ray when its worker dies; the batch
   function is built once per worker process and reused by later tasks;
 - ``gpu`` (``match``, local referees) and ``llm`` (stages calling an endpoint): a fixed pool of *actors*,
   each building the batch function once (model on its GPU, clients and their account), restarted by Ray

@@ -39,7 +39,7 @@ from builder.recovery import (RESUME_KEYS, adopt_killed_usage, check_frozen_inpu
 from builder.stage import Stage, StageContext, StageError
 from builder.unanswered import (EXIT_UNANSWERED, UnansweredError, check_answered, reopen_unanswered,
                                 warn_sealed_unanswered)
-from builder.work import ShardOutcome, ShardTask, StageWork
+from builder.work import InputOrder, ShardOutcome, ShardTask, StageWork
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,8 @@ class Runner:
                            rows_done=state["totals"]["rows_in"], usage=state["totals"]["usage"],
                            endpoints=self._run_services.get(LIVE_ENDPOINTS), interval=self.progress_interval,
                            mode="auto" if self.progress else "off")
+        settle = stage.make_settle_fn(config, work.context()) if pending else None
+        in_order = InputOrder(pending, settle)
         with panel:
             outcomes = self.engine.run_shards(work, list(pending.values()), features=features,
                                               batch_size=stage.batch_size, in_flight=stage.shards_in_flight(config),
@@ -286,13 +288,13 @@ class Runner:
             try:
                 with contextlib.closing(outcomes):  # leaving early stops the shards still in flight
                     for outcome in outcomes:  # in the order they finish
-                        task = pending[outcome.index]
                         if outcome.error is not None:
-                            self._stopped(stage, folder, task, outcome)
-                        self._commit_shard(stage, folder, task, outcome, key, features, resume)
-                        del pending[outcome.index]
-                        state = self._write_state(folder, base, done=False)
-                        panel.committed(state)
+                            self._stopped(stage, folder, pending[outcome.index], outcome)
+                        for ready in in_order.arrived(outcome):  # with a settle step: in input order
+                            self._commit_shard(stage, folder, pending[ready.index], ready, key, features, resume)
+                            del pending[ready.index]
+                            state = self._write_state(folder, base, done=False)
+                            panel.committed(state)
             except BaseException:
                 # Requests paid by the shards that did not finish: their answers are cached, their cost must
                 # show. Each journal becomes an interrupted record by a rename, so no moment holds both (or

@@ -25,8 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
 
 BatchFn = Callable[[dict[str, list]], dict[str, list]]
+# A shard's raw table (rows + in-band failures) -> the table to commit and the usage the step counted.
+SettleFn = Callable[["pa.Table"], "tuple[pa.Table, dict[str, float]]"]
 
 
 logger = logging.getLogger(__name__)
@@ -288,6 +291,16 @@ class Stage:
         input rows as each shard starts (a hint; e.g. the match stage decodes the next shard's first images
         meanwhile, so the GPU does not idle at the boundary)."""
         raise NotImplementedError
+
+    def make_settle_fn(self, config: StageConfig, ctx: StageContext) -> SettleFn | None:
+        """The part of a stage that carries state from row to row, kept out of its batch function: the runner
+        applies ``fn(raw shard table) -> (table, usage)`` in its own process to each shard's raw output (rows
+        and in-band failures), shard by shard in input order, just before committing it. With one, the batch
+        function holds no state across shards, so the shards may run at once (``shards_in_flight``, Ray
+        workers on any node) and the output is still that of running them one after another: a shard that
+        finishes early waits, as a file, for the ones before it. The images stage's duplicate ledger is the
+        case (the first ref of an image in input order wins). None (the default): no such step."""
+        return None
 
     def fingerprint_config(self, config: StageConfig) -> dict[str, Any]:
         """The part of the config that decides the output (default: all of it). Stages drop pure speed knobs

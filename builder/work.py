@@ -24,7 +24,7 @@ import pyarrow as pa
 from builder.arrowfiles import read_arrow_table
 from builder.outputs import load_stage_output
 from builder.rows import INBAND_COLUMNS
-from builder.stage import BatchFn, ShardScope, Stage, StageConfig, StageContext, UsageMeter, shard_scope
+from builder.stage import BatchFn, SettleFn, ShardScope, Stage, StageConfig, StageContext, UsageMeter, shard_scope
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,31 @@ class ShardOutcome:
         if state.get("table_path") is not None:
             state["_table"] = None
         return state
+
+
+class InputOrder:
+    """Hands the runner finished shards to commit. Without a settle step (``Stage.make_settle_fn``) each one as
+    it arrives; with one, in input order: a shard that finishes before those ahead of it waits (its raw table
+    stays a file, nothing is held in memory), and each is settled just before its commit. A shard that stops
+    the stage leaves the ones waiting behind it uncommitted: the next run computes them again."""
+
+    def __init__(self, pending: dict[int, ShardTask], settle: SettleFn | None):
+        self.settle = settle
+        self.order = sorted(pending)
+        self.waiting: dict[int, ShardOutcome] = {}
+
+    def arrived(self, outcome: ShardOutcome) -> Iterator[ShardOutcome]:
+        if self.settle is None:
+            yield outcome
+            return
+        self.waiting[outcome.index] = outcome
+        while self.order and self.order[0] in self.waiting:
+            ready = self.waiting.pop(self.order.pop(0))
+            table, usage = self.settle(ready.table())
+            ready._table = table
+            for name, value in usage.items():
+                ready.usage[name] = ready.usage.get(name, 0) + value
+            yield ready
 
 
 def inband_features(features: datasets.Features) -> datasets.Features:

@@ -3,8 +3,12 @@ the synthetic demo generator; validate, hash and deduplicate them; keep them by 
 
 Input rows are references (``loaders.images.listing``: ``ref, source, kind, locator, url``), frozen by the
 runner at the first run. Each batch: fetch bytes (URLs of the batch in one asyncio loop, files and synthetic
-images in a thread pool), validate with a full decode (``processors.image_validate``), then — in input order
-— dedup through the ledger (``loaders.images.dedup``). Every ref leaves as one row or one failure:
+images in a thread pool) and validate them with a full decode (``processors.image_validate``). That is all the
+expensive work, and it carries no state from one shard to the next, so shards run at once (``parallel_shards``
+in this process; Ray workers on any node). Deduplication is the stage's settle step
+(``Stage.make_settle_fn``): the runner applies it to each finished shard in input order, in its own process,
+through the ledger (``loaders.images.dedup``), so which copy of an image is kept never depends on which shard
+finished first — the output is the serial run's, row for row. Every ref leaves as one row or one failure:
 ``duplicate`` (same bytes as an earlier ref, named in the detail), ``near_duplicate`` (``drop`` mode only),
 or a fetch/validation reason code.
 
@@ -34,8 +38,11 @@ Example (configs/demo.yaml)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -45,10 +52,11 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from builder.config import ConfigPath
-from builder.rows import BatchOutput
+from builder.rows import FAILURE_DETAIL, FAILURE_ITEM, FAILURE_REASON, SOURCE, BatchOutput
 from builder.runfolder import atomic_write_json
 from builder.stage import Stage, StageConfig, StageContext
 from loaders.images.dedup import Ledger
@@ -95,6 +103,12 @@ class ImagesConfig(StageConfig):
     download: DownloadConfig = DownloadConfig()
     near_duplicates: NearDuplicates = NearDuplicates()
     workers: int = Field(4, ge=1, le=64, description="threads decoding/reading images")
+    # Threads of one process gain nothing on CPU-bound decoding (measured: 2 shards of 1 thread each were no
+    # faster than 1); more shards in flight help URL lists, whose downloads wait on the network. Many cores
+    # and many nodes: the Ray engine, one process per shard.
+    parallel_shards: int = Field(
+        1, ge=1, le=64, description="shards this process works on at once (the local engine; under Ray, "
+        "run.ray_resources.images.workers processes): more overlap URL downloads; the output is the same")
     memory_budget_mb: int = Field(
         512, ge=16, description="decoded pixels all workers may hold at once (estimated from each header); "
         "larger images wait their turn, one above the budget decodes alone")
@@ -124,10 +138,13 @@ class ImagesStage(Stage):
     batch_size = 256
 
 
+    def shards_in_flight(self, config: ImagesConfig) -> int:
+        return config.parallel_shards
+
     def resources(self, config) -> dict:
-        # On Ray: its duplicate ledger is a SQLite file (WAL), safe between the processes of one host only, and
-        # its shards run in input order (the ledger keeps the first copy): one task at a time on the driver.
-        return {**super().resources(config), "driver_node": True}
+        # On Ray: fetching and decoding hold no state between shards (the duplicate ledger is the settle step,
+        # on the driver), so shards run as tasks on any node at once.
+        return {**super().resources(config), "workers": None}
 
     def input_key(self, config: ImagesConfig) -> str:
         return "ref"
@@ -139,6 +156,7 @@ class ImagesStage(Stage):
     def fingerprint_config(self, config: ImagesConfig) -> dict:
         # Parallelism only: more threads, connections or memory fetch and check the same images.
         return config.model_dump(mode="json", exclude={"workers": True, "memory_budget_mb": True,
+                                                       "parallel_shards": True,
                                                        "download": {"concurrency", "per_host", "user_agent"}})
 
     def fingerprint_parts(self, config: ImagesConfig) -> dict:
@@ -151,9 +169,6 @@ class ImagesStage(Stage):
         features = datasets.Features({c: datasets.Value("string") for c in INPUT_COLUMNS})
         return datasets.Dataset.from_dict(columns, features=features)
 
-    def finalize(self, config: ImagesConfig, ctx: StageContext, output: datasets.Dataset) -> None:
-        self._write_roots(config, ctx)
-
     def _write_roots(self, config: ImagesConfig, ctx: StageContext) -> None:
         roots = source_roots(config.sources, ctx.run_dir, store_dir(config, ctx.run_dir))
         write_roots(ctx.stage_dir / ROOTS_FILE, ctx.run_dir, roots)
@@ -163,37 +178,81 @@ class ImagesStage(Stage):
         roots = source_roots(config.sources, ctx.run_dir, store)
         fetcher = Fetcher({s.source_name: s for s in config.sources}, roots, config.download, config.limits.max_bytes)
         worker = _Worker(fetcher, config.limits, roots, store)
-        ledger_path = ctx.stage_dir / LEDGER_FILE
+        downloads = DownloadJournal(ctx.stage_dir / DOWNLOADS_DIR, roots)
+        # One budget for every shard this process has in flight: the pixels held stay under the bound whatever
+        # parallel_shards is.
+        budget = DecodeBudget(config.memory_budget_mb * 2**20)
         return_freed_pixels_to_os()  # else each worker thread's heap keeps the largest image it ever decoded
 
         def batch(columns: dict[str, list]) -> dict[str, list]:
             rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
             out = BatchOutput(OUTPUT_COLUMNS)
-            with Ledger(ledger_path, bands=config.near_duplicates.max_distance + 1) as ledger:
-                resumed = _resumed_downloads(rows, ledger, roots)
-                prefetched = fetcher.prefetch(rows, resumed)
-                ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
-                budget = DecodeBudget(config.memory_budget_mb * 2**20)
-                results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget,
-                                       stop=ctx.stop_event())
-                for row, (verdict, path) in zip(rows, results):
-                    _emit(out, row, verdict, path, ledger, config, ctx)
+            resumed = downloads.stored(rows)
+            prefetched = fetcher.prefetch(rows, resumed)
+            ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
+            results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget,
+                                   stop=ctx.stop_event())
+            downloads.record(rows, results)
+            for row, (verdict, path) in zip(rows, results):
+                _verdict(out, row, verdict, path)
             return out.to_columns()
 
         return batch
 
+    def make_settle_fn(self, config: ImagesConfig, ctx: StageContext):
+        ledger_path = ctx.stage_dir / LEDGER_FILE
+        bands = config.near_duplicates.max_distance + 1
 
-def _resumed_downloads(rows: list[dict], ledger: Ledger, roots: dict[str, Path]) -> dict[str, Path]:
-    """URL refs whose bytes an interrupted pass already stored: read from disk instead of downloading again."""
-    found = {}
-    for row in rows:
-        if row["kind"] == "url":
-            path = ledger.stored_path(row["ref"])
-            if path and path.startswith(f"{STORE_ROOT}/"):
-                file = roots[STORE_ROOT] / path.split("/", 1)[1]
-                if file.exists():
-                    found[row["ref"]] = file
-    return found
+        def settle(table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+            out, near = BatchOutput(OUTPUT_COLUMNS), 0
+            with Ledger(ledger_path, bands=bands) as ledger:  # one commit per shard: a prefix in input order
+                for row in table.to_pylist():
+                    near += _dedup(out, row, ledger, config)
+            return pa.Table.from_pydict(out.to_columns(), schema=table.schema), (
+                {"near_duplicates": near} if near else {})
+
+        return settle
+
+    def finalize(self, config: ImagesConfig, ctx: StageContext, output: datasets.Dataset) -> None:
+        self._write_roots(config, ctx)
+        shutil.rmtree(ctx.stage_dir / DOWNLOADS_DIR, ignore_errors=True)  # every shard is committed
+
+
+DOWNLOADS_DIR = "downloads"
+
+
+class DownloadJournal:
+    """Which URL refs of a batch already have their bytes in the store, so a rerun after a crash does not
+    download them again: one small JSON file per batch (named by the batch's refs, which the frozen input and
+    the fixed batch size make the same on every run), written by the worker that downloaded them. Files, not
+    the ledger: the workers may run on other nodes, and only the runner's process writes the ledger."""
+
+    def __init__(self, folder: Path, roots: dict[str, Path]):
+        self.folder, self.store = folder, roots[STORE_ROOT]
+
+    def _file(self, rows: list[dict]) -> Path:
+        digest = hashlib.sha256("\n".join(row["ref"] for row in rows).encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.json"
+
+    def stored(self, rows: list[dict]) -> dict[str, Path]:
+        try:
+            recorded = json.loads(self._file(rows).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        found = {}
+        for ref, path in recorded.items() if isinstance(recorded, dict) else ():
+            if isinstance(path, str) and path.startswith(f"{STORE_ROOT}/"):
+                file = self.store / path.split("/", 1)[1]
+                if ".." not in Path(path).parts and file.is_file():
+                    found[ref] = file
+        return found
+
+    def record(self, rows: list[dict], results: list[tuple[ImageCheck, str]]) -> None:
+        stored = {row["ref"]: path for row, (check, path) in zip(rows, results)
+                  if row["kind"] == "url" and check.ok and path.startswith(f"{STORE_ROOT}/")}
+        if stored:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self._file(rows), stored)
 
 
 STOP_POLL_S = 0.2  # how often a batch waiting on its workers looks at the shard's stop event
@@ -316,28 +375,38 @@ def _write_once(dest: Path, data: bytes) -> None:
     os.replace(tmp, dest)
 
 
-def _emit(out: BatchOutput, row: dict, check: ImageCheck, path: str, ledger: Ledger, config: ImagesConfig,
-          ctx: StageContext) -> None:
-    """Turn one verdict into an output row or a failure, consulting the ledger (input order matters)."""
+def _verdict(out: BatchOutput, row: dict, check: ImageCheck, path: str) -> None:
+    """One fetched and checked ref as a raw row (``near_dup_of`` left for the settle step) or a failure."""
     ref = row["ref"]
     if not check.ok:
         out.fail(ref, check.reason, check.detail)
         return
-    first = ledger.claim(check.image_id, ref, path)
-    if first != ref:
-        out.fail(ref, "duplicate", f"{ref} has the same bytes as {first} (image_id {check.image_id}); kept the first")
-        return
-    near_of = None
-    if config.near_duplicates.mode != "off":
-        near_of, distance = ledger.near(check.image_id, check.phash, config.near_duplicates.max_distance)
-        if near_of is not None:
-            ctx.add_usage(near_duplicates=1)
-            if config.near_duplicates.mode == "drop":
-                out.fail(ref, "near_duplicate", f"{ref} is {distance} dHash bits from {ledger.first_ref(near_of)}")
-                return
     out.add(ref, {
         "image_id": check.image_id, "path": path, "width": check.width, "height": check.height,
         "format": check.format, "mode": check.mode, "frames": check.frames, "bytes": check.size,
-        "phash": f"{check.phash:016x}", "near_dup_of": near_of, "source": row["source"], "ref": ref,
+        "phash": f"{check.phash:016x}", "near_dup_of": None, "source": row["source"], "ref": ref,
         "url": row["url"],
     })
+
+
+def _dedup(out: BatchOutput, row: dict, ledger: Ledger, config: ImagesConfig) -> int:
+    """Pass one raw row through the ledger (called in input order); returns 1 for a near-duplicate."""
+    ref = row[SOURCE]
+    if row[FAILURE_REASON] is not None:
+        out.fail(ref, row[FAILURE_REASON], row[FAILURE_DETAIL] or "", item=row[FAILURE_ITEM])
+        return 0
+    kept = {column: row[column] for column in OUTPUT_COLUMNS}
+    first = ledger.claim(kept["image_id"], ref, kept["path"])
+    if first != ref:
+        out.fail(ref, "duplicate",
+                 f"{ref} has the same bytes as {first} (image_id {kept['image_id']}); kept the first")
+        return 0
+    if config.near_duplicates.mode == "off":
+        out.add(ref, kept)
+        return 0
+    near_of, distance = ledger.near(kept["image_id"], int(kept["phash"], 16), config.near_duplicates.max_distance)
+    if near_of is not None and config.near_duplicates.mode == "drop":
+        out.fail(ref, "near_duplicate", f"{ref} is {distance} dHash bits from {ledger.first_ref(near_of)}")
+        return 1
+    out.add(ref, {**kept, "near_dup_of": near_of})
+    return int(near_of is not None)

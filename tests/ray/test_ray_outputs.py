@@ -58,7 +58,8 @@ def _one_task(runner, name, folder):
 
 def test_duplicates_across_shards_keep_the_first_ref_as_locally(ray_cluster, tmp_path):
     """The images stage's dedup ledger carries state from shard to shard (the first ref of an image wins):
-    under Ray its shards still run in input order, so the same ref is kept and the same one fails."""
+    under Ray its shards run at once on several workers and the runner settles them in input order, so the
+    same ref is kept and the same one fails."""
     from PIL import Image
     from ray_helpers import run_pipeline, stage_tables, write_config
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loaders"))  # the 
 
 from builder.config import build_config_model, validate_config  # noqa: E402
 from builder.outputs import load_stage_failures, load_stage_output  # noqa: E402
+from builder.engine import LocalEngine  # noqa: E402
 from builder.runner import Runner, StageError  # noqa: E402
 from builder.status import stage_summaries  # noqa: E402
 from loaders.images.paths import resolve_image_path  # noqa: E402
@@ -132,6 +133,55 @@ def test_crash_mid_stage_then_resume_matches_a_clean_run(corpus, monkeypatch):
         run(base, base / "crashed")
     monkeypatch.setattr(images_module, "check_image", real)
     assert run(base, base / "crashed")["done"]
+    run(base, base / "clean")
+    assert outcome(base / "crashed") == outcome(base / "clean")
+
+
+class ReversedEngine(LocalEngine):
+    """Runs the shards, then hands them to the runner last first: the order a parallel run may finish in."""
+
+    def run_shards(self, *args, **kwargs):
+        yield from reversed(list(super().run_shards(*args, **kwargs)))
+
+
+@pytest.mark.parametrize("near", ["report", "drop"])
+def test_shards_finishing_in_any_order_give_the_serial_output(corpus, near):
+    """Duplicates and near duplicates span shards (same bytes from a folder, a Hub set and a URL; a resized
+    copy): the settle step decides them in input order, whichever shard finished first."""
+    base, _ = corpus
+    (base / "photos" / "z-near.jpg").write_bytes(encode(picture(1).resize((192, 128)), "JPEG"))
+    cfg = config(base, near_duplicates={"mode": near}, parallel_shards=1)
+    serial = Runner(STAGES, cfg, base / "serial", progress=False).run()["images"]
+    cfg = config(base, near_duplicates={"mode": near}, parallel_shards=3)
+    reversed_ = Runner(STAGES, cfg, base / "reversed", progress=False, engine=ReversedEngine()).run()["images"]
+    assert serial["shards_total"] == reversed_["shards_total"] == 4
+    assert outcome(base / "reversed") == outcome(base / "serial")
+    for name in ("images",):  # the very rows, in the same order, with the same failure details
+        assert load_stage_output(base / "reversed", name).to_list() == load_stage_output(base / "serial", name).to_list()
+        assert load_stage_failures(base / "reversed", name).to_list() == \
+            load_stage_failures(base / "serial", name).to_list()
+    assert serial["totals"]["usage"]["near_duplicates"] == reversed_["totals"]["usage"]["near_duplicates"] >= 1
+    assert serial["fingerprint"] == reversed_["fingerprint"]  # parallel_shards is parallelism only
+
+
+def test_a_crash_after_a_download_does_not_download_it_again(corpus, monkeypatch):
+    base, server = corpus
+    real = images_module.check_image
+
+    def crashing(data, limits, name="image"):
+        if name.endswith("a-again.png"):  # urls#2: the batch before it (hub#1, urls#0) is done
+            raise RuntimeError("simulated crash")
+        return real(data, limits, name=name)
+
+    monkeypatch.setattr(images_module, "check_image", crashing)
+    monkeypatch.setattr(ImagesStage, "batch_size", 2)
+    with pytest.raises(StageError, match="simulated crash"):
+        run(base, base / "crashed", parallel_shards=1)
+    assert server.hits["c.jpg"] == 1
+    monkeypatch.setattr(images_module, "check_image", real)
+    assert run(base, base / "crashed")["done"]
+    assert server.hits["c.jpg"] == 1  # read from the store, where the interrupted pass put it
+    assert not (base / "crashed" / "01_images" / images_module.DOWNLOADS_DIR).exists()  # gone once finished
     run(base, base / "clean")
     assert outcome(base / "crashed") == outcome(base / "clean")
 
