@@ -8,7 +8,7 @@
       ds = builder.as_dataset(split="train")
 
 - ``main(argv)``: the ``taskgalaxy`` command line (``run``, ``status``, ``estimate``, ``export``, ``push``,
-  ``simulate-api``; see ``taskgalaxy --help``).
+  ``audit``, ``simulate-api``; see ``taskgalaxy --help``).
 """
 
 from __future__ import annotations
@@ -234,6 +234,35 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from processors.quality import audit_text
+
+    run_dir, out = Path(args.run_dir), args.out and Path(args.out)
+    try:
+        if not run_dir.is_dir():
+            raise ValueError(f"no run folder at {run_dir}")
+        if args.sample is not None:
+            if args.sample < 1 or out is None or args.json:
+                raise ValueError("--sample N needs N >= 1 and --out DIR (the labelling page's folder); --json "
+                                 "goes with --labels")
+            from processors.quality.audit_sample import write_audit
+
+            manifest = write_audit(run_dir, args.sample, out, stratify=args.stratify or "category",
+                                   seed=args.seed or 0)
+            print(audit_text.sample_instructions(run_dir, out, manifest))
+            return 0
+        if (args.out, args.stratify, args.seed) != (None, None, None):
+            raise ValueError("--out, --stratify and --seed go with --sample, not with --labels")
+        from processors.quality.audit_labels import compute_audit
+
+        figures = compute_audit(run_dir, [Path(p) for p in args.labels])
+    except ValueError as exc:  # bad labels (AuditError), no sample of this run, a run without score/final
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(figures, indent=2) if args.json else audit_text.format_figures(figures))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskgalaxy", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -300,6 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--tag", help="tag the pushed commit, e.g. v1")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.set_defaults(func=_cmd_push)
+
+    from processors.quality.audit_sample import STRATIFY
+
+    audit = verbs.add_parser("audit", help="check a sample by hand: draw it (--sample), then compute how many "
+                             "kept answers are right and how each referee agrees with you (--labels)")
+    audit.add_argument("run_dir")
+    mode = audit.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--sample", type=int, metavar="N", help="draw N scored questions (kept and dropped) "
+                      "and write the labelling page into --out")
+    mode.add_argument("--labels", action="append", metavar="FILE", help="the labels the page downloaded; give "
+                      "it twice (two people) for the agreement between them")
+    audit.add_argument("--out", metavar="DIR", help="with --sample: the folder to write the page (index.html) into")
+    audit.add_argument("--stratify", choices=STRATIFY,
+                       help="with --sample: the strata within kept and dropped (default: category)")
+    audit.add_argument("--seed", type=int, help="with --sample: the sample's seed (default 0)")
+    audit.add_argument("--json", action="store_true", help="with --labels: the figures as JSON")
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 

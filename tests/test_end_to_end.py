@@ -15,6 +15,8 @@ import pytest
 
 from taskgalaxy import main
 
+from browser_helpers import chromium_browser, skip_reason
+
 SECRET = "sk-test-e2e-must-never-be-written-0123456789"
 CONFIG = """
 run: {name: e2e, shard_size: 16}
@@ -170,3 +172,36 @@ def test_estimate_projects_requests_and_cost_before_anything_runs(tmp_path, caps
     assert float(lines["total"][-1].replace(",", "")) > 0
     assert "score:referee_a" in lines and "tiny_llava runs locally" in " ".join(" ".join(v) for v in lines.values())
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+def test_the_audit_loop_on_the_demo_run_in_chromium(finished_run, tmp_path, capsys):
+    """Issue 25's loop on a real dry run: sample -> label in a real browser -> figures -> the card."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)  # the other tests' card has no audit section
+    assert main(["audit", str(run), "--sample", "10", "--out", str(tmp_path / "page"), "--stratify", "votes"]) == 0
+    sampled = [json.loads(line) for line in (tmp_path / "page" / "sample.jsonl").read_text().splitlines()]
+    assert {row["kept"] for row in sampled} == {True, False}  # dropped questions too, so recall can be measured
+    with chromium_browser() as browser:
+        page = browser.new_context(accept_downloads=True).new_page()
+        page.goto((tmp_path / "page" / "index.html").as_uri())
+        assert page.locator("#picture").get_attribute("src").startswith("data:image/")
+        for i in range(len(sampled)):  # fits; the answer right except every third; needs the image
+            page.keyboard.press("1")
+            page.keyboard.press("w" if i % 3 == 0 else "q")
+            page.keyboard.press("a")
+            page.keyboard.press("j")
+        with page.expect_download() as download:
+            page.click("#download")
+        download.value.save_as(tmp_path / "labels.json")
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert len(labels) == len(sampled) and {row["qa_id"] for row in labels} == {row["qa_id"] for row in sampled}
+    capsys.readouterr()
+    assert main(["audit", str(run), "--labels", str(tmp_path / "labels.json"), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["labelled"] == len(sampled)
+    assert main(["push", str(run), "--local-dir", str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "Human audit" in card

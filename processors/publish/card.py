@@ -3,7 +3,8 @@
 The metadata block is built with ``huggingface_hub``'s ``DatasetCardData`` (license, task categories,
 language, size category, tags, pretty name, one ``configs:`` entry per published folder so the Hub's viewer
 reads every config). Stages may add a Markdown section of their own (``NN_stage/card.md``, e.g. the final
-stage's quality report) and plots (``NN_stage/*.png``); the card includes them without interpreting them.
+stage's quality report) and plots (``NN_stage/*.png``); the card includes them without interpreting them. A
+run with a human audit's figures (``audit/figures.json``, ``taskgalaxy audit``) gets a "Human audit" section.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
                       "provider's prompt cache and billed at its cached-input price.", ""]
     for section in sorted(Path(run_dir).glob("[0-9][0-9]_*/card.md")):
         lines += [section.read_text(encoding="utf-8").rstrip(), ""]
+    lines += _audit_section(run_dir)
     plots = sorted(p.name for p in Path(run_dir).glob("[0-9][0-9]_*/*.png"))
     if plots:
         lines += ["## Plots", ""] + [f"![{md_text(p)}](plots/{quote(p)})" for p in plots] + [""]
@@ -191,6 +193,13 @@ def render_card(run_dir: Path, configs: list[dict], states: list[dict], *, stage
         text = config_text.read_text(encoding="utf-8").rstrip()
         lines += ["## Config", "", f"{md_fence(text)}yaml", text, md_fence(text), ""]
     return "\n".join(lines)
+
+
+def _audit_section(run_dir: Path) -> list[str]:
+    """"Human audit": the figures of ``taskgalaxy audit RUN --labels FILE`` when the run has them, else nothing."""
+    from processors.quality.audit_text import card_section
+
+    return card_section(run_dir, md_text)
 
 
 def _trl_section() -> list[str]:

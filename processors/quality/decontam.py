@@ -3,11 +3,20 @@
 - ``benchmark_image``: the sample's image has the same decoded pixels as a benchmark image (SHA-256 of the
   upright RGB pixels and size, decoded through ``processors.imageio.open_rgb``: EXIF orientation applied, so a
   copy that is only rotated by its EXIF tag matches, and a copy in another lossless format or with other
-  metadata matches; a *lossy* re-encoding changes the pixels and is the near match's job), or a CLIP cosine at
-  or above ``near_threshold`` with one (resized, recompressed or slightly cropped copies), with the match
-  stage's model. Our images' vectors are the match stage's own where its coverage pass saved them
+  metadata matches; a *lossy* re-encoding changes the pixels and is the near match's job), or is a near copy
+  (resized, recompressed or slightly cropped) by either of two checks, each optional:
+  ``near_hash_distance``: the images stage's 64-bit dHash (its ``phash`` column, so our images are not decoded
+  for it; ``processors.image_validate.dhash`` of the benchmark images, hashed once per benchmark identity and
+  cached) within that many bits; no model, no GPU. Near-flat hashes (blank, plain gradients, a line of text on
+  white: fewer than ``MIN_HASH_BITS`` bits set or unset) are skipped on both sides, as ``min_exact_words``
+  skips short questions: they would match every plain image.
+  ``near_threshold`` (in ``decontam_clip``): a CLIP cosine at or above it with the match stage's model. Our
+  images' vectors are the match stage's own where its coverage pass saved them
   (``NN_match/coverage/embeddings.npz``); only the others are embedded here. The cosines are taken a block at
   a time with a running best match, never as one [ours x theirs] matrix.
+  The detail names the benchmark image and every check that fired, e.g. ``near copy (phash: 3 of 64 dHash bits
+  from MMBench: 0042.png; clip: cosine 0.981 with MMBench: 0042.png)``; ``fired_checks`` reads it back, so an
+  audit can say how often each check agrees with a person.
 - ``benchmark_question``: the question shares a word n-gram (``ngram`` words: Unicode words, case folded) with a
   benchmark question; a question shorter than ``ngram`` words must equal one, and only when it has at least
   ``min_exact_words`` words (generic templates such as "What is shown in the image?" are no evidence).
@@ -38,32 +47,78 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 WORD = re.compile(r"\w+")
 HASH_THREADS = min(8, os.cpu_count() or 1)  # decoding releases the GIL
-SIM_CHUNK = 4096  # rows of each side per similarity block
+HASHES_VERSION = "1"  # bump when image_hashes can change: part of the benchmark hashes' cache key
+MIN_HASH_BITS = 8  # a dHash with fewer bits set (or unset) is near-flat: no evidence of a copy
+PHASH_BLOCK = 1 << 22  # ours x theirs hash pairs compared at once (32 MB of XORs)
 
 
-def pixel_hash(path: Path) -> str | None:
-    """SHA-256 of the decoded, upright RGB pixels and the size; None (with a warning) when the file cannot be
-    decoded: unreadable, truncated, or a decompression bomb (``open_rgb``'s pixel limit, PIL's bomb error)."""
+def image_hashes(path: Path, perceptual: bool = True) -> tuple[str, int | None] | None:
+    """From one decode: SHA-256 of the decoded, upright RGB pixels and the size, and (``perceptual``) their
+    dHash, the images stage's ``phash``; None (with a warning) when the file cannot be decoded: unreadable,
+    truncated, or a decompression bomb (``open_rgb``'s pixel limit, PIL's bomb error)."""
     from PIL import Image
 
+    from processors.image_validate import dhash
     from processors.imageio import open_rgb
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             rgb = open_rgb(path)
-        return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+        return (hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest(),
+                dhash(rgb) if perceptual else None)
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         logger.warning("decontamination: %s skipped, it cannot be decoded (%s: %s)", path, type(exc).__name__, exc)
         return None
 
 
-def pixel_hashes(paths: Sequence[Path]) -> list[str | None]:
-    """``pixel_hash`` of every path, on a few threads."""
-    if len(paths) < 2:
-        return [pixel_hash(p) for p in paths]
+def pixel_hash(path: Path) -> str | None:
+    """``image_hashes``' pixel digest alone."""
+    hashes = image_hashes(path, perceptual=False)
+    return None if hashes is None else hashes[0]
+
+
+def _threaded(function, items: Sequence) -> list:
+    """``function`` of every item, on a few threads."""
+    if len(items) < 2:
+        return [function(item) for item in items]
     with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="decontam-hash") as pool:
-        return list(pool.map(pixel_hash, paths))
+        return list(pool.map(function, items))
+
+
+def phash_matches(ours: dict[str, int], theirs: Sequence[int | None], distance: int) -> dict[str, tuple[int, int]]:
+    """image_id -> (position in ``theirs``, bits apart) of its nearest benchmark dHash within ``distance`` bits
+    (the first one on a tie). A hash with fewer than max(MIN_HASH_BITS, distance + 1) bits set, or unset, is
+    skipped on either side: it is within reach of a flat image's 0 (or all ones) and would match every plain
+    image. Compared exactly (XOR and popcount, a block at a time), not with ``loaders.images.dedup``'s band
+    index: that one records every query as a new image, and at 6 to 16 bits its bands, 3 to 9 bits wide,
+    would prune little."""
+    import numpy as np
+
+    floor = max(MIN_HASH_BITS, distance + 1)
+    positions = [j for j, h in enumerate(theirs) if h is not None and floor <= h.bit_count() <= 64 - floor]
+    ids = [i for i, h in ours.items() if floor <= h.bit_count() <= 64 - floor]
+    logger.info("decontamination: dHash check over %d of %d images and %d of %d benchmark images (the others' "
+                "hashes are near-flat)", len(ids), len(ours), len(positions), sum(h is not None for h in theirs))
+    if not positions or not ids:
+        return {}
+    bench = np.array([theirs[j] for j in positions], dtype=np.uint64)
+    mine = np.array([ours[i] for i in ids], dtype=np.uint64)
+    step, out = max(1, PHASH_BLOCK // len(bench)), {}
+    for start in range(0, len(mine), step):
+        bits = np.bitwise_count(mine[start:start + step, None] ^ bench[None, :])
+        best = bits.argmin(axis=1)
+        near = bits[np.arange(len(best)), best]
+        for k in np.flatnonzero(near <= distance):
+            out[ids[start + k]] = (positions[int(best[k])], int(near[k]))
+    return out
+
+
+def fired_checks(detail: str) -> list[str]:
+    """The image checks a ``benchmark_image`` detail records: ``["pixels"]``, or ``phash`` and/or ``clip``."""
+    if detail.startswith("same pixels as"):
+        return ["pixels"]
+    return [check for check in ("phash", "clip") if re.search(rf"[(;] ?{check}: ", detail)]
 
 
 def words(text: str) -> list[str]:
@@ -125,20 +180,42 @@ def benchmark_identity(config) -> list:
     """What identifies the benchmark sets for the final stage's fingerprint: a folder by a digest of its image
     files' names, sizes and modification times; a Hub dataset by id, config, split, columns and revision;
     a questions file by a digest of its content."""
-    out: list = []
-    for b in config.benchmark_images:
-        if b.folder is not None:
-            listing = hashlib.sha256()
-            for p in _folder_images(Path(b.folder)):
-                stat = p.stat()
-                listing.update(f"{p.relative_to(b.folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            out.append({"name": b.name, "folder": listing.hexdigest()})
-        else:
-            out.append({"name": b.name, "hub": b.hub, "config": b.config, "split": b.split,
-                        "columns": _columns(b), "revision": b.revision})
+    out: list = [_identity(b) for b in config.benchmark_images]
     for path in config.benchmark_questions:
         out.append({"questions": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
     return out
+
+
+def _identity(b) -> dict:
+    if b.folder is not None:
+        listing = hashlib.sha256()
+        for p in _folder_images(Path(b.folder)):
+            stat = p.stat()
+            listing.update(f"{p.relative_to(b.folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"name": b.name, "folder": listing.hexdigest()}
+    return {"name": b.name, "hub": b.hub, "config": b.config, "split": b.split, "columns": _columns(b),
+            "revision": b.revision}
+
+
+def benchmark_hashes(benchmark, files: list[Path], cache_dir: Path) -> list[tuple[str, int] | None]:
+    """``image_hashes`` of a benchmark's files (``benchmark_files``), computed once per benchmark identity (the
+    fingerprint's: a folder's listing of names, sizes and times; a Hub dataset's id, config, split, columns and
+    revision) and kept under the cache; None for a file that cannot be decoded."""
+    from processors.shared_files import write_atomic
+
+    identity = {k: v for k, v in _identity(benchmark).items() if k != "name"}
+    key = hashlib.sha256(json.dumps([HASHES_VERSION, identity], sort_keys=True).encode()).hexdigest()[:16]
+    path, names = Path(cache_dir) / "benchmarks" / f"hashes-{key}.json", [p.name for p in files]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["names"] == names:
+            return [None if h is None else (h[0], int(h[1], 16)) for h in saved["hashes"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass  # not cached yet (or unreadable): hash now
+    hashes = _threaded(image_hashes, files)
+    text = json.dumps({"names": names, "hashes": [None if h is None else [h[0], f"{h[1]:016x}"] for h in hashes]})
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+    return hashes
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -189,7 +266,12 @@ def contamination_check(config, ctx):
 
     locate = image_locator(ctx)
     cache = Path(ctx.cache_dir)
-    bench = [(b.name, p) for b in config.benchmark_images for p in benchmark_files(b, cache)]
+    bench, bench_hashes = [], []
+    for b in config.benchmark_images:
+        files = benchmark_files(b, cache)
+        bench += [(b.name, p) for p in files]
+        bench_hashes += benchmark_hashes(b, files, cache)
+    phashes = _stage_phashes(ctx) if bench and config.near_hash_distance is not None else {}
     questions = QuestionIndex([q for f in config.benchmark_questions for q in read_questions(f)], config.ngram,
                               config.min_exact_words)
 
@@ -201,7 +283,8 @@ def contamination_check(config, ctx):
                 images[image_id] = locate(image_id)
             except ImageUnavailable:
                 continue
-        matched = _image_matches(images, bench, config, ctx) if bench else {}
+        matched = _image_matches(images, bench, config, ctx, bench_hashes=bench_hashes, phashes={
+            i: phashes[i] for i in images if i in phashes}) if bench else {}
         for qa_id, image_id, question in zip(rows["qa_id"], rows["image_id"], rows["question"]):
             if image_id in matched:
                 claimed[qa_id] = ("benchmark_image", matched[image_id])
@@ -216,109 +299,63 @@ def contamination_check(config, ctx):
     return check
 
 
-def _image_matches(images: dict[str, Path], bench: list[tuple[str, Path]], config, ctx) -> dict[str, str]:
-    """image_id -> why it is a benchmark image (exact pixels first, then CLIP near copies)."""
+def _stage_phashes(ctx) -> dict[str, int]:
+    """The images stage's dHash of every image (its ``phash`` column, hex), so our images are not decoded for it."""
+    from builder.outputs import column_values
+
+    table = ctx.load_stage("images")
+    if "phash" not in table.column_names:
+        return {}
+    return {i: int(h, 16) for i, h in zip(column_values(table, "image_id"), column_values(table, "phash")) if h}
+
+
+def _image_matches(images: dict[str, Path], bench: list[tuple[str, Path]], config, ctx, *,
+                   bench_hashes: list | None = None, phashes: dict[str, int] | None = None) -> dict[str, str]:
+    """image_id -> why it is a benchmark image: the same pixels, else a near copy by dHash and/or CLIP (both
+    recorded when both fire). ``bench_hashes``: ``image_hashes`` of ``bench`` (hashed here when not given);
+    ``phashes``: our images' dHash from the images stage (taken from the decode here for the others)."""
+    if bench_hashes is None:
+        bench_hashes = _threaded(image_hashes, [path for _, path in bench])
     hashes: dict[str, str] = {}
-    bench_hashes = pixel_hashes([path for _, path in bench])
-    for (name, path), digest in zip(bench, bench_hashes):
-        if digest is not None:
-            hashes.setdefault(digest, f"{name}: {path.name}")
-    unreadable = sum(d is None for d in bench_hashes)
+    for (name, path), pair in zip(bench, bench_hashes):
+        if pair is not None:
+            hashes.setdefault(pair[0], f"{name}: {path.name}")
+    unreadable = sum(pair is None for pair in bench_hashes)
     if unreadable:
         logger.warning("decontamination: %d of %d benchmark images could not be decoded and are skipped",
                        unreadable, len(bench))
-    found = {}
-    ids = list(images)
-    for image_id, digest in zip(ids, pixel_hashes([images[i] for i in ids])):
-        if digest is not None and digest in hashes:
-            found[image_id] = f"same pixels as {hashes[digest]}"
+    found, ids = {}, list(images)
+    by_hash = config.near_hash_distance is not None
+    phashes = dict(phashes or {})
+    decoded = _threaded(lambda i: image_hashes(images[i], by_hash and i not in phashes), ids)
+    for image_id, pair in zip(ids, decoded):
+        if pair is not None and pair[0] in hashes:
+            found[image_id] = f"same pixels as {hashes[pair[0]]}"
+        elif pair is not None and pair[1] is not None:
+            phashes[image_id] = pair[1]
     rest = [i for i in ids if i not in found]
-    usable = [j for j, digest in enumerate(bench_hashes) if digest is not None]
-    if config.near_threshold is None or not rest or not usable:
-        return found
-    from processors.clip.coverage import embed_images, topk_rows
-    from processors.clip.shared import get_matcher, release_matchers
+    usable = [j for j, pair in enumerate(bench_hashes) if pair is not None]
+    near: dict[str, list[str]] = {}
+    if by_hash and rest and usable:
+        theirs = [None if pair is None else pair[1] for pair in bench_hashes]
+        ours = {i: phashes[i] for i in rest if i in phashes}
+        for image_id, (j, bits) in phash_matches(ours, theirs, config.near_hash_distance).items():
+            name, path = bench[j]
+            near.setdefault(image_id, []).append(f"phash: {bits} of 64 dHash bits from {name}: {path.name}")
+    if config.near_threshold is not None and rest and usable:
+        from processors.quality.decontam_clip import clip_matches  # its model and GPU only when CLIP is on
 
-    matcher = get_matcher(ctx.settings.stages.match, ctx.cache_dir)
-    folder = Path(ctx.stage_dir) / "decontam"
-    try:
-        ours, bad_ours = _our_vectors(matcher, rest, images, ctx, folder)
-        chosen = [bench[j] for j in usable]
-        theirs, bad = embed_images(matcher, [str(p) for _, p in chosen], [p for _, p in chosen],
-                                   folder / "benchmarks.npz")
-        good = [j for j in range(len(chosen)) if j not in bad]
-        if not good:
-            return found
-        device = matcher.clip.device
-        for start, scores, index in topk_rows(ours, theirs[good], 1, SIM_CHUNK, device):  # running best match
-            for row in range(len(scores)):
-                position = start + row
-                score = float(scores[row, 0])
-                if position not in bad_ours and score >= config.near_threshold:
-                    name, path = chosen[good[int(index[row, 0])]]
-                    found[rest[position]] = f"CLIP cosine {score:.3f} with {name}: {path.name} (near copy)"
-    finally:
-        release_matchers()
+        for image_id, (name, path, score) in clip_matches(rest, images, [bench[j] for j in usable], config,
+                                                          ctx).items():
+            near.setdefault(image_id, []).append(f"clip: cosine {score:.3f} with {name}: {path.name}")
+    for image_id, parts in near.items():
+        found[image_id] = f"near copy ({'; '.join(parts)})"
+    fired = [check for detail in found.values() for check in fired_checks(detail)]
+    logger.info("decontamination: %d benchmark images among %d: same pixels %d, phash %d, clip %d (both: %d)",
+                len(found), len(ids), fired.count("pixels"), fired.count("phash"), fired.count("clip"),
+                sum(len(parts) == 2 for parts in near.values()))
     return found
 
 
-def _our_vectors(matcher, ids: list[str], images: dict[str, Path], ctx, folder: Path):
-    """Our images' CLIP vectors: the match stage's own where its coverage pass saved them under the same model,
-    the rest embedded here. Returns (vectors [len(ids), dim], positions without a vector)."""
-    import numpy as np
-
-    from processors.clip.coverage import embed_images
-
-    saved = _match_embeddings(ctx)
-    vectors: dict[str, np.ndarray] = {}
-    if saved is not None:
-        position = {image_id: i for i, image_id in enumerate(saved["ids"])}
-        for image_id in ids:
-            i = position.get(image_id)
-            if i is not None and i not in saved["errors"]:
-                vectors[image_id] = saved["vectors"][i]
-    missing = [i for i in ids if i not in vectors]
-    bad: set[int] = set()
-    if missing:
-        fresh, errors = embed_images(matcher, missing, [images[i] for i in missing], folder / "images.npz")
-        for k, image_id in enumerate(missing):
-            if k not in errors:
-                vectors[image_id] = fresh[k]
-    logger.info("decontamination: %d of %d images' vectors reused from the match stage", len(ids) - len(missing),
-                len(ids))
-    dim = next((v.shape[0] for v in vectors.values()), 1)
-    out = np.zeros((len(ids), dim), dtype=np.float32)
-    for k, image_id in enumerate(ids):
-        if image_id in vectors:
-            out[k] = vectors[image_id]
-        else:
-            bad.add(k)
-    return out, bad
-
-
-def _match_embeddings(ctx) -> dict | None:
-    """The coverage pass's saved embeddings, when the match stage ran with the model configured now."""
-    import numpy as np
-
-    from builder.outputs import stage_state
-
-    try:
-        folder, state = stage_state(Path(ctx.run_dir), "match")
-    except Exception:  # noqa: BLE001 - no match stage in this run folder: embed here
-        return None
-    path = Path(folder) / "coverage" / "embeddings.npz"
-    current = ctx.settings.stages.match
-    ran = state.get("config") or {}
-    if not path.exists() or ran.get("model") != current.model or ran.get("pretrained") != current.pretrained:
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            return {"ids": [str(i) for i in saved["ids"]], "vectors": saved["vectors"],
-                    "errors": set(int(i) for i in saved["error_pos"])}
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("decontamination: the match stage's embeddings %s are unreadable (%s): embedding here",
-                       path, exc)
-        return None
-
-
-__all__ = ["QuestionIndex", "benchmark_identity", "contamination_check", "pixel_hash"]
+__all__ = ["QuestionIndex", "benchmark_hashes", "benchmark_identity", "contamination_check", "fired_checks",
+           "image_hashes", "phash_matches", "pixel_hash"]

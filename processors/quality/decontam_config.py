@@ -35,10 +35,22 @@ class DecontaminationConfig(BaseModel):
 
     benchmark_images: list[BenchmarkImages] = Field(
         default_factory=list, description="benchmark image sets; a kept sample whose image equals one (same "
-        "decoded pixels) or is near one (CLIP cosine >= near_threshold) fails as benchmark_image")
+        "decoded pixels) or is near one (CLIP cosine >= near_threshold, or dHash within near_hash_distance bits) "
+        "fails as benchmark_image")
     near_threshold: float | None = Field(
         0.95, gt=0, le=1, description="CLIP cosine (the match stage's model) at or above which an image is a near "
-        "copy of a benchmark image; null = exact pixel matches only")
+        "copy of a benchmark image; null = no CLIP check (it is the one check that embeds images: a GPU worker)")
+    # Off by default, on purpose: a default that switched it on would change the rows of every existing config
+    # with benchmark_images (near_threshold: null has always meant "exact pixel matches only") while their
+    # fingerprints stay the same (fingerprint_config drops fields at their default), so a finished run would
+    # keep a plan the code no longer computes. Set, it enters the fingerprint like any non-default key.
+    near_hash_distance: int | None = Field(
+        None, ge=0, le=16, description="dHash bits (the images stage's 64-bit phash) within which an image is a "
+        "near copy of a benchmark image: no model, no GPU; measured, resized (0.5x, 2x) and re-encoded (JPEG q60, "
+        "PNG->JPEG) copies are 0-6 bits away and distinct photos and charts 17+, but same-template charts (two "
+        "bell-shaped histograms in one style) can be 1-4; 6 is the suggested value (2-pixel crops: up to 7). "
+        "Images whose hash is near-flat (blank, plain gradients, a line of text) are no evidence and skipped. "
+        "null = off; with near_threshold too, either check fires")
     benchmark_questions: list[ExistingPath] = Field(
         default_factory=list, description="files of benchmark questions (one per line, or JSON lines with a "
         "'question' key); a question sharing a word n-gram with one fails as benchmark_question")

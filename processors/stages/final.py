@@ -113,8 +113,9 @@ class FinalStage(Stage):
         return parts
 
     def resources(self, config: FinalConfig) -> dict:
-        # Near-copy decontamination embeds images with the match stage's CLIP (once: the plan is a file the
-        # other workers read), so then one GPU worker; otherwise the default (cheap CPU tasks).
+        # The CLIP near-copy check embeds images with the match stage's CLIP (once: the plan is a file the
+        # other workers read), so then one GPU worker; otherwise (the dHash check, near_hash_distance, alone
+        # included) the default (cheap CPU tasks).
         d = config.decontamination
         if d.benchmark_images and d.near_threshold is not None:
             return {"kind": "gpu", "num_cpus": 1, "num_gpus": 1, "workers": 1, "runtime_env": None,

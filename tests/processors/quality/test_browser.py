@@ -4,16 +4,14 @@ headless Chromium (where one is installed) to a page that is not blank."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 
+from browser_helpers import CHROMIUM, skip_reason
 from processors.quality.browser import render_browser, thumbnail_data_url
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-                 if shutil.which(n)), None)
 
 
 def _records(tmp_path, n=7):
@@ -60,7 +58,7 @@ def _chromium(*args, timeout=60):
                            "--no-first-run", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+@pytest.mark.skipif(skip_reason(playwright=False) is not None, reason=skip_reason(playwright=False) or "")
 def test_headless_chromium_lists_every_kept_sample_and_draws_them(tmp_path):
     records = _records(tmp_path)
     page = tmp_path / "index.html"

@@ -136,7 +136,7 @@ def test_the_match_stages_vectors_are_reused(tmp_path):
     import numpy as np
 
     from processors.clip.coverage import embed_images
-    from processors.quality.decontam import _our_vectors
+    from processors.quality.decontam_clip import _our_vectors
     from processors.clip.shared import get_matcher
 
     run = tmp_path / "run"

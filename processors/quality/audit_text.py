@@ -1,0 +1,135 @@
+"""A human audit's figures as text: the table ``taskgalaxy audit RUN --labels FILE`` prints, and the dataset
+card's "Human audit" section (Markdown; nothing when the run has no ``audit/figures.json``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _share(figure: dict) -> str:
+    if figure.get("share") is None:
+        return f"— ({figure.get('reason', 'no data')})"
+    return (f"{_pct(figure['share'])} (95% CI {_pct(figure['low'])}–{_pct(figure['high'])}; "
+            f"n={figure['n']}, n_eff={figure['n_eff']:g})")
+
+
+def _wrong(projected: dict) -> str:
+    if projected.get("estimate") is None:
+        return f"— of {projected['kept_population']:,} kept samples"
+    return (f"{projected['estimate']:,} of {projected['kept_population']:,} kept samples (95% CI "
+            f"{projected['low']:,}–{projected['high']:,})")
+
+
+def _table_rows(figures: dict) -> list[tuple[str, str, dict]]:
+    """(who, compared with, table) for every referee, the vote, the answer and blind checks."""
+    rows = [(name, "good", t["good"]) for name, t in figures.get("referees", {}).items()]
+    rows.append(("vote (kept)", "good", figures["vote"]["good"]))
+    rows += [(f"answer check {name}", "answer correct", t) for name, t in figures.get("answer_check", {}).items()]
+    rows += [(f"blind check {name}", "needs image", t) for name, t in figures.get("blind_check", {}).items()]
+    return rows
+
+
+def format_figures(figures: dict) -> str:
+    """The figures as the readable table the CLI prints."""
+    accuracy = figures["kept_accuracy"]
+    lines = [f"audit of {figures['labelled']} labelled samples ({figures['labelled_kept']} kept, "
+             f"{figures['labelled_dropped']} dropped; {figures['design']} design)"]
+    if figures.get("note"):
+        lines.append(f"note: {figures['note']}")
+    lines += [
+        f"kept samples, answer correct: {_share(accuracy['answer_correct'])}",
+        f"kept samples, fit the image:  {_share(accuracy['fits'])}",
+        f"kept samples, good (both):    {_share(accuracy['good'])}",
+        f"answers left unknown: {accuracy['answer_unknown']} (out of the answer figures)",
+        f"wrong answers in the run: {_wrong(accuracy['projected_wrong_answers'])}",
+        "",
+        f"{'who':<32} {'against':<15} {'n':>5} {'precision':>9} {'recall':>7} {'agree':>7} {'kappa':>6}  left out",
+    ]
+    for who, against, t in _table_rows(figures):
+        left = t.get("left_out", {})
+        lines.append(f"{who[:32]:<32} {against:<15} {t['n']:>5} {_pct(t['precision']):>9} {_pct(t['recall']):>7} "
+                     f"{_pct(t['agreement']):>7} {_num(t['kappa']):>6}  "
+                     f"no vote {left.get('no_vote', 0)}, unknown {left.get('person_unknown', 0)}")
+    inter = figures.get("inter_annotator")
+    if inter:
+        lines += ["", f"between the two people ({inter['common']} samples both labelled):"]
+        for name in ("fits", "answer_correct", "needs_image"):
+            e = inter[name]
+            lines.append(f"  {name:<15} n={e['n']:<5} agreement {_pct(e['agreement'])}  kappa {_num(e['kappa'])}"
+                         + (f"  ({e['reason']})" if e.get("reason") else ""))
+    lines += [f"warning: {w}" for w in figures.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def card_section(run_dir: Path, md_text) -> list[str]:
+    """The card's "Human audit" section from ``<run>/audit/figures.json``; [] when there is none. ``md_text``:
+    the card's escaping of a text for one line of Markdown (a referee's name goes into a table cell)."""
+    import json
+
+    from processors.quality.audit_labels import FIGURES_FILE
+    from processors.quality.audit_sample import AUDIT_DIR
+
+    path = Path(run_dir) / AUDIT_DIR / FIGURES_FILE
+    if not path.exists():
+        return []
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+        return _card_lines(figures, md_text)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: the card goes on without it
+        logger.warning("the card has no Human audit section: %s is unreadable (%s); run taskgalaxy audit RUN "
+                       "--labels FILE again", path, exc)
+        return []
+
+
+def _card_lines(figures: dict, md_text) -> list[str]:
+    accuracy = figures["kept_accuracy"]
+    lines = [
+        "## Human audit", "",
+        f"A person labelled {figures['labelled']} samples drawn at random from the scored questions "
+        f"({figures['labelled_kept']} kept, {figures['labelled_dropped']} dropped"
+        + ("; stratified, each weighted by its stratum's size" if figures["design"] == "stratified"
+           else "; read as a simple random sample within kept and dropped") + "). 95% intervals are Wilson's.",
+        "",
+        f"- Kept samples whose answer is correct: {_share(accuracy['answer_correct'])}",
+        f"- Kept samples whose task type and question fit the image: {_share(accuracy['fits'])}",
+        f"- Estimated wrong answers among the kept samples: {_wrong(accuracy['projected_wrong_answers'])}",
+        "",
+        "| referee | against the person's | n | precision | recall | agreement | Cohen's κ |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for who, against, t in _table_rows(figures):
+        lines.append(f"| {md_text(who)} | {against} | {t['n']} | {_pct(t['precision'])} | {_pct(t['recall'])} | "
+                     f"{_pct(t['agreement'])} | {_num(t['kappa'])} |")
+    lines += ["", "\"good\": the task type and question fit the image and the answer is correct."
+              + (" A blind check says \"the question needs the image\" when it could not answer without it."
+                 if figures.get("blind_check") else "")]
+    inter = figures.get("inter_annotator")
+    if inter:
+        kappas = ", ".join(f"{name} {_num(inter[name]['kappa'])}" for name in ("fits", "answer_correct", "needs_image"))
+        lines += ["", f"Two people labelled {inter['common']} samples both; Cohen's κ between them: {kappas}."]
+    return lines + [""]
+
+
+def sample_instructions(run_dir: Path, out: Path, manifest: dict) -> str:
+    """What ``taskgalaxy audit RUN --sample N --out DIR`` prints: where the page is and how to label."""
+    strata = manifest.get("strata") or {}
+    sampled = sum(int(s.get("sampled", 0)) for s in strata.values()) if strata else manifest.get("n")
+    return "\n".join([
+        f"wrote the audit page of {sampled} samples ({len(strata)} strata, by {manifest.get('stratify')}, "
+        f"seed {manifest.get('seed')}) to {Path(out) / 'index.html'}; the sample is listed in "
+        f"{Path(run_dir) / 'audit' / 'sample.jsonl'}",
+        f"1. open {Path(out) / 'index.html'} in a web browser (no server needed) and label every sample",
+        "2. press \"download labels\" to save labels.json",
+        f"3. taskgalaxy audit {run_dir} --labels labels.json   (a second person's file: add --labels theirs.json)",
+    ])
