@@ -220,3 +220,63 @@ def test_a_stratum_the_sample_left_empty_is_listed_and_not_covered(tmp_path, cap
     assert accuracy["labelled_kept"] == 0 and accuracy["answer_correct"]["share"] is None
     assert accuracy["projected_wrong_answers"]["estimate"] is None
     assert figures["vote"]["good"]["reasons"]["precision"] == "it said yes to no labelled sample"
+
+
+# -- review (issue 25 follow-up) ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [[], [{"qa_id": "k1", "fits": None, "answer_correct": None, "needs_image": None}]])
+def test_a_labels_file_with_nothing_labelled_is_refused_and_keeps_the_figures(tmp_path, capsys, rows):
+    # figures of zero rows would replace the run's figures (and the card's section) with dashes
+    run = make_run(tmp_path)
+    assert main(["audit", str(run), "--labels", str(_labels(tmp_path))]) == 0
+    before = (run / "audit" / "figures.json").read_bytes()
+    capsys.readouterr()
+    assert main(["audit", str(run), "--labels", str(_labels(tmp_path, rows, "empty.json"))]) == 2
+    assert "labels no sample" in capsys.readouterr().err
+    assert (run / "audit" / "figures.json").read_bytes() == before
+
+
+def test_the_same_labels_file_twice_is_not_two_people(tmp_path, capsys):
+    run = make_run(tmp_path)
+    labels = _labels(tmp_path)
+    link = tmp_path / "link.json"
+    link.symlink_to(labels)
+    for second in (labels, link):
+        assert main(["audit", str(run), "--labels", str(labels), "--labels", str(second)]) == 2
+        assert "is given twice" in capsys.readouterr().err
+    assert not (run / "audit" / "figures.json").exists()
+    copy = _labels(tmp_path, LABELS, "copy.json")  # two people who agree on every label: possible, but say so
+    assert main(["audit", str(run), "--labels", str(labels), "--labels", str(copy), "--json"]) == 0
+    assert any("byte for byte the same" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+
+def test_a_fifo_labels_file_exits_2_instead_of_hanging(tmp_path, capsys):
+    import os
+    import signal
+
+    run = make_run(tmp_path)
+    fifo = tmp_path / "labels.json"
+    os.mkfifo(fifo)
+
+    def fail(*_):
+        raise TimeoutError("audit --labels blocked on a FIFO")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(5)
+    try:
+        assert main(["audit", str(run), "--labels", str(fifo)]) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_sample_prints_a_warning_when_pictures_are_missing(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path, sample=False)
+
+    def write_audit(run_dir, n, out_dir, stratify="category", seed=0):
+        return {"audit_id": "x", "seed": seed, "stratify": stratify, "n": n, "no_picture": ["k1", "d1"],
+                "strata": {"kept|A": {"population": 5, "sampled": 3, "kept": 3}}}
+
+    monkeypatch.setattr("processors.quality.audit_sample.write_audit", write_audit)
+    assert main(["audit", str(run), "--sample", "3", "--out", str(tmp_path / "page")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("warning: 2 of 3 samples have no picture") and "k1" in out

@@ -3,9 +3,12 @@
 A labels file is what the audit page downloads: a JSON list (or an object whose ``labels`` is that list) of
 ``{"qa_id", "fits", "answer_correct", "needs_image"}``, each label true, false or null (not known); other keys
 are ignored. Refused, with the file and row named (``AuditError``): a missing, unreadable or huge file, one that
-is not JSON or not a list, a row that is no object or has no ``qa_id``, a label that is not true/false/null
-(``"yes"`` and ``1`` included), and the same ``qa_id`` twice in one file (an edited or concatenated file: which
-one the person meant is not ours to guess). A row whose labels are all null is not labelled and is left out.
+is no regular file (a FIFO, ``/dev/zero``: refused before a byte is read), one that is not JSON (or nested too
+deep to parse) or not a list, one with no labelled row at all (its figures would replace the run's with
+dashes), the same file given twice as two people's, a row that is no object or has no ``qa_id``, a label that
+is not true/false/null (``"yes"`` and ``1`` included), and the same ``qa_id`` twice in one file (an edited or
+concatenated file: which one the person meant is not ours to guess). A row whose labels are all null is not
+labelled and is left out.
 
 A ``qa_id`` that is not in the run's audit sample (``<run>/audit/sample.jsonl``) is left out with a warning; a
 file none of whose ``qa_id``s is in it is refused (the labels of another run or another sample). Without an
@@ -22,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,26 +46,53 @@ class AuditError(ValueError):
     """Labels, a sample or a run the audit cannot use; the message names the file and what is wrong."""
 
 
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most ``MAX_LABELS_BYTES``. Opened without blocking and checked on the
+    open descriptor (``fstat``), so a FIFO (which would wait for a writer forever), a character device such as
+    ``/dev/zero`` (no size, endless) or a symlink to one is refused, and at most one byte past the limit is read
+    even from a file that grows while it is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise AuditError(f"no labels file at {path}") from None
+    except IsADirectoryError:
+        raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded") from None
+    except OSError as exc:
+        raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded")
+        if not stat.S_ISREG(info.st_mode):
+            raise AuditError(f"labels file {path} is not a regular file (a pipe, a device or a socket); give the "
+                             "JSON file the audit page downloaded")
+        if info.st_size > MAX_LABELS_BYTES:
+            raise AuditError(f"labels file {path} is {info.st_size / 2**20:.0f} MB, over the "
+                             f"{MAX_LABELS_BYTES // 2**20} MB a labels file can be; is it the file the audit page "
+                             "downloaded?")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_LABELS_BYTES + 1)
+    except OSError as exc:
+        raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_LABELS_BYTES:
+        raise AuditError(f"labels file {path} is over the {MAX_LABELS_BYTES // 2**20} MB a labels file can be; is it "
+                         "the file the audit page downloaded?")
+    return data
+
+
 def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int]:
     """The labelled rows of one file by ``qa_id`` (rows whose labels are all null left out), the file's bytes,
     and how many rows it held."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded")
-        if size > MAX_LABELS_BYTES:
-            raise AuditError(f"labels file {path} is {size / 2**20:.0f} MB, over the {MAX_LABELS_BYTES // 2**20} MB "
-                             "a labels file can be; is it the file the audit page downloaded?")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"no labels file at {path}") from None
-    except OSError as exc:
-        raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+    data = _read_regular_file(path)
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AuditError(f"labels file {path} is not JSON ({exc})") from None
+    except RecursionError:  # '[[[[...' nested deeper than the decoder's stack: no labels file looks like that
+        raise AuditError(f"labels file {path} is JSON nested too deep to be a list of labels") from None
     if isinstance(value, dict) and isinstance(value.get("labels"), list):
         value = value["labels"]
     if not isinstance(value, list):
@@ -174,6 +206,9 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
     if not 1 <= len(label_paths) <= 2:
         raise AuditError("give one labels file, or two (two people's labels of the same sample)")
     files = [read_labels(p) for p in label_paths]
+    if len(files) == 2 and Path(label_paths[0]).resolve() == Path(label_paths[1]).resolve():
+        raise AuditError(f"{label_paths[0]} is given twice: the agreement between two people needs each person's "
+                         "own labels file")
     drawn = read_sample(run_dir)
     wanted = set(drawn[0]) if drawn else {q for labels, _, _ in files for q in labels}
     scored, kept, checks, scored_count = read_run(run_dir, wanted)
@@ -181,7 +216,10 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
     described = []
     for path, (labels, data, held) in zip(label_paths, files):
         unknown = sorted(set(labels) - set(strata))
-        if labels and len(unknown) == len(labels):
+        if not labels:  # figures of nothing would replace the run's figures (and its card section) with dashes
+            raise AuditError(f"{path} labels no sample ({held} rows, none with a label): label some on the audit "
+                             "page and download the labels again")
+        if len(unknown) == len(labels):
             raise AuditError(f"none of the {len(labels)} labelled qa_ids of {path} is in this run's audit sample: "
                              "labels of another run or of another sample?")
         if unknown:
@@ -189,6 +227,9 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
                             f"left out (e.g. {unknown[0]})")
         described.append({"file": str(path), "copy": f"{AUDIT_DIR}/labels-{hashlib.sha256(data).hexdigest()[:8]}.json",
                           "rows": held, "labelled": len(labels) - len(unknown), "unknown_qa_ids": len(unknown)})
+    if len(files) == 2 and files[0][1] == files[1][1]:
+        warnings.append(f"{label_paths[0]} and {label_paths[1]} are byte for byte the same file: two people "
+                        "rarely agree on every label; is one a copy of the other?")
     kept_population = len(kept)  # what a user trains on: the run's kept samples now
     figures = {
         "audit_id": manifest.get("audit_id"), "stratify": manifest.get("stratify"),

@@ -71,12 +71,16 @@ def _picture_source(run_dir: Path | None):
 
 
 def write_audit_page(out_dir: Path, rows: list[dict], audit_id: str, run_dir: Path | None = None,
-                     title: str = "TaskGalaxy audit") -> Path:
+                     title: str = "TaskGalaxy audit", no_picture: list[str] | None = None) -> Path:
     """Write ``out_dir/index.html`` for the sampled ``rows`` (``audit_sample.population`` dicts, in the order
-    the person sees them); pictures are checked against ``run_dir``'s trusted image roots when it is given."""
+    the person sees them); pictures are checked against ``run_dir``'s trusted image roots when it is given.
+    ``no_picture``, when given, gets the qa_id of every row the page shows without a picture."""
     from processors.shared_files import write_atomic
 
-    page = render_audit_page(page_items(rows, _picture_source(run_dir)), audit_id, title).encode("utf-8")
+    items = page_items(rows, _picture_source(run_dir))
+    if no_picture is not None:
+        no_picture.extend(item["qa_id"] for item in items if not item["image"])
+    page = render_audit_page(items, audit_id, title).encode("utf-8")
     target = Path(out_dir) / PAGE_FILE
     write_atomic(target, lambda handle: handle.write(page))
     logger.info("audit: labelling page for %d questions in %s", len(rows), target)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -98,6 +99,16 @@ def population(run_dir: Path) -> list[dict]:
     ``votes`` (every referee's vote, None = not asked or missing), ``drop_reason`` (the final stage's failure
     reason of a dropped question, None when kept) and ``image`` (the file, resolved inside its image root;
     None when it cannot be). ValueError when the score or final stage has not finished."""
+    rows, resolve = _unresolved_population(run_dir)
+    for row in rows:
+        row["image"] = resolve(row.pop("stored_path"))
+    return rows
+
+
+def _unresolved_population(run_dir: Path) -> tuple[list[dict], Callable[[str | None], str | None]]:
+    """``population``'s rows with the image's stored path (``stored_path``) in place of ``image``, and the
+    resolver: resolving is a realpath walk per image file, which ``write_audit`` does for the sample only
+    (200k rows: seconds of ``lstat`` for pictures nobody shows)."""
     run_dir = Path(run_dir)
     score, final = _require(run_dir, "score"), _require(run_dir, "final")
     kept = set(column_values(final, "qa_id"))
@@ -114,10 +125,10 @@ def population(run_dir: Path) -> list[dict]:
             "question": columns["question"][i], "answer": columns["answer"][i], "kept": qa_id in kept,
             "category": columns["task_type"][i].split(SEPARATOR)[0], "source": source or UNKNOWN,
             "votes_total": sum(v for name, v in votes.items() if name not in checks and v is not None),
-            "votes": dict(votes), "drop_reason": None if qa_id in kept else reasons.get(qa_id),
-            "image": resolve(stored),
+            "votes": votes, "drop_reason": None if qa_id in kept else reasons.get(qa_id),
+            "stored_path": stored,
         })
-    return rows
+    return rows, resolve
 
 
 def stratum_of(row: dict, stratify: str) -> str:
@@ -220,22 +231,61 @@ def sample_jsonl(sample: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in sample).encode("utf-8")
 
 
+PAGE_MARK = b'<meta name="taskgalaxy-audit"'  # what every audit page holds near its top (audit_page_html)
+
+
+def check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    """ValueError unless ``out_dir`` can take the page: a folder (or nothing yet) outside the run folder whose
+    ``index.html``, if any, is an earlier audit page (drawing again into the same folder replaces it). A user's
+    own ``index.html`` is never replaced, and a run folder (the stages own it) never gets the page."""
+    from processors.quality.audit_page import PAGE_FILE
+
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder: give a folder for the labelling page")
+    out_real, run_real = out_dir.resolve(), run_dir.resolve()
+    if out_real == run_real or run_real in out_real.parents:
+        raise ValueError(f"--out {out_dir} is inside the run folder {run_dir}, which the stages own: write the page "
+                         f"outside it (the run keeps its own copy of the sample in {run_dir / AUDIT_DIR})")
+    page = out_dir / PAGE_FILE
+    if page.is_symlink() or (page.exists() and not page.is_file()):
+        raise ValueError(f"{page} is a link or not a file: choose an empty folder for the labelling page")
+    if page.exists():
+        with open(page, "rb") as handle:
+            head = handle.read(4096)
+        if PAGE_MARK not in head:
+            raise ValueError(f"{page} exists and is not a TaskGalaxy audit page: not replacing it; choose an empty "
+                             "folder (or remove the file) for the labelling page")
+    elif (out_dir / SAMPLE_FILE).exists():
+        raise ValueError(f"{out_dir / SAMPLE_FILE} exists beside no audit page: not replacing it; choose an empty "
+                         "folder for the labelling page")
+
+
 def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category", seed: int = 0) -> dict:
     """Write ``out_dir/index.html`` (the labelling page), ``out_dir/sample.jsonl``, and the same sample plus
     its manifest (``audit.json``: ``audit_id, seed, stratify, n, strata: {stratum: {population, sampled,
-    kept}}, created``, and ``population``/``sampled``/``whole_population``) into ``run_dir/audit/``, where a
-    later audit replaces them. Returns the manifest."""
+    kept}}, created``, ``population``/``sampled``/``whole_population``, and ``no_picture``: the sampled
+    qa_ids the page shows without their image) into ``run_dir/audit/``, where a later audit replaces them.
+    ``out_dir`` must pass ``check_out_dir`` (checked before anything is written). Returns the manifest."""
     from processors.quality.audit_page import write_audit_page
     from processors.shared_files import write_atomic
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    rows = population(run_dir)
+    check_out_dir(run_dir, out_dir)
+    rows, resolve = _unresolved_population(run_dir)
     sample = draw_sample(rows, n, stratify, seed)
     manifest = build_manifest(run_dir, rows, sample, n, stratify, seed)
     if manifest["whole_population"]:
         logger.warning("audit: %d asked, the run has %d scored questions: the sample is all of them", n, len(rows))
     by_id = {row["qa_id"]: row for row in rows}
-    write_audit_page(out_dir, [by_id[r["qa_id"]] for r in sample], manifest["audit_id"], run_dir)
+    shown = [{k: v for k, v in by_id[r["qa_id"]].items() if k != "stored_path"}
+             | {"image": resolve(by_id[r["qa_id"]]["stored_path"])} for r in sample]
+    no_picture: list[str] = []
+    write_audit_page(out_dir, shown, manifest["audit_id"], run_dir, no_picture=no_picture)
+    manifest["no_picture"] = no_picture
+    if no_picture:
+        logger.warning("audit: %d of %d sampled questions have no picture on the page (image missing or "
+                       "unreadable), e.g. %s", len(no_picture), len(sample), no_picture[0])
     lines = sample_jsonl(sample)
     write_atomic(out_dir / SAMPLE_FILE, lambda handle: handle.write(lines))
     # The run folder's copy is the one `audit --labels` reads: the page's folder may be sent to a person.

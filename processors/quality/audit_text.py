@@ -125,7 +125,11 @@ def sample_instructions(run_dir: Path, out: Path, manifest: dict) -> str:
     """What ``taskgalaxy audit RUN --sample N --out DIR`` prints: where the page is and how to label."""
     strata = manifest.get("strata") or {}
     sampled = sum(int(s.get("sampled", 0)) for s in strata.values()) if strata else manifest.get("n")
-    return "\n".join([
+    missing = manifest.get("no_picture") or []
+    warning = ([f"warning: {len(missing)} of {sampled} samples have no picture on the page (the image file is "
+                f"missing or unreadable, e.g. the sample {missing[0]}); a person cannot judge whether they fit: "
+                "restore the images and draw the page again"] if missing else [])
+    return "\n".join(warning + [
         f"wrote the audit page of {sampled} samples ({len(strata)} strata, by {manifest.get('stratify')}, "
         f"seed {manifest.get('seed')}) to {Path(out) / 'index.html'}; the sample is listed in "
         f"{Path(run_dir) / 'audit' / 'sample.jsonl'}",

@@ -212,3 +212,84 @@ def test_a_missing_a_folder_or_a_huge_labels_file_is_refused(tmp_path, monkeypat
     monkeypatch.setattr(audit_labels, "MAX_LABELS_BYTES", 10)
     with pytest.raises(AuditError, match="over the"):
         read_labels(write(tmp_path, [{"qa_id": "abcdefgh", "fits": True}]))
+
+
+# -- review (issue 25 follow-up): an independent hand computation over kept and dropped strata ----------------
+def test_three_strata_kept_and_dropped_by_hand_through_audit_figures():
+    # Every row fits, so "good" = answer_correct. Referee r votes 1/0 as `said` below.
+    #   kept/A    population 100, 2 labelled: (said 1, correct T) (1, F)            weight 100/2 = 50
+    #   kept/B    population  50, 4 labelled: (1, T) (0, T) (1, T) (0, F)           weight  50/4 = 12.5
+    #   dropped/C population  30, 3 labelled: (0, F) (1, F) (0, T)                 weight  30/3 = 10
+    # Kept accuracy (A and B only): yes weight = 50 + 3 * 12.5 = 87.5 of 150 -> share 7/12 = 0.58333
+    #   n_eff = 150^2 / (2 * 50^2 + 4 * 12.5^2) = 22500 / (5000 + 625) = 4.0
+    #   Wilson, z^2 = 3.841459, n = 4: denominator 1 + 3.841459/4 = 1.960365
+    #   centre = (0.583333 + 3.841459/8) / 1.960365 = 1.063516 / 1.960365 = 0.542509
+    #   half = 1.959964/1.960365 * sqrt(0.583333*0.416667/4 + 3.841459/64) = 0.999795 * sqrt(0.060764 + 0.060023)
+    #        = 0.999795 * 0.347545 = 0.347474  -> low 0.195035, high 0.889983
+    #   wrong answers among 150 kept: (1 - 7/12) * 150 = 62.5;
+    #   bounds (1 - 0.889983) * 150 = 16.5 and (1 - 0.195035) * 150 = 120.7
+    # Referee r against good, over all 9 rows: tp = 50 (A) + 2 * 12.5 (B) = 75; fp = 50 (A) + 10 (C) = 60;
+    #   fn = 12.5 (B) + 10 (C) = 22.5; tn = 12.5 (B) + 10 (C) = 22.5; total 180
+    #   precision 75/135 = 0.5556, recall 75/97.5 = 0.7692, agreement 97.5/180 = 0.5417
+    #   p_said = 135/180 = 0.75, p_truth = 97.5/180 = 0.541667, p_e = 0.75*0.541667 + 0.25*0.458333 = 0.520833
+    #   kappa = (0.541667 - 0.520833) / (1 - 0.520833) = (1/48) / (23/48) = 1/23 = 0.0435
+    #   unweighted: tp 3, fp 2, fn 2, tn 2 of 9: p_o 5/9, p_e 25/81 + 16/81 = 41/81 -> (4/81) / (40/81) = 0.1
+    plan = [("kept/A", True, 1, True), ("kept/A", True, 1, False),
+            ("kept/B", True, 1, True), ("kept/B", True, 0, True), ("kept/B", True, 1, True), ("kept/B", True, 0, False),
+            ("dropped/C", False, 0, False), ("dropped/C", False, 1, False), ("dropped/C", False, 0, True)]
+    rows = [row(f"q{i}", stratum, kept, True, correct, True, {"r": said})
+            for i, (stratum, kept, said, correct) in enumerate(plan)]
+    populations = {"kept/A": 100, "kept/B": 50, "dropped/C": 30}
+    figures = audit_figures(rows, populations, Checks(counting=["r"]), kept_population=150)
+    accuracy = figures["kept_accuracy"]["answer_correct"]
+    assert accuracy["share"] == round(7 / 12, 4) and accuracy["n_eff"] == 4.0 and accuracy["n"] == 6
+    assert accuracy["low"] == pytest.approx(0.195035, abs=1e-4)
+    assert accuracy["high"] == pytest.approx(0.889983, abs=1e-4)
+    wrong = figures["kept_accuracy"]["projected_wrong_answers"]
+    assert abs(wrong["estimate"] - 62.5) <= 1 and abs(wrong["low"] - 16.5) <= 1 and abs(wrong["high"] - 120.7) <= 1
+    good = figures["referees"]["r"]["good"]
+    assert good["counts"] == {"tp": 3, "fp": 2, "fn": 2, "tn": 2}
+    assert good["precision"] == round(5 / 9, 4) and good["recall"] == round(75 / 97.5, 4)
+    assert good["agreement"] == round(97.5 / 180, 4) and good["kappa"] == round(1 / 23, 4)
+    assert good["kappa_unweighted"] == 0.1
+
+
+# -- review: labels files that are not files, or not labels ------------------------------------------------------
+def _alarm(seconds):
+    """Fail (instead of hanging the suite) when a read blocks: a FIFO without a writer waits forever."""
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("read_labels blocked")
+    signal.alarm(0)
+    return signal.signal(signal.SIGALRM, fail), signal.alarm(seconds)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "dev_urandom"])
+def test_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path, kind):
+    import os
+    import signal
+
+    path = tmp_path / "labels.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        device = "/dev/zero" if kind == "dev_zero" else "/dev/urandom"
+        if not os.path.exists(device):
+            pytest.skip(f"no {device}")
+        path.symlink_to(device)  # st_size 0: a size check alone lets it through, and it never ends
+    previous, _ = _alarm(5)
+    try:
+        with pytest.raises(AuditError, match="not a regular file"):
+            read_labels(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_json_nested_too_deep_is_refused_as_labels(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)  # a RecursionError in json, not a JSONDecodeError
+    with pytest.raises(AuditError, match="nested too deep"):
+        read_labels(path)
+

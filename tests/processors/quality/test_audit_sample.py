@@ -222,3 +222,55 @@ def test_write_audit_records_the_sample_and_its_strata(run, tmp_path):
     assert write_audit(run, 9, tmp_path / "again", stratify="source", seed=2)["audit_id"] == manifest["audit_id"]
     assert write_audit(run, 9, tmp_path / "other", stratify="source", seed=3)["audit_id"] != manifest["audit_id"]
     assert json.loads((run / AUDIT_DIR / MANIFEST_FILE).read_text())["seed"] == 3  # the latest audit
+
+
+# -- review (issue 25 follow-up): where the page may go, missing pictures, cost ------------------------------------
+def test_out_must_be_a_folder_outside_the_run(run, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    for out, message in ((file, "is a file, not a folder"), (run, "inside the run folder"),
+                         (run / "05_score" / "page", "inside the run folder"),
+                         (run / AUDIT_DIR, "inside the run folder")):
+        with pytest.raises(ValueError, match=message):
+            write_audit(run, 5, out)
+    assert file.read_text() == "mine" and not (run / "index.html").exists() and not (run / AUDIT_DIR).exists()
+
+
+def test_a_users_own_index_html_is_not_replaced_but_an_earlier_audit_page_is(run, tmp_path):
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "index.html").write_text("<h1>my own page</h1>")
+    with pytest.raises(ValueError, match="not a TaskGalaxy audit page"):
+        write_audit(run, 5, out)
+    assert (out / "index.html").read_text() == "<h1>my own page</h1>" and not (out / SAMPLE_FILE).exists()
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / SAMPLE_FILE).write_text("someone's notes\n")
+    with pytest.raises(ValueError, match="beside no audit page"):
+        write_audit(run, 5, stray)
+    page = tmp_path / "page"
+    first = write_audit(run, 5, page)
+    second = write_audit(run, 6, page)  # drawing again into the same folder replaces the earlier page
+    assert first["audit_id"] != second["audit_id"] and second["audit_id"] in (page / "index.html").read_text()
+
+
+def test_missing_images_still_give_the_page_and_are_named(run, tmp_path):
+    for file in (run / "images").rglob("*.png"):
+        file.unlink()
+    manifest = write_audit(run, 6, tmp_path / "page")
+    assert (tmp_path / "page" / "index.html").exists()
+    sampled = [json.loads(line)["qa_id"] for line in (tmp_path / "page" / SAMPLE_FILE).read_text().splitlines()]
+    assert manifest["no_picture"] == sampled
+    assert json.loads((run / AUDIT_DIR / MANIFEST_FILE).read_text())["no_picture"] == sampled
+
+
+def test_write_audit_resolves_the_sampled_images_only(run, tmp_path, monkeypatch):
+    # a realpath walk per image of the whole run was most of the time on 200k rows (seconds of lstat)
+    import processors.quality.audit_sample as audit_sample
+
+    calls = []
+    real = audit_sample.resolve_image_path
+    monkeypatch.setattr(audit_sample, "resolve_image_path", lambda *a: calls.append(a[1]) or real(*a))
+    write_audit(run, 3, tmp_path / "page")
+    assert 1 <= len(calls) <= 3
+    assert population(run)[0]["image"] is not None and "stored_path" not in population(run)[0]
