@@ -9,7 +9,6 @@ import json
 import re
 import sys
 from collections import Counter
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the run-folder helper lives be
 from test_audit_sample import CHECK, REFEREES, make_run  # noqa: E402
 
 from browser_helpers import chromium_browser, skip_reason  # noqa: E402
+from html_elements import parse_page  # noqa: E402
 
 HOSTILE = [("</script><script>alert('q')</script> What is written on the sign?", "<!-- a comment that never ends"),
            ("Is <b>this</b> bold &amp; <img src=x onerror=alert(1)>?", "Line\u2028separator\u2029 </ScRiPt >"),
@@ -36,32 +36,8 @@ def _hostile_run(root: Path) -> Path:
     return make_run(root, texts=texts, categories=CATEGORIES)
 
 
-class _Elements(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.scripts: list[str] = []
-        self._in_script = False
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self._in_script = tag == "script"
-        if self._in_script:
-            self.scripts.append("")
-
-    def handle_endtag(self, tag):
-        self._in_script = False if tag == "script" else self._in_script
-
-    def handle_data(self, data):
-        if self._in_script:
-            self.scripts[-1] += data
-
-
-def _parsed(page: str) -> _Elements:
-    parser = _Elements()
-    parser.feed(page)
-    parser.close()
-    return parser
+def _parsed(page: str):
+    return parse_page(page)
 
 
 def test_the_page_holds_no_vote_no_verdict_no_stratum(tmp_path):

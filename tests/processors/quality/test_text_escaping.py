@@ -7,7 +7,6 @@ import csv
 import io
 import json
 from collections import Counter
-from html.parser import HTMLParser
 
 import pytest
 
@@ -18,44 +17,15 @@ from processors.quality.browser import render_browser
 from processors.quality.coverage import per_leaf_csv
 from processors.quality.report_text import card_section
 from processors.taxonomy import plots
+from html_elements import parse_page  # noqa: E402
 
 SCRIPT = "</script><script>alert('cat')</script> reading"
 IMG = "<img src=x onerror=alert(1)>"
 LINK = "[click me](javascript:alert(1))"
 
 
-class _Elements(HTMLParser):
-    """Every element the HTML parser sees, with the text of each <script>."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.scripts: list[str] = []
-        self.text: list[str] = []
-        self._in_script = False
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self._in_script = tag == "script"
-        if self._in_script:
-            self.scripts.append("")
-
-    def handle_endtag(self, tag):
-        if tag == "script":
-            self._in_script = False
-
-    def handle_data(self, data):
-        if self._in_script:
-            self.scripts[-1] += data
-        else:
-            self.text.append(data)
-
-
-def _elements(page: str) -> _Elements:
-    parser = _Elements()
-    parser.feed(page)
-    parser.close()
-    return parser
+def _elements(page: str):
+    return parse_page(page)
 
 
 # -- Markdown (the dataset card) ----------------------------------------------------------------------
