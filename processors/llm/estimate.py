@@ -8,6 +8,7 @@ GPT-4o's tokenizer; it errs on the high side for code-like text. No tokenizer do
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,11 +24,13 @@ def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *, read_images: bool = True) -> int:
+def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *, read_images: bool = True,
+                   image_size: Callable[[dict[str, Any]], tuple[int, int] | None] = images.image_size) -> int:
     """Prompt tokens of ``messages``. Images count by their downscaled size at the endpoint's detail, under the
     image-token rule of the endpoint's model family (``images.image_tokens``; an unknown model, a self-hosted
     vLLM say, counts as GPT-4o); an image whose size is unknown (or ``read_images=False``) counts as a square
-    of ``image_max_side``."""
+    of ``image_max_side``. ``image_size`` gives an image part's pixel size (a caller that has read the file
+    already passes what it read)."""
     total = 0
     for message in messages:
         total += TOKENS_PER_MESSAGE
@@ -37,7 +40,7 @@ def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *
             continue
         for part in content or []:
             if images.is_image_part(part):
-                size = images.image_size(part) if read_images else None
+                size = image_size(part) if read_images else None
                 size = images.scaled_size(size, endpoint.image_max_side) if size else (endpoint.image_max_side,) * 2
                 total += images.image_tokens(*size, endpoint.image_detail, model=endpoint.model)
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
@@ -45,9 +48,11 @@ def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *
     return total
 
 
-def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_images: bool = True) -> tuple[int, int]:
+def request_tokens(request: LLMRequest, endpoint: EndpointSettings, *, read_images: bool = True,
+                   image_size: Callable[[dict[str, Any]], tuple[int, int] | None] = images.image_size
+                   ) -> tuple[int, int]:
     """(prompt tokens estimated, completion tokens at most) for one request; images by ``endpoint.model``'s rule."""
-    prompt = message_tokens(request.messages, endpoint, read_images=read_images)
+    prompt = message_tokens(request.messages, endpoint, read_images=read_images, image_size=image_size)
     if request.json_schema is not None:
         prompt += text_tokens(str(request.json_schema))
     return prompt, request.max_tokens or endpoint.max_tokens

@@ -14,7 +14,8 @@ match and are asked again (they could have been answered by another server).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from urllib.parse import urlsplit
@@ -35,19 +36,82 @@ class Prepared:
     has_images: bool
     est_tokens: int  # prompt estimate + max_tokens, what a TPM limit charges up front
     endpoint: EndpointSettings
+    # What the cache key was made of, per local image file: the part's ``id`` -> (the part, kept alive so the
+    # id is never reused, and its file's hash and pixel size).
+    image_files: dict[int, tuple[dict[str, Any], images.FileInfo]] = field(default_factory=dict, repr=False)
 
     def body_sync(self) -> dict[str, Any]:
         messages = self.request.messages
         if self.has_images:
             messages = [self._wire_message(m) for m in messages]
-        return {"model": self.endpoint.model, "messages": messages, **self.params, **self.wire_params()}
+        return self._body(messages)
 
     async def body(self) -> dict[str, Any]:
-        """The JSON body to POST; images are decoded and encoded in a worker thread."""
+        """The JSON body to POST. Images whose encoding this process keeps are put in on the loop (a look-up:
+        no file is touched); otherwise they are read, decoded and encoded in a worker thread - by one request
+        per image: the others that need it meanwhile (its other questions, the other referees) wait for that
+        one on the loop, then take the kept encoding, instead of each taking a thread to wait in."""
         if not self.has_images:
-            return {"model": self.endpoint.model, "messages": self.request.messages, **self.params,
-                    **self.wire_params()}
-        return await asyncio.to_thread(self.body_sync)
+            return self._body(self.request.messages)
+        kept = self._kept_messages()
+        if kept is not None:
+            return self._body(kept)
+        loop = asyncio.get_running_loop()
+        encoding = _ENCODING.setdefault(loop, {})
+        keys = self._encoding_keys()
+        running = {encoding[key] for key in keys if key in encoding}
+        if running:
+            await asyncio.wait(running)
+            kept = self._kept_messages()
+            if kept is not None:
+                return self._body(kept)
+        return await self._body_in_thread(encoding, loop)
+
+    async def _body_in_thread(self, encoding: dict[tuple, asyncio.Future], loop) -> dict[str, Any]:
+        """``body_sync`` in a worker thread, its images marked as being encoded until it returns."""
+        done = loop.create_future()
+        mine = [key for key in self._encoding_keys() if key not in encoding]
+        encoding.update(dict.fromkeys(mine, done))
+        try:
+            return await asyncio.to_thread(self.body_sync)
+        finally:
+            for key in mine:
+                encoding.pop(key, None)
+            done.set_result(None)
+
+    def _encoding_keys(self) -> list[tuple[str, int, str]]:
+        """The ``images.encoding_key`` of each local image file read at prepare time."""
+        ep = self.endpoint
+        return [images.encoding_key(info, ep.image_max_side, ep.image_format)
+                for _, info in self.image_files.values()]
+
+    def _body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": self.endpoint.model, "messages": messages, **self.params, **self.wire_params()}
+
+    def _kept_messages(self) -> list[dict[str, Any]] | None:
+        """The wire messages from kept encodings alone, or None when an image's is not kept (or the image is
+        no file read at prepare time). Each image is the encoding of the content its cache key names. On the
+        loop because a thread hop per request cost far more than these look-ups."""
+        out = []
+        for message in self.request.messages:
+            content = message.get("content")
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts = []
+            for part in content:
+                if images.is_image_part(part) and part["type"] != "image_url":
+                    info = _file_of(self.image_files, part)
+                    url = images.cached_url(images.encoding_key(info, self.endpoint.image_max_side,
+                                                                self.endpoint.image_format)) if info else None
+                    if url is None:
+                        return None
+                    part = {"type": "image_url", "image_url": {"url": url, "detail": self.endpoint.image_detail}}
+                elif images.is_image_part(part):
+                    part = self._wire_part(part)  # a URL passed through: no I/O
+                parts.append(part)
+            out.append({**message, "content": parts})
+        return out
 
     def wire_params(self) -> dict[str, Any]:
         """What is sent but is not part of the cache key (it never changes the answer): the service tier and
@@ -58,14 +122,18 @@ class Prepared:
         content = message.get("content")
         if not isinstance(content, list):
             return message
-        ep = self.endpoint
-        parts = [
-            images.to_wire_part(p, max_side=ep.image_max_side, detail=ep.image_detail, fmt=ep.image_format)
-            if images.is_image_part(p) else p
-            for p in content
-        ]
+        parts = [self._wire_part(p) if images.is_image_part(p) else p for p in content]
         return {**message, "content": parts}
 
+    def _wire_part(self, part: dict[str, Any]) -> dict[str, Any]:
+        ep = self.endpoint
+        return images.to_wire_part(part, max_side=ep.image_max_side, detail=ep.image_detail, fmt=ep.image_format)
+
+
+# Per event loop: the encoding keys some request is encoding now (in a worker thread), and the future set when
+# it is done. Weak: a loop that ends (``asyncio.run``) takes its entry along.
+_ENCODING: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Future]]" = (
+    weakref.WeakKeyDictionary())
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -113,8 +181,17 @@ def wire_params(request: LLMRequest, endpoint: EndpointSettings) -> dict[str, An
     return params
 
 
-def _canonical_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
-    out, has_images = [], False
+def _file_of(files: dict[int, tuple[dict[str, Any], images.FileInfo]], part: dict[str, Any]
+             ) -> images.FileInfo | None:
+    found = files.get(id(part))
+    return found[1] if found is not None and found[0] is part else None
+
+
+def _canonical_messages(messages: list[dict[str, Any]]
+                        ) -> tuple[list[dict[str, Any]], bool, dict[int, tuple[dict[str, Any], images.FileInfo]]]:
+    """The messages as the cache key sees them (images by content), whether there are images, and what was
+    read of each local image file (by the part's ``id``)."""
+    out, has_images, files = [], False, {}
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
@@ -122,17 +199,20 @@ def _canonical_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, 
             for part in content:
                 if images.is_image_part(part):
                     has_images = True
-                    parts.append(images.content_ref(part))
+                    ref, info = images.content_ref_and_info(part)
+                    parts.append(ref)
+                    if info is not None:
+                        files[id(part)] = (part, info)
                 else:
                     parts.append(part)
             message = {**message, "content": parts}
         out.append(message)
-    return out, has_images
+    return out, has_images, files
 
 
 def prepare(request: LLMRequest, endpoint: EndpointSettings) -> Prepared:
     params = request_params(request, endpoint)
-    messages, has_images = _canonical_messages(request.messages)
+    messages, has_images, files = _canonical_messages(request.messages)
     image_settings = (
         {"max_side": endpoint.image_max_side, "detail": endpoint.image_detail, "format": endpoint.image_format}
         if has_images else None
@@ -141,5 +221,10 @@ def prepare(request: LLMRequest, endpoint: EndpointSettings) -> Prepared:
     parts = ("llm-request", CACHE_KEY_VERSION, endpoint.model, request.prompt_version, params, messages,
              image_settings)
     key = fingerprint(*parts) if identity is None else fingerprint(*parts, {"server": identity})
-    prompt, completion = estimate.request_tokens(request, endpoint, read_images=has_images)
-    return Prepared(request, key, params, has_images, prompt + completion, endpoint)
+
+    def image_size(part: dict[str, Any]) -> tuple[int, int] | None:  # the size read above: no second stat
+        info = _file_of(files, part)
+        return info.size if info is not None else images.image_size(part)
+
+    prompt, completion = estimate.request_tokens(request, endpoint, read_images=has_images, image_size=image_size)
+    return Prepared(request, key, params, has_images, prompt + completion, endpoint, files)

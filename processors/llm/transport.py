@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any, Protocol
 
 import aiohttp
 
-from processors.llm import errors
+from processors.llm import errors, images
 from processors.llm import request as rq
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,46 @@ def bad_body(text: str) -> errors.AttemptError:
                                retryable=True, breaker=True, what="malformed reply body")
 
 
+# Stands for an image's data URL while the rest of a body is JSON-encoded (unique to this process, so no text
+# of a request can hold it by chance; a body that does anyway is encoded whole).
+_MARK_TEXT = f"tg-data-url-{uuid.uuid4().hex}"
+_URL_MARK = json.dumps(_MARK_TEXT)  # as it reads in the encoded body
+
+
+def body_json(body: dict[str, Any]) -> str:
+    """``json.dumps(body)``, the same text, with each image's ``DataURL`` spliced in between quotes rather than
+    run through the encoder, which escape-checks and copies its ~40 KB on every request (71 of the 89 us a
+    referee body took, ~5 % of the client's CPU at zero latency). Only a ``DataURL`` is spliced: base64 behind
+    a fixed prefix, which JSON writes unchanged."""
+    urls: list[str] = []
+    messages = [_marked(message, urls) for message in body.get("messages") or ()]
+    if not urls:
+        return json.dumps(body)
+    pieces = json.dumps({**body, "messages": messages}).split(_URL_MARK)
+    if len(pieces) != len(urls) + 1:  # the mark in a request's own text: never spliced wrongly
+        return json.dumps(body)
+    out = [pieces[0]]
+    for url, piece in zip(urls, pieces[1:]):
+        out += ['"', url, '"', piece]
+    return "".join(out)
+
+
+def _marked(message: Any, urls: list[str]) -> Any:
+    """``message`` with each ``DataURL`` replaced by the mark (appended to ``urls``); the body is not changed."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        image_url = part.get("image_url") if isinstance(part, dict) else None
+        url = image_url.get("url") if isinstance(image_url, dict) else None
+        if isinstance(url, images.DataURL):
+            urls.append(url)
+            part = {**part, "image_url": {**image_url, "url": _MARK_TEXT}}
+        parts.append(part)
+    return {**message, "content": parts}
+
+
 class AiohttpTransport:
     def __init__(self, base_url: str, api_key: Secret, *, timeout_s: float, max_connections: int):
         self._url = base_url.rstrip("/") + "/chat/completions"
@@ -79,7 +120,7 @@ class AiohttpTransport:
     async def chat(self, body: dict[str, Any], key: str) -> dict[str, Any]:
         assert self._session is not None, "use the transport as an async context manager"
         try:
-            async with self._session.post(self._url, data=json.dumps(body), headers={KEY_HEADER: key}) as resp:
+            async with self._session.post(self._url, data=body_json(body), headers={KEY_HEADER: key}) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise errors.from_status(resp.status, raw.decode("utf-8", "replace"), resp.headers,

@@ -196,3 +196,132 @@ def test_a_symlink_inside_its_root_is_checked_on_every_row(tmp_path):
     (root / "a.jpg").symlink_to(tmp_path / "secret.jpg")
     with pytest.raises(ImageUnavailable, match="outside its root"):
         locate("a")
+
+
+# ------------------------------------------------------------------------ encodings shared and spliced
+def _count_encodes(monkeypatch) -> list[tuple[int, str]]:
+    calls, real = [], images._encode
+
+    def counting(data, max_side, fmt):
+        calls.append((max_side, fmt))
+        return real(data, max_side, fmt)
+
+    monkeypatch.setattr(images, "_encode", counting)
+    return calls
+
+
+def test_an_image_that_fits_is_encoded_once_for_every_longest_side(tmp_path, monkeypatch):
+    data = _jpeg(tmp_path / "a.jpg", size=(320, 200))
+    big = _jpeg(tmp_path / "b.jpg", size=(1500, 900))
+    calls = _count_encodes(monkeypatch)
+    sent = {}
+    for side in (512, 1120, 1344, 320):  # 320: its longest side itself still fits
+        sent[side] = images.to_wire_part({"type": "image_path", "path": str(tmp_path / "a.jpg")}, max_side=side,
+                                         detail="low", fmt="jpeg")["image_url"]["url"]
+    assert len(calls) == 1
+    for side in (512, 1120):  # an image larger than the side: one encoding per side, as before
+        images.to_wire_part({"type": "image_path", "path": str(tmp_path / "b.jpg")}, max_side=side, detail="low",
+                            fmt="jpeg")
+    assert len(calls) == 3
+    monkeypatch.undo()
+    for side, url in sent.items():  # what each side's own encoding gives
+        assert url == images._encode(data, side, "jpeg")[0]
+    assert images._encode(big, 512, "jpeg") != images._encode(big, 1120, "jpeg")
+
+
+def test_threads_that_want_one_image_at_once_encode_it_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    data = _jpeg(tmp_path / "a.jpg")
+    calls, real = [], images._encode
+
+    def slow(data, max_side, fmt):
+        calls.append(max_side)
+        time.sleep(0.05)  # long enough for the others to find it being encoded
+        return real(data, max_side, fmt)
+
+    monkeypatch.setattr(images, "_encode", slow)
+    part = {"type": "image_path", "path": str(tmp_path / "a.jpg")}
+    urls = []
+    threads = [threading.Thread(target=lambda: urls.append(images.to_wire_part(
+        part, max_side=512, detail="low", fmt="jpeg")["image_url"]["url"])) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(urls) == 6 and len(set(urls)) == 1
+    assert urls[0] == real(data, 512, "jpeg")[0] and not images._ENCODING
+
+
+def test_bodies_built_on_the_loop_are_the_thread_built_ones_and_encode_an_image_once(tmp_path, monkeypatch):
+    import asyncio
+
+    _jpeg(tmp_path / "a.jpg", size=(640, 480))
+    calls = _count_encodes(monkeypatch)
+    ep = EndpointSettings(model="m", base_url="http://127.0.0.1:9/v1", image_max_side=512)
+    prepared = [prepare(_request({"type": "image_path", "path": str(tmp_path / "a.jpg")}), ep) for _ in range(8)]
+
+    async def all_bodies():
+        return await asyncio.gather(*(p.body() for p in prepared))
+
+    bodies = asyncio.run(all_bodies())
+    assert len(calls) == 1
+    images.clear_caches()
+    assert all(body == prepared[0].body_sync() for body in bodies)  # read, hashed and encoded again: the same
+
+
+def test_a_body_with_data_urls_is_the_same_json_text_spliced_or_not():
+    import json
+
+    from processors.llm.transport import _URL_MARK, body_json
+
+    url = images.DataURL("data:image/jpeg;base64," + "QUJD+/9=" * 5000)
+    body = {"model": "m", "messages": [
+        {"role": "system", "content": "é \" \\ \n"},
+        {"role": "user", "content": [{"type": "text", "text": "yes?"},
+                                     {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+                                     {"type": "image_url", "image_url": {"detail": "high", "url": url}},
+                                     {"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}],
+        "max_tokens": 1, "logprobs": True, "structured_outputs": {"choice": ["0", "1"]}}
+    assert body_json(body) == json.dumps(body)
+    marked = {**body, "messages": [*body["messages"], {"role": "user", "content": json.loads(_URL_MARK)}]}
+    assert body_json(marked) == json.dumps(marked)  # the mark in a request's own text: encoded whole
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert body_json(plain) == json.dumps(plain)
+
+
+def _encode_with_copies(data: bytes, max_side: int, fmt: str) -> str:
+    """``images._encode`` as it was before it worked in place (the reference its bytes must equal)."""
+    import base64
+
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (max_side, max_side))
+        image = ImageOps.exif_transpose(opened)
+        image.thumbnail((max_side, max_side))
+        if fmt == "jpeg":
+            image = image.convert("RGB")
+            mime, save_as, options = "image/jpeg", "JPEG", {"quality": 90}
+        else:
+            if image.mode not in ("RGB", "RGBA", "L", "LA"):
+                image = image.convert("RGBA")
+            mime, save_as, options = "image/png", "PNG", {}
+        out = io.BytesIO()
+        image.save(out, save_as, **options)
+    return f"data:{mime};base64,{base64.b64encode(out.getvalue()).decode('ascii')}"
+
+
+@pytest.mark.parametrize("mode,source", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"),
+                                         ("P", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")])
+def test_encoding_in_place_writes_the_bytes_the_copies_wrote(mode, source):
+    for size, orientation in (((600, 400), 1), ((600, 400), 6), ((1500, 900), 3), ((300, 1400), 8)):
+        image = Image.radial_gradient("L").resize(size).convert(mode)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = io.BytesIO()
+        image.save(out, source, exif=exif.tobytes())
+        for side in (512, 1344):
+            for fmt in ("jpeg", "png"):
+                assert images._encode(out.getvalue(), side, fmt)[0] == _encode_with_copies(out.getvalue(), side, fmt)
