@@ -10,9 +10,10 @@
 # (endpoints without `model`, so each preset's served name and image size apply) plus a fourth referee with
 # the same preset as the third on the other server. Per-model request counters come from each server's
 # /metrics. Not part of the test suite (it takes minutes). Last line:
-#   stages_ok=N votes_lost=N shared_answers=N
+#   stages_ok=N votes_lost=N shared_answers=N qa_rows=N queue_seen=N congested_seen=0|1
 # stages_ok counts filter, qa and score finishing; votes_lost the QA rows without a vote from every referee;
-# shared_answers the votes whose request never reached that referee's own server.
+# shared_answers the votes whose request never reached that referee's own server; queue_seen the most requests
+# vLLM's /metrics showed waiting (vllm:num_requests_waiting) while 48 requests were sent to a server running 16.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/_venv.sh"
@@ -78,6 +79,38 @@ set -e
 "$VENV/bin/taskgalaxy" status "$WORK/run" --json >"$WORK/status.json"
 curl -s "http://127.0.0.1:$PORT_A/metrics" >"$WORK/metrics-a.txt"
 curl -s "http://127.0.0.1:$PORT_B/metrics" >"$WORK/metrics-b.txt"
+# The server's own queue (issue 24): 48 requests at once onto server A (it runs at most 16), /metrics read by the
+# client's QueueWatch meanwhile; the page at the largest queue is kept (tests/llm/data holds one such capture).
+"$VENV/bin/python" - "http://127.0.0.1:$PORT_A/v1" "$WORK" <<'PY' >"$WORK/queue.txt"
+import asyncio, sys
+from pathlib import Path
+
+import aiohttp
+
+from processors.llm.server_queue import QueueWatch
+
+base, work = sys.argv[1], Path(sys.argv[2])
+
+
+async def main() -> None:
+    watch, peak = QueueWatch(base), 0.0
+    body = {"model": "tiny-llava", "max_tokens": 64, "messages": [{"role": "user", "content": "Describe a cat."}]}
+    async with aiohttp.ClientSession() as session:
+        calls = [asyncio.ensure_future(session.post(f"{base}/chat/completions", json=body)) for _ in range(48)]
+        while not all(call.done() for call in calls):
+            await watch.poll_once(session)
+            if (watch.waiting or 0) > peak:
+                peak = watch.waiting
+                async with session.get(watch.url) as page:
+                    (work / "metrics-loaded.txt").write_text(await page.text())
+            await asyncio.sleep(0.1)
+        for call in calls:
+            (await call).release()
+    print(f"queue_seen={peak:g} congested_seen={int(peak > 0)}")
+
+
+asyncio.run(main())
+PY
 "$VENV/bin/python" - "$WORK" <<'PY'
 import json, re, sys
 from pathlib import Path
@@ -108,5 +141,6 @@ for name in ("filter", "qa", "score"):
     s = summaries.get(name, {})
     print(f"{name}: done={s.get('done')} in={s.get('rows_in')} out={s.get('rows_out')} "
           f"failures={s.get('failures_by_reason')} requests={s.get('requests')}", file=sys.stderr)
-print(f"stages_ok={stages_ok} votes_lost={votes_lost} shared_answers={shared} qa_rows={qa_rows}")
+queue = (work / "queue.txt").read_text().strip()
+print(f"stages_ok={stages_ok} votes_lost={votes_lost} shared_answers={shared} qa_rows={qa_rows} {queue}")
 PY

@@ -55,6 +55,19 @@ class Account:
     breaker: CircuitBreaker
     transport: Transport
     label: str = ""  # the endpoint name that opened it, for the live view
+    queue_task: "asyncio.Task | None" = None  # polls the server's /metrics (``_watch_queue``), kept referenced
+
+
+def _watch_queue(account: Account, endpoint: EndpointSettings, base_url: str) -> None:
+    """Where the latency backoff is on, also read the server's queue from its /metrics (a task on the accounts'
+    loop for the rest of the run; ``close`` cancels it with every other task)."""
+    if not endpoint.uses_latency_backoff or not endpoint.latency_backoff_queue_poll_s:
+        return
+    from processors.llm.server_queue import QueueWatch
+
+    watch = QueueWatch(base_url, interval_s=endpoint.latency_backoff_queue_poll_s)
+    account.admission.concurrency.queue = watch
+    account.queue_task = asyncio.get_running_loop().create_task(watch.run(), name=f"queue-watch {base_url}")
 
 
 class Accounts:
@@ -173,6 +186,7 @@ class Accounts:
                 return self._accounts[key]
             self._accounts[key] = account
             self._limits[key] = _limits_of(endpoint)
+            _watch_queue(account, endpoint, base_url)
         return account
 
     def live_endpoints(self) -> dict[str, dict[str, float]]:

@@ -58,7 +58,9 @@ class AdaptiveConcurrency:
     With ``latency`` (a ``LatencySignal``: self-hosted servers, which queue instead of answering 429), rising
     reply latency lowers the window too, at most once per window's worth of replies, and the window opens by
     slow start (from ``SLOW_START`` slots, one more per reply, until the first decrease) instead of sending
-    ``maximum`` requests at once onto a server that may serve far fewer.
+    ``maximum`` requests at once onto a server that may serve far fewer. With ``queue`` as well (a
+    ``processors.llm.server_queue.QueueWatch``: the server's own count of requests waiting, from its
+    /metrics), a queue the server reports lowers it the same way, before latency has grown.
     """
 
     SLOW_START = 8
@@ -77,7 +79,9 @@ class AdaptiveConcurrency:
         if self._slow_start:
             self.limit = float(max(self.minimum, self.SLOW_START))
         self._since_decrease = 0  # replies since the last decrease (latency decreases: one per window of them)
-        self.latency_decreases = 0
+        self.latency_decreases = 0  # decreases for a queueing server (its latency or its reported queue)
+        self.queue = None  # a QueueWatch, set by the accounts where the server's /metrics is read
+        self.queue_decreases = 0  # of which the server's reported queue was the reason
 
     async def acquire(self) -> None:
         if self.in_flight < int(self.limit) and not self._waiters:
@@ -108,20 +112,32 @@ class AdaptiveConcurrency:
         if self.listener is not None:
             self.listener.on_success()
         self._since_decrease += 1
-        if self.latency is not None and latency_s is not None:
+        timed = self.latency is not None and latency_s is not None
+        if timed:
             self.latency.add(latency_s)
-            if self.latency.congested:
-                if self._since_decrease >= int(self.limit) and self.limit > self.minimum:
-                    self._lower(time.monotonic())
-                    self.latency_decreases += 1
-                    logger.info("reply latency %.3f s is %.1fx its baseline %.3f s: the server queues; concurrency "
-                                "lowered to %d", self.latency.recent, self.latency.recent / self.latency.baseline,
-                                self.latency.baseline, int(self.limit))
-                return  # no growth while the server queues
+        why = self._queueing(timed)
+        if why is not None:
+            if self._since_decrease >= int(self.limit) and self.limit > self.minimum:
+                self._lower(time.monotonic())
+                self.latency_decreases += 1
+                self.queue_decreases += why.startswith("the server reports")
+                logger.info("%s: the server queues; concurrency lowered to %d", why, int(self.limit))
+            return  # no growth while the server queues
         if self.limit < self.maximum:
             step = 1.0 if self._slow_start else 1.0 / self.limit
             self.limit = min(self.maximum, self.limit + step)
             self._wake()
+
+    def _queueing(self, timed: bool) -> str | None:
+        """Why the server counts as queueing (for the log), or None: its reported queue, else its latency (when
+        this reply's latency was known)."""
+        if self.queue is not None and self.queue.congested:
+            return f"the server reports {self.queue.waiting:g} requests waiting ({self.queue.url})"
+        latency = self.latency
+        if timed and latency.congested:
+            return (f"reply latency {latency.recent:.3f} s is {latency.recent / latency.baseline:.1f}x its baseline "
+                    f"{latency.baseline:.3f} s")
+        return None
 
     def on_rate_limited(self) -> None:
         if self.listener is not None:

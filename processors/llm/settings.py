@@ -50,6 +50,10 @@ class EndpointSettings(_Frozen):
     latency_backoff_factor: float = Field(
         2.0, gt=1, description="latency backoff: the recent median reply latency must exceed this many times the "
         "baseline (the lowest recent median, at low load) to count as the server queueing")
+    latency_backoff_queue_poll_s: float = Field(
+        1.0, ge=0, description="latency backoff: also read the server's queue from its Prometheus /metrics every "
+        "this many seconds (vLLM's vllm:num_requests_waiting, SGLang's sglang:num_queue_reqs): requests waiting "
+        "there lower the window as a 429 does; a server without the page is left to the latency signal; 0: off")
     latency_backoff_floor_s: float = Field(
         0.25, ge=0, description="latency backoff: a recent median latency below this never counts (a fast "
         "server's jitter)")

@@ -251,6 +251,19 @@ async def stats_handler(request: web.Request) -> web.Response:
     return web.json_response({"stats": state.stats.as_dict(), "options": state.options.as_dict()})
 
 
+async def metrics_handler(request: web.Request) -> web.Response:
+    """vLLM's scheduler gauges in Prometheus' text format, as a vLLM server's ``/metrics`` shows them: the
+    requests in the running batch and those waiting for a place in it (``queue_capacity``; 0 without one)."""
+    state: SimState = request.app[STATE]
+    labels = 'engine="0",model_name="simulated"'
+    lines = []
+    for name, help_text, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", state.serving),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(state.queue))):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{{{labels}}} {float(value)}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
 async def reset_handler(request: web.Request) -> web.Response:
     request.app[STATE].reset()
     return web.json_response({"reset": True})
@@ -263,5 +276,6 @@ def make_app(options: SimulatorOptions, responders: Iterable[Responder] = ()) ->
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/_sim/stats", stats_handler)
     app.router.add_post("/_sim/reset", reset_handler)
+    app.router.add_get("/metrics", metrics_handler)
     batches.add_routes(app, STATE)
     return app

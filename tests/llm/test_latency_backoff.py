@@ -37,10 +37,11 @@ def _recording(monkeypatch) -> list[AdaptiveConcurrency]:
     return made
 
 
-def _run(simulator, ctx_for, tmp_path, name: str, n: int, backoff: str, **sim_options):
+def _run(simulator, ctx_for, tmp_path, name: str, n: int, backoff: str, endpoint: dict | None = None,
+         **sim_options):
     sim = simulator(**sim_options)
     ctx = ctx_for(sim, run_dir=tmp_path / name, max_concurrency=256, timeout_s=60.0, cache=False,
-                  latency_backoff=backoff, latency_backoff_floor_s=0.1)
+                  latency_backoff=backoff, **{"latency_backoff_floor_s": 0.1, **(endpoint or {})})
     start = time.monotonic()
     results = run_requests(json_requests(n, prefix=name), endpoint="sim", ctx=ctx)
     elapsed = time.monotonic() - start
@@ -70,6 +71,24 @@ def test_a_queueing_server_lowers_the_window_and_its_queue_stays_short(simulator
     assert backed_s <= 1.5 * plain_s + 0.5, (backed_s, plain_s)
     # ...and near the server's capacity (a loose bound: a loaded test machine is slower, never faster).
     assert n / backed_s >= 0.4 * CAPACITY * 1000 / SERVICE_MS, n / backed_s
+
+
+def test_the_queue_a_server_reports_on_its_metrics_page_lowers_the_window(simulator, ctx_for, tmp_path,
+                                                                          monkeypatch):
+    """vLLM says how many requests wait (``vllm:num_requests_waiting`` on /metrics; the simulator's queueing
+    model says the same): that alone lowers the window. Latency is kept out of it by a factor it never reaches."""
+    made = _recording(monkeypatch)
+    n, deaf = 800, {"latency_backoff_factor": 1000.0}
+    blind, _ = _run(simulator, ctx_for, tmp_path, "blind", n, "on", {**deaf, "latency_backoff_queue_poll_s": 0},
+                    queue_capacity=CAPACITY, latency_ms=SERVICE_MS)
+    assert made[-1].queue is None and made[-1].latency_decreases == 0
+    read, _ = _run(simulator, ctx_for, tmp_path, "read", n, "on", {**deaf, "latency_backoff_queue_poll_s": 0.05},
+                   queue_capacity=CAPACITY, latency_ms=SERVICE_MS)
+    window = made[-1]
+    assert window.queue is not None and window.queue.active and window.queue.url.endswith("/metrics")
+    assert window.queue_decreases >= 1 and window.queue_decreases == window.latency_decreases
+    assert read["queued_peak"] <= blind["queued_peak"] / 2, (read["queued_peak"], blind["queued_peak"])
+    assert read["serving_peak"] == CAPACITY  # the server was still kept busy
 
 
 def test_a_slow_server_that_does_not_queue_is_not_throttled(simulator, ctx_for, tmp_path, monkeypatch):
