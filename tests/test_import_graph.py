@@ -64,8 +64,9 @@ def import_edges() -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         package = name if is_package else name.rpartition(".")[0]
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        annotations_only = type_only(tree)
         for node in ast.walk(tree):
-            if node in type_only(tree):  # ``if TYPE_CHECKING:`` imports never run: no dependency at run time
+            if node in annotations_only:  # ``if TYPE_CHECKING:`` imports never run: no dependency at run time
                 continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -89,21 +90,18 @@ def import_edges() -> dict[str, set[str]]:
     return edges
 
 
-_TYPE_ONLY: dict[int, set] = {}
-
-
 def type_only(tree: ast.AST) -> set:
-    """The import nodes under ``if TYPE_CHECKING:`` in ``tree`` (for annotations only)."""
-    if id(tree) not in _TYPE_ONLY:
-        found = set()
-        for node in ast.walk(tree):
-            test = getattr(node, "test", None) if isinstance(node, ast.If) else None
-            named = getattr(test, "id", None) or getattr(test, "attr", None)
-            if named == "TYPE_CHECKING":
-                for inner in node.body:
-                    found.update(n for n in ast.walk(inner) if isinstance(n, (ast.Import, ast.ImportFrom)))
-        _TYPE_ONLY[id(tree)] = found
-    return _TYPE_ONLY[id(tree)]
+    """The import nodes under ``if TYPE_CHECKING:`` in ``tree`` (for annotations only). Computed per tree by the
+    caller: a cache keyed by ``id(tree)`` (as it once was) hands a later tree, allocated where a collected one
+    lay, the wrong set, and the test failed now and then under the full suite."""
+    found = set()
+    for node in ast.walk(tree):
+        test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+        named = getattr(test, "id", None) or getattr(test, "attr", None)
+        if named == "TYPE_CHECKING":
+            for inner in node.body:
+                found.update(n for n in ast.walk(inner) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return found
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
