@@ -100,35 +100,46 @@ def population(run_dir: Path) -> list[dict]:
     reason of a dropped question, None when kept) and ``image`` (the file, resolved inside its image root;
     None when it cannot be). ValueError when the score or final stage has not finished."""
     rows, resolve = _unresolved_population(run_dir)
+    _add_texts(run_dir, rows)
     for row in rows:
+        row.pop("score_row")
         row["image"] = resolve(row.pop("stored_path"))
     return rows
 
 
 def _unresolved_population(run_dir: Path) -> tuple[list[dict], Callable[[str | None], str | None]]:
-    """``population``'s rows with the image's stored path (``stored_path``) in place of ``image``, and the
-    resolver: resolving is a realpath walk per image file, which ``write_audit`` does for the sample only
-    (200k rows: seconds of ``lstat`` for pictures nobody shows)."""
+    """``population``'s rows without their question and answer (``_add_texts`` reads them for the rows that
+    need them: at the paper's 1.75 M questions the texts are most of the memory), with the score row's index
+    (``score_row``) and the image's stored path (``stored_path``) in place of ``image``, and the resolver:
+    resolving is a realpath walk per image file, which ``write_audit`` does for the sample only (200k rows:
+    seconds of ``lstat`` for pictures nobody shows)."""
     run_dir = Path(run_dir)
     score, final = _require(run_dir, "score"), _require(run_dir, "final")
     kept = set(column_values(final, "qa_id"))
     failures = load_stage_failures(run_dir, "final")
     reasons = dict(zip(column_values(failures, "key"), column_values(failures, "reason")))
     checks, images, resolve = _counting(run_dir), _images(run_dir), _resolver(run_dir)
-    columns = {c: column_values(score, c) for c in ("qa_id", "image_id", "task_type", "question", "answer", "votes")}
+    columns = {c: column_values(score, c) for c in ("qa_id", "image_id", "task_type", "votes")}
     rows = []
     for i, qa_id in enumerate(columns["qa_id"]):
         votes = columns["votes"][i] or {}
         source, stored = images.get(columns["image_id"][i], (None, None))
         rows.append({
             "qa_id": qa_id, "image_id": columns["image_id"][i], "task_type": columns["task_type"][i],
-            "question": columns["question"][i], "answer": columns["answer"][i], "kept": qa_id in kept,
-            "category": columns["task_type"][i].split(SEPARATOR)[0], "source": source or UNKNOWN,
+            "kept": qa_id in kept, "category": columns["task_type"][i].split(SEPARATOR)[0],
+            "source": source or UNKNOWN,
             "votes_total": sum(v for name, v in votes.items() if name not in checks and v is not None),
             "votes": votes, "drop_reason": None if qa_id in kept else reasons.get(qa_id),
-            "stored_path": stored,
+            "stored_path": stored, "score_row": i,
         })
     return rows, resolve
+
+
+def _add_texts(run_dir: Path, rows: list[dict]) -> None:
+    """Each row's ``question`` and ``answer``, read from the score stage for these rows only."""
+    picked = _require(Path(run_dir), "score").select([row["score_row"] for row in rows])
+    for row, question, answer in zip(rows, column_values(picked, "question"), column_values(picked, "answer")):
+        row["question"], row["answer"] = question, answer
 
 
 def stratum_of(row: dict, stratify: str) -> str:
@@ -278,8 +289,10 @@ def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category"
     if manifest["whole_population"]:
         logger.warning("audit: %d asked, the run has %d scored questions: the sample is all of them", n, len(rows))
     by_id = {row["qa_id"]: row for row in rows}
-    shown = [{k: v for k, v in by_id[r["qa_id"]].items() if k != "stored_path"}
-             | {"image": resolve(by_id[r["qa_id"]]["stored_path"])} for r in sample]
+    picked = [by_id[r["qa_id"]] for r in sample]
+    _add_texts(run_dir, picked)
+    shown = [{k: v for k, v in row.items() if k not in ("stored_path", "score_row")}
+             | {"image": resolve(row["stored_path"])} for row in picked]
     no_picture: list[str] = []
     write_audit_page(out_dir, shown, manifest["audit_id"], run_dir, no_picture=no_picture)
     manifest["no_picture"] = no_picture
