@@ -94,6 +94,12 @@ class ShardOutcome:
         """Drop the rows (a memory map of ``table_path``) so the file can go."""
         self._table = None
 
+    def settled(self, table: pa.Table, usage: dict[str, float]) -> None:
+        """Take the stage's settle step's table (committed instead of the raw one) and count its usage."""
+        self._table = table
+        for name, value in usage.items():
+            self.usage[name] = self.usage.get(name, 0) + value
+
     def __getstate__(self) -> dict:  # across processes the file travels by name, not the rows by value
         state = dict(self.__dict__)
         if state.get("table_path") is not None:
@@ -119,10 +125,7 @@ class InputOrder:
         self.waiting[outcome.index] = outcome
         while self.order and self.order[0] in self.waiting:
             ready = self.waiting.pop(self.order.pop(0))
-            table, usage = self.settle(ready.table())
-            ready._table = table
-            for name, value in usage.items():
-                ready.usage[name] = ready.usage.get(name, 0) + value
+            ready.settled(*self.settle(ready.table()))
             yield ready
 
 

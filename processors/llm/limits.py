@@ -115,29 +115,26 @@ class AdaptiveConcurrency:
         timed = self.latency is not None and latency_s is not None
         if timed:
             self.latency.add(latency_s)
-        why = self._queueing(timed)
-        if why is not None:
+        reported = self.queue is not None and self.queue.congested  # the server's own count, first
+        if reported or (timed and self.latency.congested):
             if self._since_decrease >= int(self.limit) and self.limit > self.minimum:
                 self._lower(time.monotonic())
                 self.latency_decreases += 1
-                self.queue_decreases += why.startswith("the server reports")
-                logger.info("%s: the server queues; concurrency lowered to %d", why, int(self.limit))
+                self.queue_decreases += reported
+                logger.info("%s: the server queues; concurrency lowered to %d", self._why(reported), int(self.limit))
             return  # no growth while the server queues
         if self.limit < self.maximum:
             step = 1.0 if self._slow_start else 1.0 / self.limit
             self.limit = min(self.maximum, self.limit + step)
             self._wake()
 
-    def _queueing(self, timed: bool) -> str | None:
-        """Why the server counts as queueing (for the log), or None: its reported queue, else its latency (when
-        this reply's latency was known)."""
-        if self.queue is not None and self.queue.congested:
+    def _why(self, reported: bool) -> str:
+        """For the log: the server's reported queue, else its latency."""
+        if reported:
             return f"the server reports {self.queue.waiting:g} requests waiting ({self.queue.url})"
         latency = self.latency
-        if timed and latency.congested:
-            return (f"reply latency {latency.recent:.3f} s is {latency.recent / latency.baseline:.1f}x its baseline "
-                    f"{latency.baseline:.3f} s")
-        return None
+        return (f"reply latency {latency.recent:.3f} s is {latency.recent / latency.baseline:.1f}x its baseline "
+                f"{latency.baseline:.3f} s")
 
     def on_rate_limited(self) -> None:
         if self.listener is not None:

@@ -25,12 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from loaders.images.paths import FileTooLargeError, NotRegularFileError, read_regular_file
 from processors.quality.audit_figures import LABEL_FIELDS, AuditRow, Checks, audit_figures, inter_annotator
 from processors.quality.audit_sample import AUDIT_DIR, MANIFEST_FILE, SAMPLE_FILE
 
@@ -46,47 +45,31 @@ class AuditError(ValueError):
     """Labels, a sample or a run the audit cannot use; the message names the file and what is wrong."""
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file of at most ``MAX_LABELS_BYTES``. Opened without blocking and checked on the
-    open descriptor (``fstat``), so a FIFO (which would wait for a writer forever), a character device such as
-    ``/dev/zero`` (no size, endless) or a symlink to one is refused, and at most one byte past the limit is read
-    even from a file that grows while it is read."""
+def _read_labels_file(path: Path) -> bytes:
+    """The bytes of the labels file: a regular file of at most ``MAX_LABELS_BYTES``, read without blocking
+    (``loaders.images.paths.read_regular_file``: a FIFO, ``/dev/zero`` or a symlink to one is refused, the read
+    bounded even if the file grows), each refusal worded for the person who gave the path."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        return read_regular_file(path, MAX_LABELS_BYTES)
     except FileNotFoundError:
         raise AuditError(f"no labels file at {path}") from None
-    except IsADirectoryError:
-        raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded") from None
+    except NotRegularFileError:
+        if path.is_dir():
+            raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded") from None
+        raise AuditError(f"labels file {path} is not a regular file (a pipe, a device or a socket); give the JSON "
+                         "file the audit page downloaded") from None
+    except FileTooLargeError:
+        raise AuditError(f"labels file {path} is over the {MAX_LABELS_BYTES // 2**20} MB a labels file can be; is "
+                         "it the file the audit page downloaded?") from None
     except OSError as exc:
         raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise AuditError(f"labels file {path} is a folder; give the JSON file the audit page downloaded")
-        if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"labels file {path} is not a regular file (a pipe, a device or a socket); give the "
-                             "JSON file the audit page downloaded")
-        if info.st_size > MAX_LABELS_BYTES:
-            raise AuditError(f"labels file {path} is {info.st_size / 2**20:.0f} MB, over the "
-                             f"{MAX_LABELS_BYTES // 2**20} MB a labels file can be; is it the file the audit page "
-                             "downloaded?")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(MAX_LABELS_BYTES + 1)
-    except OSError as exc:
-        raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_LABELS_BYTES:
-        raise AuditError(f"labels file {path} is over the {MAX_LABELS_BYTES // 2**20} MB a labels file can be; is it "
-                         "the file the audit page downloaded?")
-    return data
 
 
 def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int]:
     """The labelled rows of one file by ``qa_id`` (rows whose labels are all null left out), the file's bytes,
     and how many rows it held."""
     path = Path(path)
-    data = _read_regular_file(path)
+    data = _read_labels_file(path)
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -38,8 +38,6 @@ Example (configs/demo.yaml)::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -61,6 +59,7 @@ from builder.runfolder import atomic_write_json
 from builder.stage import Stage, StageConfig, StageContext
 from loaders.images.dedup import Ledger
 from loaders.images.download import DownloadConfig
+from loaders.images.download_journal import DOWNLOADS_DIR, DownloadJournal
 from loaders.images.fetch import Blob, Fetcher
 from loaders.images.listing import COLUMNS as INPUT_COLUMNS
 from loaders.images.listing import list_sources_with_report, source_roots
@@ -178,7 +177,7 @@ class ImagesStage(Stage):
         roots = source_roots(config.sources, ctx.run_dir, store)
         fetcher = Fetcher({s.source_name: s for s in config.sources}, roots, config.download, config.limits.max_bytes)
         worker = _Worker(fetcher, config.limits, roots, store)
-        downloads = DownloadJournal(ctx.stage_dir / DOWNLOADS_DIR, roots)
+        downloads = DownloadJournal(ctx.stage_dir / DOWNLOADS_DIR, roots[STORE_ROOT])
         # One budget for every shard this process has in flight: the pixels held stay under the bound whatever
         # parallel_shards is.
         budget = DecodeBudget(config.memory_budget_mb * 2**20)
@@ -192,7 +191,8 @@ class ImagesStage(Stage):
             ctx.add_usage(downloaded_bytes=sum(len(b.data or b"") for r, b in prefetched.items() if r not in resumed))
             results = _run_workers(rows, lambda row: worker.run(row, prefetched, budget), config.workers, budget,
                                    stop=ctx.stop_event())
-            downloads.record(rows, results)
+            downloads.record(rows, {row["ref"]: path for row, (check, path) in zip(rows, results)
+                                    if row["kind"] == "url" and check.ok and path.startswith(f"{STORE_ROOT}/")})
             for row, (verdict, path) in zip(rows, results):
                 _verdict(out, row, verdict, path)
             return out.to_columns()
@@ -216,43 +216,6 @@ class ImagesStage(Stage):
     def finalize(self, config: ImagesConfig, ctx: StageContext, output: datasets.Dataset) -> None:
         self._write_roots(config, ctx)
         shutil.rmtree(ctx.stage_dir / DOWNLOADS_DIR, ignore_errors=True)  # every shard is committed
-
-
-DOWNLOADS_DIR = "downloads"
-
-
-class DownloadJournal:
-    """Which URL refs of a batch already have their bytes in the store, so a rerun after a crash does not
-    download them again: one small JSON file per batch (named by the batch's refs, which the frozen input and
-    the fixed batch size make the same on every run), written by the worker that downloaded them. Files, not
-    the ledger: the workers may run on other nodes, and only the runner's process writes the ledger."""
-
-    def __init__(self, folder: Path, roots: dict[str, Path]):
-        self.folder, self.store = folder, roots[STORE_ROOT]
-
-    def _file(self, rows: list[dict]) -> Path:
-        digest = hashlib.sha256("\n".join(row["ref"] for row in rows).encode()).hexdigest()[:24]
-        return self.folder / f"{digest}.json"
-
-    def stored(self, rows: list[dict]) -> dict[str, Path]:
-        try:
-            recorded = json.loads(self._file(rows).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        found = {}
-        for ref, path in recorded.items() if isinstance(recorded, dict) else ():
-            if isinstance(path, str) and path.startswith(f"{STORE_ROOT}/"):
-                file = self.store / path.split("/", 1)[1]
-                if ".." not in Path(path).parts and file.is_file():
-                    found[ref] = file
-        return found
-
-    def record(self, rows: list[dict], results: list[tuple[ImageCheck, str]]) -> None:
-        stored = {row["ref"]: path for row, (check, path) in zip(rows, results)
-                  if row["kind"] == "url" and check.ok and path.startswith(f"{STORE_ROOT}/")}
-        if stored:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self._file(rows), stored)
 
 
 STOP_POLL_S = 0.2  # how often a batch waiting on its workers looks at the shard's stop event
