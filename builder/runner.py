@@ -29,6 +29,7 @@ from builder.arrowfiles import write_arrow_table
 from builder.config import ConfigError, dump_config, dump_yaml
 from builder.engine import LocalEngine, StageStalledError
 from builder.fingerprints import stage_fingerprints, stage_reads
+from builder.heap import frozen_heap
 from builder.live import LIVE_ENDPOINTS
 from builder.outputs import (JOURNAL_SUFFIX, LIVE_PREFIX, column_values, load_stage_output, require_intact_stage,
                              shard_problem, stage_totals)
@@ -281,7 +282,7 @@ class Runner:
                            mode="auto" if self.progress else "off")
         settle = stage.make_settle_fn(config, work.context()) if pending else None
         in_order = InputOrder(pending, settle)
-        with panel:
+        with panel, frozen_heap(sum(len(task.rows) for task in pending.values())):
             outcomes = self.engine.run_shards(work, list(pending.values()), features=features,
                                               batch_size=stage.batch_size, in_flight=stage.shards_in_flight(config),
                                               on_rows=panel.rows)

@@ -30,7 +30,9 @@ Last line ``key=value``:
   images_parallel_speedup   the images stage at the smaller size under Ray on this node, two worker processes
                             over one (goal >= 1.6); ``na`` without Ray
 
-``--sizes 200,400`` is a smoke run. ``--child`` (internal) runs one size in this process.
+``--image-store-gb G`` runs both sizes with ``llm.image_store_gb: G`` (the disk tier of image encodings; off in
+the default config, so off here unless asked). ``--sizes 200,400`` is a smoke run. ``--child`` (internal) runs
+one size in this process.
 """
 
 from __future__ import annotations
@@ -97,13 +99,13 @@ def synthetic_tasktypes(path: Path, leaves: int) -> Path:
     return path
 
 
-def config_for(images: int, tasktypes: Path, shard_size: int, seed: int) -> dict:
+def config_for(images: int, tasktypes: Path, shard_size: int, seed: int, image_store_gb: float = 0.0) -> dict:
     gpt = {"model": "gpt-4o-2024-08-06", "image_detail": "low", "image_max_side": 512, "max_concurrency": 128,
            "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
     referee = {"api_key_env": None, "max_concurrency": 64}
     return {
         "run": {"name": "bench-scale", "shard_size": shard_size},
-        "llm": {"endpoints": {
+        "llm": {"image_store_gb": image_store_gb, "endpoints": {
             "gpt4o": gpt,
             "referee_a": {**referee, "base_url": "http://localhost:8001/v1", "model": "glm-4v-9b"},
             "referee_b": {**referee, "base_url": "http://localhost:8002/v1", "model": "internvl-chat-v1.5"},
@@ -180,11 +182,12 @@ def status_json(run_dir: Path) -> tuple[float, dict[str, dict]]:
     return seconds, {s["stage"]: s for s in json.loads(done.stdout)}
 
 
-def run_size(tmp: Path, sim, images: int, tasktypes: Path, shard_size: int, seed: int) -> dict:
+def run_size(tmp: Path, sim, images: int, tasktypes: Path, shard_size: int, seed: int,
+             image_store_gb: float = 0.0) -> dict:
     import yaml
 
     config = tmp / f"config-{images}.yaml"
-    config.write_text(yaml.safe_dump(config_for(images, tasktypes, shard_size, seed)))
+    config.write_text(yaml.safe_dump(config_for(images, tasktypes, shard_size, seed, image_store_gb)))
     run_dir, out = tmp / f"run-{images}", tmp / f"child-{images}.json"
     print(f"size {images}:", flush=True)
     started = time.monotonic()
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasktypes", type=Path, help="a real tasktype.txt to import instead (e.g. the paper's)")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--image-store-gb", type=float, default=0.0,
+                        help="llm.image_store_gb of the runs (0, the default config's: no disk tier)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     parser.add_argument("--child", nargs=4, metavar=("CONFIG", "RUN_DIR", "BASE_URL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -296,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         leaves = sum(1 for line in tasktypes.read_text(encoding="utf-8").splitlines() if line.strip())
         print(f"task types: {leaves} lines from {tasktypes}", flush=True)
         with SimProcess() as sim:  # zero latency: the client is what is measured
-            small = run_size(tmp, sim, sizes[0], tasktypes, args.shard_size, args.seed)
-            large = run_size(tmp, sim, sizes[1], tasktypes, args.shard_size, args.seed)
+            small = run_size(tmp, sim, sizes[0], tasktypes, args.shard_size, args.seed, args.image_store_gb)
+            large = run_size(tmp, sim, sizes[1], tasktypes, args.shard_size, args.seed, args.image_store_gb)
             sim_stats = sim.stats()
         outputs = time_outputs(tmp, large["run_dir"])
         ratios = {}
@@ -341,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{per_1k} "
           f"status_s={outputs['status_s']:.2f} export_s={outputs['export_s']:.1f} "
           f"push_local_s={outputs['push_local_s']:.1f} browser_s={outputs['browser_s']:.1f} "
-          f"task_types={leaves} sizes={sizes[0]},{sizes[1]} wall_s={small['wall_s']:.0f},{large['wall_s']:.0f} "
+          f"image_store_gb={args.image_store_gb:g} task_types={leaves} sizes={sizes[0]},{sizes[1]} "
+          f"wall_s={small['wall_s']:.0f},{large['wall_s']:.0f} "
           f"load1={load:.1f}->{os.getloadavg()[0]:.1f}")
     return 0
 

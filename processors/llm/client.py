@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 from processors.llm.accounts import call_accounts
 from processors.llm.api import (CACHE_FILE, DRY_RUN_CACHE_FILE, Connection, RequestGroup, execute,
                                 resolve_connection, with_overrides)
+from processors.llm.encoded_store import ENCODED_STORE_FOLDER
 from processors.llm.engine import Tally
 from processors.llm.estimate import Tier, cost_usd, worst_cost_usd
+from processors.llm.images import use_encoded_store
 from processors.llm.limits import SpendCap
 from processors.llm.request import LLMRequest, LLMResult, Usage
 from processors.llm.settings import EndpointSettings, LLMSettings
@@ -88,7 +90,9 @@ class LLMClient:
     @classmethod
     def for_stage(cls, ctx: "StageContext", settings: LLMSettings | None = None) -> "LLMClient":
         """The client of the stage running in ``ctx``; ``settings`` default to the run config's ``llm:``."""
-        return cls(settings if settings is not None else ctx.settings.llm, cache_dir=Path(ctx.cache_dir),
+        settings = settings if settings is not None else ctx.settings.llm
+        use_encoded_store(Path(ctx.cache_dir) / ENCODED_STORE_FOLDER, settings.image_store_gb)
+        return cls(settings, cache_dir=Path(ctx.cache_dir),
                    state_dir=Path(ctx.stage_dir), dry_run=ctx.dry_run, services=ctx.services,
                    meter=ctx.current_meter, stop_event=ctx.stop_event, stage=_stage_name(Path(ctx.stage_dir)))
 

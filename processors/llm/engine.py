@@ -337,7 +337,8 @@ class OnlineEngine:
 
     def _note_padding(self, reply: dict[str, Any]) -> None:
         """Warn once per server when its structured replies are padded with whitespace (vLLM's default
-        grammar): the padding is paid for on every reply, and only a server flag stops it."""
+        grammar): the padding is paid for on every reply, and only a server flag stops it. OpenAI's own API has
+        no such flag (its padding is the model's): the advice names vLLM's flag only for other servers."""
         where = f"{self.endpoint.base_url} {self.endpoint.model}"
         if where in _PADDING_WARNED:
             return
@@ -347,7 +348,8 @@ class OnlineEngine:
             logger.warning("LLM endpoint %s (model %s): structured replies are padded with whitespace between "
                            "their JSON tokens (%d characters beyond pretty-printing in one reply of %d): every "
                            "reply pays for it, and a long one runs out of max_tokens. %s", self.endpoint.base_url,
-                           self.endpoint.model, excess, len(reply.get("text") or ""), rp.PADDING_CURE)
+                           self.endpoint.model, excess, len(reply.get("text") or ""),
+                           rp.padding_advice(openai_host=self.endpoint.is_openai_host))
 
     async def _committed(self, key: str, reply: dict[str, Any], tier: Tier = "standard") -> None:
         """Returns once ``reply`` is committed and counted as paid. Replies that arrive in the same turn of the

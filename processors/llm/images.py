@@ -26,9 +26,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from builder.ids import bytes_id
+
+if TYPE_CHECKING:
+    from processors.llm.encoded_store import EncodedStore
 
 IMAGE_PART_TYPES = ("image_path", "image_bytes", "image_url")
 
@@ -125,7 +129,7 @@ class FileInfo:
     data: bytes | None = None
 
 
-FILE_INFO_KEEP = 8192  # image files remembered per process (a few hundred bytes each)
+FILE_INFO_KEEP = 65536  # image files remembered per process (~480 bytes each: at most ~31 MB)
 _FILE_INFO: "OrderedDict[tuple[int, ...], FileInfo]" = OrderedDict()
 _FILE_INFO_LOCK = threading.Lock()
 
@@ -223,12 +227,20 @@ def _encoded_url(key: tuple[str, int, str], max_side: int, read: Callable[[], Fi
                 break
         running.wait()  # then look again: a URL too large to keep is encoded by each in turn
     try:
+        store = _STORE
+        url = store.get(key, DataURL) if store is not None else None  # the file need not even be read
+        if url is not None:
+            _keep(key, url)
+            return url
         info = read()
         read_key = encoding_key(info, max_side, key[2])
-        url = cached_url(read_key) if read_key != key else None
+        if read_key != key:  # the file changed since ``key`` was taken
+            url = cached_url(read_key) or (store.get(read_key, DataURL) if store is not None else None)
         if url is None:
             url, _ = _encode(info.data, max_side, key[2])
-            _keep(read_key, url)
+            if store is not None:
+                store.put(read_key, url)
+        _keep(read_key, url)
         return url
     finally:
         with _ENCODED_LOCK:
@@ -250,9 +262,37 @@ def _keep(key: tuple[str, int, str], url: str) -> None:
             _encoded_bytes -= len(dropped)
 
 
+_STORE: "EncodedStore | None" = None  # the disk tier (``llm.image_store_gb``), None when off
+_STORE_LOCK = threading.Lock()
+
+
+def use_encoded_store(folder: "os.PathLike[str] | str | None", max_gb: float = 0.0) -> None:
+    """Keep wire encodings on disk under ``folder`` too, up to ``max_gb`` (``processors.llm.encoded_store``);
+    ``None`` or 0 switches the disk tier off. Called by each stage's LLM client with the run's setting: a call
+    with the folder and limit already in use changes nothing."""
+    global _STORE
+    from processors.llm.encoded_store import EncodedStore
+
+    with _STORE_LOCK:
+        if folder is None or max_gb <= 0:
+            _STORE = None
+            return
+        max_bytes = int(max_gb * 1024**3)
+        current = _STORE
+        if current is not None and current.folder.parent == Path(folder) and current.max_bytes == max_bytes:
+            return
+        _STORE = EncodedStore(Path(folder), max_bytes)
+
+
+def encoded_store() -> "EncodedStore | None":
+    return _STORE
+
+
 def clear_caches() -> None:
-    """Forget every remembered image (tests; a long-lived process that wants its memory back)."""
+    """Forget every remembered image (tests; a long-lived process that wants its memory back). The disk
+    tier's files stay; the process stops using it until ``use_encoded_store`` is called again."""
     global _encoded_bytes
+    use_encoded_store(None)
     with _FILE_INFO_LOCK:
         _FILE_INFO.clear()
     with _ENCODED_LOCK:

@@ -75,6 +75,13 @@ COMPACT_JSON_FLAG = '{"disable_any_whitespace": true}'
 PADDING_CURE = (f"Start vLLM with --structured-outputs-config '{COMPACT_JSON_FLAG}' (vLLM accepts it with the "
                 "xgrammar or guidance backend: '{\"backend\": \"xgrammar\", \"disable_any_whitespace\": true}'); "
                 "no request parameter turns the padding off")
+PADDING_BY_MODEL = ("OpenAI's API has no switch for it (the model wrote the whitespace): a strict json_schema "
+                    "response_format keeps replies compact; raise max_tokens if replies are cut off")
+
+
+def padding_advice(*, openai_host: bool) -> str:
+    """What to do about padded structured replies: vLLM's server flag, except on OpenAI's own API."""
+    return PADDING_BY_MODEL if openai_host else PADDING_CURE
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # a JSON string, maybe cut off by max_tokens
 _ODD_SPACE = re.compile(r"\s{2,}|[^\S ]")  # whitespace other than one space
 _TOKEN = re.compile(r"[\[{]|[\]}]|\s{2,}|[^\S ]")  # brackets (for the depth) and that whitespace

@@ -252,3 +252,45 @@ def test_status_export_and_push_of_a_finished_run_work_in_a_read_only_folder(tmp
     code, message = result["run"]
     assert code == rf.EXIT_UNUSABLE and "read-only" in message and "`status`, `export` and `push` only read" in message
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+class SettledSquare(SummarizingSquare):
+    """The square stage with a settle step (as the images stage's duplicate ledger), which can hit a full disk."""
+
+    full_disk_at: int | None = None  # the settle call (0-based) that raises ENOSPC
+
+    def make_settle_fn(self, config, ctx):
+        calls = []
+
+        def settle(table):
+            calls.append(len(table))
+            if len(calls) - 1 == SettledSquare.full_disk_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(ctx.stage_dir / "ledger"))
+            return table, {}
+
+        return settle
+
+
+def test_a_full_disk_in_a_settle_step_names_the_stage_and_the_rerun_resumes(tmp_path, monkeypatch):
+    run_dir, log = tmp_path / "run", tmp_path / "calls.log"
+
+    def runner() -> Runner:
+        stages = [Numbers(), SettledSquare()]
+        config = validate_config({"run": {"name": "toy", "shard_size": 4},
+                                  "stages": {"numbers": {"count": 8}, "square": {"calls_log": str(log)}}},
+                                 build_config_model(stages), base_dir=run_dir.parent)
+        return Runner(stages, config, run_dir, progress=False)
+
+    monkeypatch.setattr(SettledSquare, "full_disk_at", 1)  # the second shard's settle
+    with pytest.raises(rf.RunFolderError) as caught:
+        runner().run()
+    message = str(caught.value)
+    assert caught.value.exit_code == rf.EXIT_IO and message.startswith("stage 'square':")
+    assert "the disk is full" in message and "Free space" in message
+    assert (run_dir / "01_square" / rf.shard_name(0)).exists()  # settled and committed before the full disk
+    assert not (run_dir / "01_square" / rf.shard_name(1)).exists()
+    monkeypatch.setattr(SettledSquare, "full_disk_at", None)  # space freed
+    runner().run()
+    calls = log.read_text().split()
+    assert calls.count("n00000") == 1, "the committed shard was computed again"
+    assert json.loads((run_dir / "01_square" / "summary.json").read_text()) == {"rows": 8}

@@ -119,3 +119,13 @@ def test_padded_structured_replies_warn_once_per_server_naming_the_flag(simulato
     assert all(r.ok for r in results)  # padded but whole: used
     warnings = [rec.getMessage() for rec in caplog.records if "padded" in rec.getMessage()]
     assert len(warnings) == 1 and FLAG in warnings[0] and sim.base_url in warnings[0]
+
+
+def test_the_padding_advice_names_vllms_flag_for_other_servers_only():
+    from processors.llm.settings import EndpointSettings
+
+    openai = EndpointSettings(base_url="https://api.openai.com/v1")
+    local = EndpointSettings(base_url="http://gpu-box:8000/v1", model="Qwen/Qwen2-VL-7B-Instruct")
+    assert openai.is_openai_host and not local.is_openai_host
+    assert "vLLM" not in rp.padding_advice(openai_host=openai.is_openai_host)
+    assert FLAG in rp.padding_advice(openai_host=local.is_openai_host)

@@ -1,0 +1,162 @@
+"""The disk tier of images' wire encodings (``llm.image_store_gb``): a later stage reads an encoding instead of
+making it again, gets the very bytes the encoder wrote, and the store never fails a request - full, over its
+limit, or on a disk that refuses writes."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from processors.llm import images
+from processors.llm.encoded_store import ENCODED_STORE_FOLDER, EncodedStore, pillow_version
+from processors.llm.prepare import prepare
+from processors.llm.request import LLMRequest
+from processors.llm.settings import EndpointSettings, LLMSettings
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    images.clear_caches()
+    yield
+    images.clear_caches()
+
+
+def _image(path: Path, size=(1500, 900), fmt="JPEG", colour=(10, 120, 200)) -> Path:
+    image = Image.new("RGB", size, colour)
+    for x in range(0, size[0], 37):  # some detail, so the encoding is not trivially small
+        image.putpixel((x, x % size[1]), (x % 255, 30, 200))
+    out = io.BytesIO()
+    image.save(out, fmt)
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def _endpoint(fmt="jpeg", side=512) -> EndpointSettings:
+    return EndpointSettings(model="m", base_url="http://127.0.0.1:9/v1", image_max_side=side, image_format=fmt)
+
+
+def _wire_url(path: Path, ep: EndpointSettings) -> str:
+    request = LLMRequest(key="k", prompt_version="v1", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"}, {"type": "image_path", "path": str(path)}]}])
+    return prepare(request, ep).body_sync()["messages"][0]["content"][1]["image_url"]["url"]
+
+
+def _count_encodings(monkeypatch) -> list[int]:
+    calls, real = [], images._encode
+
+    def counting(data, max_side, fmt):
+        calls.append(max_side)
+        return real(data, max_side, fmt)
+
+    monkeypatch.setattr(images, "_encode", counting)
+    return calls
+
+
+def _forget_memory(store_folder: Path, gb: float = 1.0) -> None:
+    """What a later stage in a fresh process sees: no encoding in memory, the disk tier switched on."""
+    images.clear_caches()
+    images.use_encoded_store(store_folder, gb)
+
+
+@pytest.mark.parametrize("fmt,file_fmt", [("jpeg", "JPEG"), ("png", "PNG")])
+def test_a_later_stage_reads_the_stored_encoding_byte_for_byte_instead_of_encoding_again(
+        tmp_path, monkeypatch, fmt, file_fmt):
+    picture = _image(tmp_path / f"a.{fmt}", fmt=file_fmt)
+    ep = _endpoint(fmt)
+    reference = _wire_url(picture, ep)  # no store: what the request has always carried
+    calls = _count_encodings(monkeypatch)
+
+    _forget_memory(tmp_path / "cache" / ENCODED_STORE_FOLDER)
+    assert _wire_url(picture, ep) == reference and len(calls) == 1  # encoded, and stored
+    stored = list((tmp_path / "cache" / ENCODED_STORE_FOLDER / f"pillow-{pillow_version()}").rglob(f"*.{fmt}"))
+    assert len(stored) == 1
+
+    _forget_memory(tmp_path / "cache" / ENCODED_STORE_FOLDER)
+    assert _wire_url(picture, ep) == reference and len(calls) == 1  # read back, not encoded
+    assert images.encoded_store().hits == 1
+
+
+def test_off_by_default_and_without_a_folder(tmp_path):
+    assert LLMSettings().image_store_gb == 0
+    images.use_encoded_store(tmp_path / "s", 0)
+    assert images.encoded_store() is None
+    _wire_url(_image(tmp_path / "a.jpg"), _endpoint())
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_store_at_its_limit_keeps_what_it_has_and_stores_no_more(tmp_path, monkeypatch, caplog):
+    ep = _endpoint()
+    first, second = _image(tmp_path / "a.jpg"), _image(tmp_path / "b.jpg", colour=(200, 10, 10))
+    folder = tmp_path / ENCODED_STORE_FOLDER
+    _forget_memory(folder)
+    _wire_url(first, ep)
+    size = sum(f.stat().st_size for f in folder.rglob("*.jpeg"))
+    limit_gb = (size + 10) / 1024**3  # room for the first encoding, not for a second one
+    calls = _count_encodings(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="processors.llm.encoded_store"):
+        _forget_memory(folder, limit_gb)
+        reference = _wire_url(second, ep)
+        _forget_memory(folder, limit_gb)
+        assert _wire_url(second, ep) == reference and _wire_url(first, ep)
+    assert len(calls) == 2  # the second image was encoded twice: the full store did not take it
+    assert len(list(folder.rglob("*.jpeg"))) == 1
+    assert any("full" in record.getMessage() for record in caplog.records)
+
+
+def test_a_disk_that_refuses_writes_switches_the_store_off_with_one_warning_and_no_failed_request(
+        tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder would go")
+    ep = _endpoint()
+    pictures = [_image(tmp_path / f"{i}.jpg", colour=(i * 40, 10, 10)) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="processors.llm.encoded_store"):
+        images.use_encoded_store(blocker / "store", 1.0)
+        urls = [_wire_url(p, ep) for p in pictures]
+    assert all(url.startswith("data:image/jpeg;base64,") for url in urls)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "goes on without storing" in warnings[0]
+
+
+def test_a_damaged_or_foreign_file_in_the_store_is_a_miss_not_an_image(tmp_path, monkeypatch):
+    store = EncodedStore(tmp_path, 1024**3)
+    key = ("ab" + "0" * 62, 512, "jpeg")
+    path = store._path(key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # an empty file: what a crash mid-write could leave without the atomic rename
+    assert store.get(key) is None
+    path.unlink()
+    os.mkfifo(path)  # a FIFO in an encoding's place: a miss at once, not a read that waits for a writer
+    assert store.get(key) is None
+    with pytest.raises(ValueError):
+        store._path(("../../etc/passwd", 512, "jpeg"))
+    assert store.get(("../x", 512, "jpeg")) is None  # never a path outside the store
+
+
+def test_the_run_config_switches_it_on_for_a_stages_client(tmp_path):
+    from types import SimpleNamespace
+
+    from processors.llm.client import LLMClient
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(llm=LLMSettings(image_store_gb=2.5)), cache_dir=tmp_path / "cache",
+                          stage_dir=tmp_path / "stages" / "qa", dry_run=True, services={},
+                          current_meter=lambda: None, stop_event=lambda: None)
+    LLMClient.for_stage(ctx)
+    store = images.encoded_store()
+    assert store is not None and store.max_bytes == int(2.5 * 1024**3)
+    assert store.folder == tmp_path / "cache" / ENCODED_STORE_FOLDER / f"pillow-{pillow_version()}"
+
+
+def test_the_store_leaves_the_disk_its_reserve(tmp_path, monkeypatch, caplog):
+    from processors.llm import encoded_store
+
+    monkeypatch.setattr(encoded_store, "FREE_RESERVE", 10**18)  # more than any disk has free
+    with caplog.at_level(logging.INFO, logger="processors.llm.encoded_store"):
+        _forget_memory(tmp_path / "store")
+        assert _wire_url(_image(tmp_path / "a.jpg"), _endpoint()).startswith("data:image/jpeg")
+    assert not list((tmp_path / "store").rglob("*.jpeg"))
+    assert any("left on its disk" in r.getMessage() for r in caplog.records)
