@@ -78,7 +78,20 @@ class DataURL(str):
     __slots__ = ()
 
 
+MIMES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
 def _encode(data: bytes, max_side: int, fmt: str) -> tuple[str, tuple[int, int]]:
+    """The data URL of ``data`` on the wire (within ``max_side``, as ``fmt``) and its pixel size."""
+    encoded, size = _encode_image(data, max_side, fmt)
+    return data_url(encoded, fmt), size
+
+
+def data_url(encoded: bytes, fmt: str) -> DataURL:
+    return DataURL(f"data:{MIMES[fmt]};base64,{base64.b64encode(encoded).decode('ascii')}")
+
+
+def _encode_image(data: bytes, max_side: int, fmt: str) -> tuple[bytes, tuple[int, int]]:
     from PIL import Image, ImageOps  # lazy: PIL only when an image is actually sent
 
     with Image.open(io.BytesIO(data)) as image:
@@ -90,15 +103,15 @@ def _encode(data: bytes, max_side: int, fmt: str) -> tuple[str, tuple[int, int]]
         if fmt == "jpeg":
             if image.mode != "RGB":
                 image = image.convert("RGB")
-            mime, save_as, options = "image/jpeg", "JPEG", {"quality": 90}
+            save_as, options = "JPEG", {"quality": 90}
         else:
             if image.mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA")
-            mime, save_as, options = "image/png", "PNG", {}
+            save_as, options = "PNG", {}
         out = io.BytesIO()
         image.save(out, save_as, **options)
         size = image.size
-    return DataURL(f"data:{mime};base64,{base64.b64encode(out.getvalue()).decode('ascii')}"), size
+    return out.getvalue(), size
 
 
 def to_wire_part(part: dict[str, Any], *, max_side: int, detail: str, fmt: str) -> dict[str, Any]:
@@ -228,18 +241,23 @@ def _encoded_url(key: tuple[str, int, str], max_side: int, read: Callable[[], Fi
         running.wait()  # then look again: a URL too large to keep is encoded by each in turn
     try:
         store = _STORE
-        url = store.get(key, DataURL) if store is not None else None  # the file need not even be read
-        if url is not None:
+        stored = store.get(key) if store is not None else None  # the file need not even be read
+        if stored is not None:
+            url = data_url(stored, key[2])
             _keep(key, url)
             return url
         info = read()
         read_key = encoding_key(info, max_side, key[2])
+        url = None
         if read_key != key:  # the file changed since ``key`` was taken
-            url = cached_url(read_key) or (store.get(read_key, DataURL) if store is not None else None)
+            url = cached_url(read_key)
+            stored = store.get(read_key) if url is None and store is not None else None
+            url = data_url(stored, key[2]) if stored is not None else url
         if url is None:
-            url, _ = _encode(info.data, max_side, key[2])
+            encoded, _ = _encode_image(info.data, max_side, key[2])
+            url = data_url(encoded, key[2])
             if store is not None:
-                store.put(read_key, url)
+                store.put(read_key, encoded)
         _keep(read_key, url)
         return url
     finally:
@@ -274,14 +292,13 @@ def use_encoded_store(folder: "os.PathLike[str] | str | None", max_gb: float = 0
     from processors.llm.encoded_store import EncodedStore
 
     with _STORE_LOCK:
-        if folder is None or max_gb <= 0:
-            _STORE = None
-            return
-        max_bytes = int(max_gb * 1024**3)
         current = _STORE
-        if current is not None and current.folder.parent == Path(folder) and current.max_bytes == max_bytes:
+        max_bytes = int(max_gb * 1024**3) if folder is not None and max_gb > 0 else 0
+        if current is not None and current.folder == Path(folder or "") and current.max_bytes == max_bytes:
             return
-        _STORE = EncodedStore(Path(folder), max_bytes)
+        _STORE = EncodedStore(Path(folder), max_bytes) if max_bytes else None
+        if current is not None:
+            current.close()
 
 
 def encoded_store() -> "EncodedStore | None":

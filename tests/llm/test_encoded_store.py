@@ -4,9 +4,10 @@ limit, or on a disk that refuses writes."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,22 @@ def _wire_url(path: Path, ep: EndpointSettings) -> str:
 
 
 def _count_encodings(monkeypatch) -> list[int]:
-    calls, real = [], images._encode
+    calls, real = [], images._encode_image
 
     def counting(data, max_side, fmt):
         calls.append(max_side)
         return real(data, max_side, fmt)
 
-    monkeypatch.setattr(images, "_encode", counting)
+    monkeypatch.setattr(images, "_encode_image", counting)
     return calls
+
+
+def _stored(folder: Path) -> int:
+    path = folder / f"pillow-{pillow_version()}.sqlite"
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT count(*) FROM encodings").fetchone()[0]
 
 
 def _forget_memory(store_folder: Path, gb: float = 1.0) -> None:
@@ -73,8 +82,7 @@ def test_a_later_stage_reads_the_stored_encoding_byte_for_byte_instead_of_encodi
 
     _forget_memory(tmp_path / "cache" / ENCODED_STORE_FOLDER)
     assert _wire_url(picture, ep) == reference and len(calls) == 1  # encoded, and stored
-    stored = list((tmp_path / "cache" / ENCODED_STORE_FOLDER / f"pillow-{pillow_version()}").rglob(f"*.{fmt}"))
-    assert len(stored) == 1
+    assert _stored(tmp_path / "cache" / ENCODED_STORE_FOLDER) == 1
 
     _forget_memory(tmp_path / "cache" / ENCODED_STORE_FOLDER)
     assert _wire_url(picture, ep) == reference and len(calls) == 1  # read back, not encoded
@@ -95,7 +103,7 @@ def test_a_store_at_its_limit_keeps_what_it_has_and_stores_no_more(tmp_path, mon
     folder = tmp_path / ENCODED_STORE_FOLDER
     _forget_memory(folder)
     _wire_url(first, ep)
-    size = sum(f.stat().st_size for f in folder.rglob("*.jpeg"))
+    size = images.encoded_store()._used
     limit_gb = (size + 10) / 1024**3  # room for the first encoding, not for a second one
     calls = _count_encodings(monkeypatch)
     with caplog.at_level(logging.INFO, logger="processors.llm.encoded_store"):
@@ -104,12 +112,11 @@ def test_a_store_at_its_limit_keeps_what_it_has_and_stores_no_more(tmp_path, mon
         _forget_memory(folder, limit_gb)
         assert _wire_url(second, ep) == reference and _wire_url(first, ep)
     assert len(calls) == 2  # the second image was encoded twice: the full store did not take it
-    assert len(list(folder.rglob("*.jpeg"))) == 1
+    assert _stored(folder) == 1
     assert any("full" in record.getMessage() for record in caplog.records)
 
 
-def test_a_disk_that_refuses_writes_switches_the_store_off_with_one_warning_and_no_failed_request(
-        tmp_path, caplog):
+def test_a_store_that_cannot_be_opened_switches_off_with_one_warning_and_no_failed_request(tmp_path, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the store's folder would go")
     ep = _endpoint()
@@ -119,22 +126,31 @@ def test_a_disk_that_refuses_writes_switches_the_store_off_with_one_warning_and_
         urls = [_wire_url(p, ep) for p in pictures]
     assert all(url.startswith("data:image/jpeg;base64,") for url in urls)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "goes on without storing" in warnings[0]
+    assert len(warnings) == 1 and "goes on without it" in warnings[0]
 
 
-def test_a_damaged_or_foreign_file_in_the_store_is_a_miss_not_an_image(tmp_path, monkeypatch):
+def test_a_damaged_store_file_is_a_miss_with_one_warning_not_a_failed_request(tmp_path, caplog):
+    folder = tmp_path / ENCODED_STORE_FOLDER
+    folder.mkdir()
+    (folder / f"pillow-{pillow_version()}.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    picture, ep = _image(tmp_path / "a.jpg"), _endpoint()
+    reference = _wire_url(picture, ep)
+    with caplog.at_level(logging.WARNING, logger="processors.llm.encoded_store"):
+        _forget_memory(folder)
+        assert _wire_url(picture, ep) == reference
+        _forget_memory(folder)
+        assert _wire_url(picture, ep) == reference
+    assert [r.levelno for r in caplog.records].count(logging.WARNING) == 2  # once per process (here: per store)
+    assert all("Delete the file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_key_that_is_not_a_digest_is_never_stored_or_read(tmp_path):
     store = EncodedStore(tmp_path, 1024**3)
-    key = ("ab" + "0" * 62, 512, "jpeg")
-    path = store._path(key)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"")  # an empty file: what a crash mid-write could leave without the atomic rename
-    assert store.get(key) is None
-    path.unlink()
-    os.mkfifo(path)  # a FIFO in an encoding's place: a miss at once, not a read that waits for a writer
-    assert store.get(key) is None
-    with pytest.raises(ValueError):
-        store._path(("../../etc/passwd", 512, "jpeg"))
-    assert store.get(("../x", 512, "jpeg")) is None  # never a path outside the store
+    store.put(("../x", 512, "jpeg"), b"data")
+    store.put(("ab" * 16, 512, "gif"), b"data")
+    assert store.get(("../x", 512, "jpeg")) is None and store.writes == 0
+    store.put(("ab" * 16, 512, "jpeg"), b"data")
+    assert store.get(("ab" * 16, 512, "jpeg")) == b"data"
 
 
 def test_the_run_config_switches_it_on_for_a_stages_client(tmp_path):
@@ -148,7 +164,7 @@ def test_the_run_config_switches_it_on_for_a_stages_client(tmp_path):
     LLMClient.for_stage(ctx)
     store = images.encoded_store()
     assert store is not None and store.max_bytes == int(2.5 * 1024**3)
-    assert store.folder == tmp_path / "cache" / ENCODED_STORE_FOLDER / f"pillow-{pillow_version()}"
+    assert store.path == tmp_path / "cache" / ENCODED_STORE_FOLDER / f"pillow-{pillow_version()}.sqlite"
 
 
 def test_the_store_leaves_the_disk_its_reserve(tmp_path, monkeypatch, caplog):
@@ -158,5 +174,5 @@ def test_the_store_leaves_the_disk_its_reserve(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="processors.llm.encoded_store"):
         _forget_memory(tmp_path / "store")
         assert _wire_url(_image(tmp_path / "a.jpg"), _endpoint()).startswith("data:image/jpeg")
-    assert not list((tmp_path / "store").rglob("*.jpeg"))
+    assert _stored(tmp_path / "store") == 0
     assert any("left on its disk" in r.getMessage() for r in caplog.records)

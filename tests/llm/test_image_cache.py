@@ -200,13 +200,13 @@ def test_a_symlink_inside_its_root_is_checked_on_every_row(tmp_path):
 
 # ------------------------------------------------------------------------ encodings shared and spliced
 def _count_encodes(monkeypatch) -> list[tuple[int, str]]:
-    calls, real = [], images._encode
+    calls, real = [], images._encode_image
 
     def counting(data, max_side, fmt):
         calls.append((max_side, fmt))
         return real(data, max_side, fmt)
 
-    monkeypatch.setattr(images, "_encode", counting)
+    monkeypatch.setattr(images, "_encode_image", counting)
     return calls
 
 
@@ -234,14 +234,14 @@ def test_threads_that_want_one_image_at_once_encode_it_once(tmp_path, monkeypatc
     import time
 
     data = _jpeg(tmp_path / "a.jpg")
-    calls, real = [], images._encode
+    calls, real = [], images._encode_image
 
     def slow(data, max_side, fmt):
         calls.append(max_side)
         time.sleep(0.05)  # long enough for the others to find it being encoded
         return real(data, max_side, fmt)
 
-    monkeypatch.setattr(images, "_encode", slow)
+    monkeypatch.setattr(images, "_encode_image", slow)
     part = {"type": "image_path", "path": str(tmp_path / "a.jpg")}
     urls = []
     threads = [threading.Thread(target=lambda: urls.append(images.to_wire_part(
@@ -251,7 +251,7 @@ def test_threads_that_want_one_image_at_once_encode_it_once(tmp_path, monkeypatc
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(urls) == 6 and len(set(urls)) == 1
-    assert urls[0] == real(data, 512, "jpeg")[0] and not images._ENCODING
+    assert urls[0] == images.data_url(real(data, 512, "jpeg")[0], "jpeg") and not images._ENCODING
 
 
 def test_bodies_built_on_the_loop_are_the_thread_built_ones_and_encode_an_image_once(tmp_path, monkeypatch):
