@@ -7,8 +7,8 @@ in ``scripts/bench_scale.py``: qa costs 0.96 s per 1,000 rows at 2,000 images an
 encoding again). This store is the second tier, under the run's cache folder, switched on by
 ``llm.image_store_gb`` (off by default: it costs disk, about the size of the run's images at the endpoints'
 sides). It holds the encoded JPEG/PNG bytes (base64 is made again on reading: a quarter less disk, ~30 us an
-image) in one SQLite file per Pillow version, so an upgraded Pillow encodes anew rather than mixing its bytes
-with the old one's. One file, not a file per image: creating a file cost ~0.5 ms of kernel time here (measured),
+image) in one SQLite file per Pillow version (and the JPEG and zlib libraries it was built with), so an
+upgraded Pillow encodes anew rather than mixing its bytes with the old one's. One file, not a file per image: creating a file cost ~0.5 ms of kernel time here (measured),
 an insert into SQLite's write-ahead log a tenth of that, and 825,000 files are a burden of their own.
 
 It only ever saves work, never changes a request: a miss encodes as before; what is read back is the bytes the
@@ -16,8 +16,9 @@ same encoder wrote for the same content. Full (``image_store_gb`` reached, or le
 the disk) it keeps what it has and stores no more (a scan-resistant choice: the first images stay, rather than
 each new one evicting the one the next stage will want first). A store that cannot be opened or written (a full
 or read-only disk, a damaged file) switches itself off for the process with one warning: no request fails
-because of it. Several processes (Ray workers) may share the file: SQLite's lock orders their writes, and a
-write that would wait is skipped (it is a cache).
+because of it. Several processes (Ray workers) may share the file: SQLite's lock orders their writes, a write
+that would wait is skipped (it is a cache), and each process counts the file's size against the limit every
+``DISK_CHECK_EVERY`` writes, so together they overshoot it by at most that many writes each.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
 logger = logging.getLogger(__name__)
 
 ENCODED_STORE_FOLDER = "encoded-images"  # under the run's cache folder
@@ -37,10 +40,26 @@ FORMATS = ("jpeg", "png")
 _SCHEMA = "CREATE TABLE IF NOT EXISTS encodings (key TEXT PRIMARY KEY, data BLOB NOT NULL)"
 
 
-def pillow_version() -> str:
-    from PIL import __version__
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
-    return __version__
+
+@retry(retry=retry_if_exception(lambda exc: isinstance(exc, sqlite3.OperationalError) and _locked(exc)),
+       stop=stop_after_attempt(8), wait=wait_exponential(multiplier=0.05, max=1.0), reraise=True)
+def _set_up(db: sqlite3.Connection) -> None:
+    """WAL mode and the table. Switching a new file to WAL takes an exclusive lock SQLite does not wait for
+    (its busy timeout does not apply): processes (Ray workers) opening the file at once get "database is
+    locked" at once, so it is retried, as the request cache does (``processors.llm.cache``)."""
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last encodings, never damage the file
+    db.execute(_SCHEMA)
+
+
+def pillow_version() -> str:
+    """Pillow's version and the JPEG and zlib libraries it was built with: what decides an encoding's bytes."""
+    from PIL import __version__, features
+
+    return f"{__version__}-jpeg{features.version_codec('jpg')}-zlib{features.version_codec('zlib')}"
 
 
 class EncodedStore:
@@ -55,6 +74,7 @@ class EncodedStore:
         self._used = 0  # bytes of encodings in the file, counted when it is opened
         self._full = False
         self._broken = False
+        self._closed = False
         self._writes_since_disk_check = 0
         self.hits = self.misses = self.writes = 0
 
@@ -77,15 +97,18 @@ class EncodedStore:
                 return None
             try:
                 row = db.execute("SELECT data FROM encodings WHERE key = ?", (name,)).fetchone()
-            except sqlite3.OperationalError:  # locked by a writer in another process: a miss
-                row = None
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    self._break("reading", exc)
+                    return None
+                row = None  # a writer in another process holds it: a miss
             except sqlite3.DatabaseError as exc:
                 self._break("reading", exc)
                 return None
-        if not row or not row[0]:
-            self.misses += 1
-            return None
-        self.hits += 1
+            if not row or not row[0]:
+                self.misses += 1
+                return None
+            self.hits += 1
         return bytes(row[0])
 
     def put(self, key: tuple[str, int, str], data: bytes) -> None:
@@ -108,8 +131,14 @@ class EncodedStore:
                 self._writes_since_disk_check = DISK_CHECK_EVERY
                 try:
                     free = shutil.disk_usage(self.folder).free
+                    # Other processes (Ray workers) write the same file: its size counts what they stored, so
+                    # together they overshoot the limit by at most DISK_CHECK_EVERY writes each.
+                    self._used = max(self._used, self._file_bytes())
                 except OSError as exc:
                     self._break("checking the disk of", exc)
+                    return
+                if self._used + len(data) > self.max_bytes:
+                    self._stop(f"it holds {self._used / 1024**3:.2f} GB, llm.image_store_gb's limit")
                     return
                 if free < FREE_RESERVE + DISK_CHECK_EVERY * len(data):
                     self._stop(f"less than {FREE_RESERVE // 1024**3} GB is left on its disk")
@@ -118,7 +147,7 @@ class EncodedStore:
                 added = db.execute("INSERT OR IGNORE INTO encodings (key, data) VALUES (?, ?)",
                                    (name, sqlite3.Binary(data))).rowcount
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if _locked(exc):
                     return  # another process is writing: this one is not stored, nothing else changes
                 self._break("writing", exc)
                 return
@@ -130,8 +159,8 @@ class EncodedStore:
                 self.writes += 1
 
     def _open(self) -> sqlite3.Connection | None:
-        """The connection (under ``_lock``), opened on first use; None when the store is off."""
-        if self._broken:
+        """The connection (under ``_lock``), opened on first use; None when the store is off or closed."""
+        if self._broken or self._closed:
             return None
         if self._db is not None:
             return self._db
@@ -139,18 +168,30 @@ class EncodedStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=0.05, isolation_level=None, check_same_thread=False)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last encodings, never damage
-                db.execute(_SCHEMA)
+                _set_up(db)
                 self._used = int(db.execute("SELECT total(length(data)) FROM encodings").fetchone()[0])
             except BaseException:
                 db.close()
                 raise
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):  # several processes opened it at once, and retrying did not get through: later
+                return None
+            self._break("opening", exc)
+            return None
         except (OSError, sqlite3.Error) as exc:
             self._break("opening", exc)
             return None
         self._db = db
         return db
+
+    def _file_bytes(self) -> int:
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def _break(self, doing: str, exc: BaseException) -> None:
         self._broken = True
@@ -166,7 +207,9 @@ class EncodedStore:
             logger.info("image store %s is full (%s): it keeps what it has and stores no more", self.path, why)
 
     def close(self) -> None:
+        """Close the file; the store is off from then on (a thread still holding it gets misses)."""
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.close()
                 self._db = None

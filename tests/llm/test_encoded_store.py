@@ -103,7 +103,8 @@ def test_a_store_at_its_limit_keeps_what_it_has_and_stores_no_more(tmp_path, mon
     folder = tmp_path / ENCODED_STORE_FOLDER
     _forget_memory(folder)
     _wire_url(first, ep)
-    size = images.encoded_store()._used
+    with contextlib.closing(sqlite3.connect(images.encoded_store().path)) as db:
+        size = db.execute("SELECT total(length(data)) FROM encodings").fetchone()[0]
     limit_gb = (size + 10) / 1024**3  # room for the first encoding, not for a second one
     calls = _count_encodings(monkeypatch)
     with caplog.at_level(logging.INFO, logger="processors.llm.encoded_store"):
@@ -176,3 +177,52 @@ def test_the_store_leaves_the_disk_its_reserve(tmp_path, monkeypatch, caplog):
         assert _wire_url(_image(tmp_path / "a.jpg"), _endpoint()).startswith("data:image/jpeg")
     assert _stored(tmp_path / "store") == 0
     assert any("left on its disk" in r.getMessage() for r in caplog.records)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from processors.llm.encoded_store import EncodedStore
+folder, go, index = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+store = EncodedStore(folder, 1024**3)
+while not go.exists():  # all start together: the first opens race for the switch to WAL
+    time.sleep(0.001)
+store.put((f"{index:02d}" * 16, 512, "jpeg"), b"encoded-%d" % index)
+print("broken" if store._broken else "ok", store.writes)
+"""
+
+
+def test_processes_opening_one_store_at_once_do_not_switch_it_off(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "store"), str(go), str(i)],
+                                 cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(6)]
+    go.touch()
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert all(child.returncode == 0 for child in children), [err for _, err in outputs]
+    assert [out.split()[0] for out, _ in outputs] == ["ok"] * 6, outputs
+    stored = _stored(tmp_path / "store")
+    assert stored == sum(int(out.split()[1]) for out, _ in outputs) and stored >= 1
+
+
+def test_processes_sharing_a_store_keep_to_its_limit_within_a_batch_of_writes(tmp_path, monkeypatch):
+    from processors.llm import encoded_store
+
+    monkeypatch.setattr(encoded_store, "DISK_CHECK_EVERY", 1)  # look at the file's size at every write
+    first, second = EncodedStore(tmp_path, 40_000), EncodedStore(tmp_path, 40_000)  # two processes' stores
+    for i in range(10):
+        first.put((f"a{i:031d}", 512, "jpeg"), bytes(1000))
+        second.put((f"b{i:031d}", 512, "jpeg"), bytes(1000))
+    assert first._file_bytes() <= 40_000 + 2 * 8192  # the limit, give or take a page each
+    assert first._full or second._full
+
+
+def test_a_closed_store_stays_closed(tmp_path):
+    store = EncodedStore(tmp_path, 1024**3)
+    store.put(("ab" * 16, 512, "jpeg"), b"data")
+    store.close()
+    assert store.get(("ab" * 16, 512, "jpeg")) is None and store._db is None
