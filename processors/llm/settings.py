@@ -214,9 +214,9 @@ class LLMSettings(_Frozen):
     image_store_gb: float = Field(
         0.0, ge=0, description="keep images' wire encodings (resized JPEG/PNG) on disk under the run's cache "
         "folder, up to this many GB, so later stages and resumed runs read them instead of encoding each image "
-        "again (at 10,000 images qa used 2.5x and score 1.5x less client CPU per request); 0 = off. Costs about "
-        "the size of the run's images at the endpoints' sides; never changes a request; not part of any "
-        "fingerprint")
+        "again (at 10,000 images qa used 2.1-2.5x and score 1.1-1.5x less client CPU per request); 0 = off. "
+        "Costs about the size of the run's images at the endpoints' sides; never changes a request; not part of "
+        "any fingerprint")
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     budget_share: float = Field(
         1.0, gt=0, le=1, description="this process's share of every endpoint's rpm, tpm and max_concurrency: "
