@@ -51,6 +51,7 @@ done
 cat >"$WORK/config.yaml" <<YAML
 run: {name: vllm-check, shard_size: 16}
 llm:
+  image_store_gb: 1  # the disk tier of image encodings: score reads back what filter and qa encoded
   endpoints:
     sim: {base_url: "http://127.0.0.1:$PORT_SIM/v1", api_key_env: null, model: gpt-4o-2024-08-06}
     tiny: {base_url: "http://127.0.0.1:$PORT_A/v1", api_key_env: null, model: tiny-llava, max_concurrency: 16, timeout_s: 300}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from processors.llm import images
+from processors.llm.image_tokens import image_tokens, scaled_size
 from processors.llm.request import LLMRequest
 from processors.llm.settings import EndpointSettings, LLMSettings, Price
 
@@ -27,7 +28,7 @@ def text_tokens(text: str) -> int:
 def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *, read_images: bool = True,
                    image_size: Callable[[dict[str, Any]], tuple[int, int] | None] = images.image_size) -> int:
     """Prompt tokens of ``messages``. Images count by their downscaled size at the endpoint's detail, under the
-    image-token rule of the endpoint's model family (``images.image_tokens``; an unknown model, a self-hosted
+    image-token rule of the endpoint's model family (``processors.llm.image_tokens``; an unknown model, a self-hosted
     vLLM say, counts as GPT-4o); an image whose size is unknown (or ``read_images=False``) counts as a square
     of ``image_max_side``. ``image_size`` gives an image part's pixel size (a caller that has read the file
     already passes what it read)."""
@@ -41,8 +42,8 @@ def message_tokens(messages: list[dict[str, Any]], endpoint: EndpointSettings, *
         for part in content or []:
             if images.is_image_part(part):
                 size = image_size(part) if read_images else None
-                size = images.scaled_size(size, endpoint.image_max_side) if size else (endpoint.image_max_side,) * 2
-                total += images.image_tokens(*size, endpoint.image_detail, model=endpoint.model)
+                size = scaled_size(size, endpoint.image_max_side) if size else (endpoint.image_max_side,) * 2
+                total += image_tokens(*size, endpoint.image_detail, model=endpoint.model)
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 total += text_tokens(part["text"])
     return total
@@ -131,7 +132,7 @@ def project(
     endpoint = settings.endpoint(endpoint_name)
     side = endpoint.image_max_side
     per_prompt = TOKENS_PER_MESSAGE * 2 + math.ceil(prompt_text_chars / CHARS_PER_TOKEN)
-    per_prompt += images_per_request * images.image_tokens(side, side, endpoint.image_detail, model=endpoint.model)
+    per_prompt += images_per_request * image_tokens(side, side, endpoint.image_detail, model=endpoint.model)
     prompt_total, completion_total = requests * per_prompt, requests * completion_tokens
     dollars = cost_usd(settings, endpoint.model, prompt_total, completion_total, tier=mode_tier(endpoint))
     return Projection(requests, prompt_total, completion_total, dollars)

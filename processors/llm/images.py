@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -241,18 +240,14 @@ def _encoded_url(key: tuple[str, int, str], max_side: int, read: Callable[[], Fi
         running.wait()  # then look again: a URL too large to keep is encoded by each in turn
     try:
         store = _STORE
-        stored = store.get(key) if store is not None else None  # the file need not even be read
-        if stored is not None:
-            url = data_url(stored, key[2])
+        url = _stored_url(store, key)  # the file need not even be read
+        if url is not None:
             _keep(key, url)
             return url
         info = read()
         read_key = encoding_key(info, max_side, key[2])
-        url = None
         if read_key != key:  # the file changed since ``key`` was taken
-            url = cached_url(read_key)
-            stored = store.get(read_key) if url is None and store is not None else None
-            url = data_url(stored, key[2]) if stored is not None else url
+            url = cached_url(read_key) or _stored_url(store, read_key)
         if url is None:
             encoded, _ = _encode_image(info.data, max_side, key[2])
             url = data_url(encoded, key[2])
@@ -264,6 +259,12 @@ def _encoded_url(key: tuple[str, int, str], max_side: int, read: Callable[[], Fi
         with _ENCODED_LOCK:
             del _ENCODING[key]
         mine.set()
+
+
+def _stored_url(store: "EncodedStore | None", key: tuple[str, int, str]) -> str | None:
+    """The data URL of the encoding the disk tier holds under ``key``, or None (no store, or not there)."""
+    encoded = store.get(key) if store is not None else None
+    return data_url(encoded, key[2]) if encoded is not None else None
 
 
 def _keep(key: tuple[str, int, str], url: str) -> None:
@@ -330,79 +331,3 @@ def image_size(part: dict[str, Any]) -> tuple[int, int] | None:
         return _header_size(part_bytes(part))
     except (OSError, ValueError):
         return None
-
-
-def scaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    width, height = size
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-@dataclass(frozen=True)
-class TileRule:
-    """Tile-based image tokens: ``base`` at ``low``; ``base + per_tile`` per 512-px tile at ``high``/``auto``."""
-
-    base: int
-    per_tile: int
-
-
-@dataclass(frozen=True)
-class PatchRule:
-    """Patch-based image tokens: 32-px patches (at most ``PATCH_CAP``), times the model's ``multiplier``."""
-
-    multiplier: float
-
-
-GPT4O_TILES = TileRule(85, 170)
-PATCH_SIDE, PATCH_CAP = 32, 1536
-# OpenAI's "Images and vision" guide, "Calculating costs". Longest prefix wins: "gpt-4.1-mini" before "gpt-4.1",
-# "gpt-4o-mini" before "gpt-4o". A model not listed (a self-hosted vLLM) is counted with GPT-4o's rule, as
-# before this table existed.
-IMAGE_TOKEN_RULES: dict[str, TileRule | PatchRule] = {
-    "gpt-4o-mini": TileRule(2833, 5667),
-    "gpt-4o": GPT4O_TILES, "gpt-4.1": GPT4O_TILES, "gpt-4.5": GPT4O_TILES, "gpt-4-turbo": GPT4O_TILES,
-    "o1": TileRule(75, 150), "o3": TileRule(75, 150), "computer-use-preview": TileRule(65, 129),
-    "gpt-5": TileRule(70, 140), "gpt-5-chat-latest": TileRule(70, 140),
-    "gpt-4.1-mini": PatchRule(1.62), "gpt-4.1-nano": PatchRule(2.46), "o4-mini": PatchRule(1.72),
-    "gpt-5-mini": PatchRule(1.62), "gpt-5-nano": PatchRule(2.46),
-}
-
-
-def image_token_rule(model: str | None) -> TileRule | PatchRule:
-    """The rule for ``model`` (a provider prefix such as ``openai/`` ignored): its family's longest prefix."""
-    name = (model or "").rsplit("/", 1)[-1].lower()
-    for prefix in sorted(IMAGE_TOKEN_RULES, key=len, reverse=True):
-        if name == prefix or name.startswith(prefix + "-"):
-            return IMAGE_TOKEN_RULES[prefix]
-    return GPT4O_TILES
-
-
-def image_tokens(width: int, height: int, detail: str, *, model: str | None = None) -> int:
-    """Prompt tokens of one image of ``width`` x ``height`` pixels sent at ``detail`` to ``model``.
-
-    Tile models (GPT-4o, GPT-4.1, GPT-5, o1/o3, gpt-4o-mini): ``base`` at ``low``; at ``high``/``auto`` ``base``
-    plus ``per_tile`` per 512-px tile after the API fits the image in 2048x2048 and scales its short side down
-    to 768. Patch models (gpt-4.1-mini/nano, o4-mini, gpt-5-mini/nano): see ``patch_count``; ``detail`` does
-    not change their count. ``model=None`` (or unknown) is GPT-4o's rule."""
-    rule = image_token_rule(model)
-    if isinstance(rule, PatchRule):
-        return math.ceil(patch_count(width, height) * rule.multiplier)  # billed whole: round up, never under
-    if detail == "low":
-        return rule.base
-    scale = min(1.0, 2048 / max(width, height))
-    width, height = width * scale, height * scale
-    scale = min(1.0, 768 / min(width, height))
-    width, height = width * scale, height * scale
-    return rule.base + rule.per_tile * math.ceil(width / 512) * math.ceil(height / 512)
-
-
-def patch_count(width: int, height: int) -> int:
-    """32-px patches covering the image; over ``PATCH_CAP``, the image is first shrunk (aspect kept) so a
-    whole number of patches spans its width (or height) and the count fits the cap, as OpenAI's guide does."""
-    patches = math.ceil(width / PATCH_SIDE) * math.ceil(height / PATCH_SIDE)
-    if patches <= PATCH_CAP:
-        return patches
-    shrink = math.sqrt(PATCH_SIDE * PATCH_SIDE * PATCH_CAP / (width * height))
-    across, down = width * shrink / PATCH_SIDE, height * shrink / PATCH_SIDE
-    shrink *= min(math.floor(across) / across, math.floor(down) / down)
-    return min(PATCH_CAP, math.ceil(width * shrink / PATCH_SIDE) * math.ceil(height * shrink / PATCH_SIDE))

@@ -150,9 +150,9 @@ class PromptCache:
 
     @staticmethod
     def image_tokens(part: dict[str, Any]) -> int:
-        """GPT-4o's count for one ``image_url`` part (``processors.llm.images.image_tokens``: 85 at ``low``, else
+        """GPT-4o's count for one ``image_url`` part (``processors.llm.image_tokens.image_tokens``: 85 at ``low``, else
         85 + 170 per 512-px tile); a URL whose size cannot be read counts as ``low``."""
-        from processors.llm.images import image_tokens
+        from processors.llm.image_tokens import image_tokens
 
         image = part.get("image_url") or {}
         size = None if image.get("detail") == "low" else PromptCache._data_url_size(str(image.get("url", "")))

@@ -226,3 +226,17 @@ def test_a_closed_store_stays_closed(tmp_path):
     store.put(("ab" * 16, 512, "jpeg"), b"data")
     store.close()
     assert store.get(("ab" * 16, 512, "jpeg")) is None and store._db is None
+
+
+@pytest.mark.parametrize("name", ["grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"])
+def test_real_photos_read_back_from_the_store_are_the_bytes_a_fresh_encoding_sends(tmp_path, name):
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / name  # real pictures shipped in the wheel
+    for ep in (_endpoint("jpeg", 512), _endpoint("jpeg", 1344), _endpoint("png", 768)):
+        images.clear_caches()
+        reference = _wire_url(photo, ep)
+        _forget_memory(tmp_path / "store")
+        assert _wire_url(photo, ep) == reference  # encoded and stored
+        _forget_memory(tmp_path / "store")
+        assert _wire_url(photo, ep) == reference and images.encoded_store().hits == 1  # read back

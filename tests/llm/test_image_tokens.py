@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from processors.llm.estimate import message_tokens, project
-from processors.llm.images import image_token_rule, image_tokens, patch_count
+from processors.llm.image_tokens import image_token_rule, image_tokens, patch_count
 from processors.llm.settings import LLMSettings
 
 

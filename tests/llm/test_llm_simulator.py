@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from processors.llm import LLMSettings, estimate_requests, project
-from processors.llm.images import image_tokens
+from processors.llm.image_tokens import image_tokens
 from processors.llm.request import LLMRequest
 from processors.simulator.core import SimulatorOptions
 from processors.simulator.responders import Responder, message_text
