@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from processors.llm.errors import CircuitOpenError
+from processors.llm.hosts import is_openai_host
 
 
 class CircuitBreaker:
@@ -17,7 +18,7 @@ class CircuitBreaker:
         self.threshold = threshold
         self._where = f"LLM endpoint {endpoint!r} ({base_url}, model {model})"
         self._endpoint = endpoint
-        self._openai = base_url.rstrip("/").startswith("https://api.openai.com")
+        self._openai = is_openai_host(base_url)
         self._key_env = key_env
         self._streak = 0
         self._kinds: Counter[str] = Counter()

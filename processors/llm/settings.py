@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from builder.secrets import check_env_name
+from processors.llm import hosts
 
 
 FLEX_TIMEOUT_S = 900.0  # OpenAI's advice for flex: 15 minutes, its replies may wait in a queue
@@ -143,8 +144,7 @@ class EndpointSettings(_Frozen):
     @property
     def is_openai_host(self) -> bool:
         """Whether ``base_url`` is OpenAI's own API (not a self-hosted or other OpenAI-compatible server)."""
-        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].split(":", 1)[0].lower()
-        return host == "api.openai.com"
+        return hosts.is_openai_host(self.base_url)
 
     @property
     def is_reasoning_model(self) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from builder.ids import text_id
+from processors.llm.hosts import rejects_unknown_fields
 from processors.referees.prompt import PROMPT_VERSION, build_messages
 from processors.referees.protocol import RefereeItem, Vote
 
@@ -46,9 +47,7 @@ def resolved_constraint(settings: RefereeSettings, base_url: str) -> str:
     constraint = settings.endpoint.vote_constraint
     if constraint != "auto":
         return constraint
-    host = base_url.split("//", 1)[-1].split("/", 1)[0].lower()
-    openai_like = host == "api.openai.com" or host.endswith(".openai.azure.com")  # reject unknown fields
-    return "logit_bias" if openai_like else "structured_outputs"
+    return "logit_bias" if rejects_unknown_fields(base_url) else "structured_outputs"
 
 
 class ConstraintIgnoredError(RuntimeError):

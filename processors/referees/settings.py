@@ -26,7 +26,8 @@ class RefereeEndpoint(BaseModel):
     vote_constraint: Literal["auto", "structured_outputs", "regex", "logit_bias", "none"] = Field(
         "auto", description="how the server is told to answer exactly one digit: vLLM >= 0.12 "
         "`structured_outputs: {choice: [0, 1]}`, SGLang `regex: [01]`, OpenAI `logit_bias` on the digit tokens, "
-        "or nothing; auto = logit_bias for api.openai.com, structured_outputs for any other server")
+        "or nothing; auto = logit_bias for api.openai.com and Azure OpenAI (*.openai.azure.com), "
+        "structured_outputs for any other server")
     top_logprobs: int = Field(20, ge=1, description="top logprobs asked for (vLLM's --max-logprobs and OpenAI's "
                               "limit are both 20 by default)")
     request_mm_processor_kwargs: bool = Field(
