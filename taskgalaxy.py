@@ -259,6 +259,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad labels (AuditError), no sample of this run, a run without score/final
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the run folder or the page's folder cannot be written: path, cause, fix
+        from builder.runfolder import folder_error
+
+        doing = "write the audit sample and its page" if args.sample is not None else "write the audit's figures"
+        hint = (f"Check that this user can write {run_dir / 'audit'}" + (f" and {out}" if out else "")
+                + " (no file where a folder goes, a disk with room), then run the same command again"
+                + (": the same --sample, --stratify and --seed draw the same sample." if out else "."))
+        raise folder_error(exc, doing=doing, path=run_dir, run_dir=run_dir, hint=hint) from None
     print(json.dumps(figures, indent=2) if args.json else audit_text.format_figures(figures))
     return 0
 

@@ -72,6 +72,7 @@ _CAUSES = {
     errno.EPERM: "the operation is not permitted",
     errno.ENOENT: "a folder on the way does not exist (or cannot hold files)",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file is where a folder goes",
     errno.EFBIG: "the file is larger than the file system allows",
     errno.EIO: "the disk reported an I/O error",
 }
@@ -102,13 +103,14 @@ def stage_of(path: Path) -> str | None:
 
 
 def folder_error(exc: OSError, *, doing: str, path: Path, stage: str | None = None, run_dir: Path | None = None,
-                 exit_code: int = EXIT_IO) -> RunFolderError:
-    """Turn an ``OSError`` into a one-paragraph ``RunFolderError``: what failed, the path, the stage, the fix."""
+                 exit_code: int = EXIT_IO, hint: str | None = None) -> RunFolderError:
+    """Turn an ``OSError`` into a one-paragraph ``RunFolderError``: what failed, the path, the stage, the fix
+    (``hint``: a command's own; by default what `taskgalaxy run` needs)."""
     where = os.fsdecode(exc.filename) if exc.filename else path
     cause = _CAUSES.get(exc.errno, exc.strerror or str(exc))
     during = f"stage {stage!r}: " if stage else ""
     return RunFolderError(f"{during}could not {doing} ({where}): {cause} [errno {exc.errno}]. "
-                          f"{_hint(exc.errno, run_dir)}", exit_code)
+                          f"{hint or _hint(exc.errno, run_dir)}", exit_code)
 
 
 def is_run_folder_problem(exc: BaseException, run_dir: Path) -> bool:

@@ -199,7 +199,18 @@ class EncodedStore:
             self._db.close()
             self._db = None
         logger.warning("image store %s: %s it failed (%s); the run goes on without it in this process (images "
-                       "are encoded as they are needed). Delete the file if it is damaged.", self.path, doing, exc)
+                       "are encoded as they are needed). %s", self.path, doing, exc, self._advice(exc))
+
+    def _advice(self, exc: BaseException) -> str:
+        """What to do, by what failed: a damaged file is deleted; a folder that cannot be written is fixed."""
+        damaged = isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+        if damaged:  # "file is not a database", "database disk image is malformed"
+            return f"The file is damaged: delete {self.path} (a cache of encodings; nothing else is lost)."
+        existing = next((p for p in (self.folder, *self.folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return f"{existing} is a file, not a folder: move it away, or set llm.image_store_gb: 0."
+        return (f"Check that this process can write {self.folder} (permissions, a read-only or full disk), or set "
+                "llm.image_store_gb: 0.")
 
     def _stop(self, why: str) -> None:
         if not self._full:

@@ -212,8 +212,10 @@ class LLMSettings(_Frozen):
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     cache: bool = Field(True, description="persistent request cache under the run's cache folder")
     image_store_gb: float = Field(
-        0.0, ge=0, description="keep images' wire encodings (resized JPEG/PNG) on disk under the run's cache "
-        "folder, up to this many GB, so later stages and resumed runs read them instead of encoding each image "
+        # strict and finite: `yes` read as 1 GB, or .inf crashing the first stage, is a typo caught up front
+        0.0, ge=0, allow_inf_nan=False, strict=True,
+        description="keep images' wire encodings (resized JPEG/PNG) on disk under the run's cache folder, up to "
+        "this many GB, so later stages and resumed runs read them instead of encoding each image "
         "again (at 10,000 images qa used 2.1-2.5x and score 1.1-1.5x less client CPU per request); 0 = off. "
         "Costs about the size of the run's images at the endpoints' sides; never changes a request; not part of "
         "any fingerprint")

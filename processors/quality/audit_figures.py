@@ -163,6 +163,8 @@ def binary_table(said: Sequence[bool], truth: Sequence[bool], strata: Sequence[s
         unweighted = cohen_kappa([int(v) for v in said], [int(v) for v in truth])
     return {
         "n": len(said), "counts": counts,
+        # the questions the table speaks for: strata with no labelled row here are not in it
+        "population_covered": sum(populations[s] for s in set(strata)),
         "precision": _round(tp / (tp + fp)) if tp + fp > 0 else None,
         "recall": _round(tp / (tp + fn)) if tp + fn > 0 else None,
         "agreement": _round((tp + tn) / total) if total > 0 else None,

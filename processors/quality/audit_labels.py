@@ -1,7 +1,7 @@
 """Reading a human audit's labels and the run they are about, and writing the figures into the run folder.
 
 A labels file is what the audit page downloads: a JSON list (or an object whose ``labels`` is that list) of
-``{"qa_id", "fits", "answer_correct", "needs_image"}``, each label true, false or null (not known); other keys
+``{"qa_id", "fits", "answer_correct", "needs_image", "audit_id"}``, each label true, false or null (not known); other keys
 are ignored. Refused, with the file and row named (``AuditError``): a missing, unreadable or huge file, one that
 is no regular file (a FIFO, ``/dev/zero``: refused before a byte is read), one that is not JSON (or nested too
 deep to parse) or not a list, one with no labelled row at all (its figures would replace the run's with
@@ -10,8 +10,12 @@ is not true/false/null (``"yes"`` and ``1`` included), and the same ``qa_id`` tw
 concatenated file: which one the person meant is not ours to guess). A row whose labels are all null is not
 labelled and is left out.
 
-A ``qa_id`` that is not in the run's audit sample (``<run>/audit/sample.jsonl``) is left out with a warning; a
-file none of whose ``qa_id``s is in it is refused (the labels of another run or another sample). Without an
+The page writes its ``audit_id`` into each row: those labels are read against that draw's sample
+(``<run>/audit/draws/<audit_id>/``, every draw kept), so drawing another sample meanwhile changes nothing; a
+file whose rows name two pages, two files of two pages, or a page the run never drew are refused. Labels
+without one are read against the latest draw (``<run>/audit/sample.jsonl``). A ``qa_id`` that is not in the
+sample is left out with a warning; a file none of whose ``qa_id``s is in it is refused (the labels of another
+run or another sample). Without an
 audit sample the labels are read as a simple random sample of the scored questions within the two strata
 ``kept`` and ``dropped``, whose populations are the run's counts (rows of ``final`` and the rest of ``score``),
 and the figures say so.
@@ -25,18 +29,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from loaders.images.paths import FileTooLargeError, NotRegularFileError, read_regular_file
 from processors.quality.audit_figures import LABEL_FIELDS, AuditRow, Checks, audit_figures, inter_annotator
-from processors.quality.audit_sample import AUDIT_DIR, MANIFEST_FILE, SAMPLE_FILE
+from processors.quality.audit_sample import AUDIT_DIR, MANIFEST_FILE, SAMPLE_FILE, draw_folder, drawn_from
 
 logger = logging.getLogger(__name__)
 
 FIGURES_FILE = "figures.json"
 MAX_LABELS_BYTES = 50 * 1024 * 1024
+AUDIT_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # a page's id names a folder of the run: no path in it
 SRS_NOTE = ("no audit sample in this run (audit/sample.jsonl): the labels are taken as a simple random sample of "
             "the scored questions within kept and dropped, whose populations are the run's counts")
 
@@ -65,13 +71,14 @@ def _read_labels_file(path: Path) -> bytes:
         raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
 
 
-def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int]:
+def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int, str | None]:
     """The labelled rows of one file by ``qa_id`` (rows whose labels are all null left out), the file's bytes,
-    and how many rows it held."""
+    how many rows it held, and the audit page they were made on (``audit_id``, which the page writes into each
+    row; None for labels written by other means)."""
     path = Path(path)
     data = _read_labels_file(path)
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(data)  # bytes: UTF-8 with or without a BOM, UTF-16 and UTF-32 (Notepad, PowerShell)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AuditError(f"labels file {path} is not JSON ({exc})") from None
     except RecursionError:  # '[[[[...' nested deeper than the decoder's stack: no labels file looks like that
@@ -83,6 +90,7 @@ def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int]:
                          '[{"qa_id": ..., "fits": ..., "answer_correct": ..., "needs_image": ...}]')
     labels: dict[str, dict] = {}
     seen: dict[str, int] = {}
+    drawn_on: set[str] = set()
     for index, row in enumerate(value):
         where = f"labels file {path}, row {index}"
         if not isinstance(row, dict):
@@ -94,22 +102,52 @@ def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int]:
             raise AuditError(f"{where}: qa_id {qa_id} is labelled twice (rows {seen[qa_id]} and {index}); keep "
                              "the one you mean and remove the other")
         seen[qa_id] = index
+        audit_id = row.get("audit_id")
+        if audit_id is not None:
+            if not (isinstance(audit_id, str) and AUDIT_ID.fullmatch(audit_id)):
+                raise AuditError(f"{where} (qa_id {qa_id}): audit_id {json.dumps(audit_id)[:40]} is not an audit "
+                                 "page's id")
+            drawn_on.add(audit_id)
         for name in LABEL_FIELDS:
             if row.get(name) is not None and not isinstance(row[name], bool):
                 raise AuditError(f"{where} (qa_id {qa_id}): {name} must be true, false or null, "
                                  f"not {json.dumps(row[name])[:40]}")
         if any(row.get(name) is not None for name in LABEL_FIELDS):
             labels[qa_id] = {name: row.get(name) for name in LABEL_FIELDS}
-    return labels, data, len(value)
+    if len(drawn_on) > 1:
+        raise AuditError(f"labels file {path} mixes labels of {len(drawn_on)} audit pages ({', '.join(sorted(drawn_on))}"
+                         "): give each page's labels as a file of its own")
+    return labels, data, len(value), next(iter(drawn_on), None)
 
 
-def read_sample(run_dir: Path) -> tuple[dict[str, dict], dict] | None:
+def _draw(run_dir: Path, audit_id: str | None, named_by: str) -> Path | None:
+    """The folder holding the sample ``audit_id`` names (None: the latest draw); None when the run has none."""
+    latest = Path(run_dir) / AUDIT_DIR
+    if audit_id is None:
+        return latest if (latest / SAMPLE_FILE).exists() else None
+    kept = draw_folder(run_dir, audit_id)
+    if (kept / SAMPLE_FILE).exists():
+        return kept
+    try:  # drawn before the run kept every draw: the latest may still be it
+        if json.loads((latest / MANIFEST_FILE).read_text(encoding="utf-8")).get("audit_id") == audit_id:
+            return latest
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise AuditError(f"{named_by} was made on audit page {audit_id}, which run {run_dir} did not draw (or no longer "
+                     "has): give the labels to the run whose page they came from, or draw the page again with "
+                     "the same --sample, --stratify and --seed (the same sample while the score and final stages "
+                     "are unchanged)")
+
+
+def read_sample(run_dir: Path, audit_id: str | None = None, named_by: str = "the labels file"
+                ) -> tuple[dict[str, dict], dict] | None:
     """The run's audit sample by ``qa_id`` (``stratum``, ``kept``, ``stratum_population``) and its manifest
-    (``audit.json``; {} when absent); None when the run has no audit sample."""
-    folder = Path(run_dir) / AUDIT_DIR
-    path = folder / SAMPLE_FILE
-    if not path.exists():
+    (``audit.json``; {} when absent): of the draw ``audit_id`` (an AuditError naming ``named_by`` when the run
+    has no such draw), else of the latest; None when the run has no audit sample."""
+    folder = _draw(Path(run_dir), audit_id, named_by)
+    if folder is None:
         return None
+    path = folder / SAMPLE_FILE
     sample = {}
     try:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -192,12 +230,17 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
     if len(files) == 2 and Path(label_paths[0]).resolve() == Path(label_paths[1]).resolve():
         raise AuditError(f"{label_paths[0]} is given twice: the agreement between two people needs each person's "
                          "own labels file")
-    drawn = read_sample(run_dir)
-    wanted = set(drawn[0]) if drawn else {q for labels, _, _ in files for q in labels}
+    pages = {f[3]: path for path, f in zip(label_paths, files) if f[3] is not None}
+    if len(pages) > 1:
+        raise AuditError(f"{label_paths[0]} and {label_paths[1]} were made on two different audit pages "
+                         f"({', '.join(sorted(pages))}): the agreement between two people needs labels of one sample")
+    audit_id, named_by = next(iter(pages.items()), (None, None))
+    drawn = read_sample(run_dir, audit_id, f"labels file {named_by}")
+    wanted = set(drawn[0]) if drawn else {q for f in files for q in f[0]}
     scored, kept, checks, scored_count = read_run(run_dir, wanted)
     strata, populations, manifest, warnings = _design(drawn, scored, kept, scored_count)
     described = []
-    for path, (labels, data, held) in zip(label_paths, files):
+    for path, (labels, data, held, _) in zip(label_paths, files):
         unknown = sorted(set(labels) - set(strata))
         if not labels:  # figures of nothing would replace the run's figures (and its card section) with dashes
             raise AuditError(f"{path} labels no sample ({held} rows, none with a label): label some on the audit "
@@ -220,13 +263,14 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
         **({} if drawn else {"note": SRS_NOTE}),
         "labels_files": described, "warnings": warnings,
         "population": {"scored": scored_count, "kept": kept_population},
+        "stages": drawn_from(run_dir),  # the card leaves the figures out once these stages change
         **audit_figures(_rows(files[0][0], strata, scored), populations, checks, kept_population=kept_population),
         "inter_annotator": inter_annotator(*[{q: v for q, v in f[0].items() if q in strata} for f in files])
         if len(files) == 2 else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     json.dumps(figures, allow_nan=False)  # a NaN would be a bug of ours: fail here, not in a reader
-    for entry, (_, data, _) in zip(described, files):
+    for entry, (_, data, _, _) in zip(described, files):
         atomic_write_bytes(run_dir / entry["copy"], data)
     atomic_write_json(run_dir / AUDIT_DIR / FIGURES_FILE, figures)
     for warning in warnings:

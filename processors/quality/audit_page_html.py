@@ -98,7 +98,9 @@ const tri = v => (v === true || v === false) ? v : null;  // "unsure" and "not m
 function exported() {
   return items.filter(it => labelled(it.qa_id)).map(it => {
     const l = labelOf(it.qa_id);
-    return {qa_id: it.qa_id, fits: l.fits, answer_correct: tri(l.answer_correct), needs_image: tri(l.needs_image)};
+    // audit_id: which draw the labels were made on, so `audit --labels` reads them against that sample
+    return {qa_id: it.qa_id, fits: l.fits, answer_correct: tri(l.answer_correct), needs_image: tri(l.needs_image),
+            audit_id: data.audit_id};
   });
 }
 function mark(field, value) {

@@ -41,6 +41,7 @@ STRATIFY = ("category", "source", "votes")
 AUDIT_DIR = "audit"  # <run>/audit/ holds the latest sample manifest
 SAMPLE_FILE = "sample.jsonl"
 MANIFEST_FILE = "audit.json"
+DRAWS_DIR = "draws"  # <run>/audit/draws/<audit_id>/: every draw's sample and manifest
 UNKNOWN = "unknown"
 
 
@@ -219,7 +220,7 @@ def draw_sample(rows: list[dict], n: int, stratify: str = "category", seed: int 
 def _audit_id(run_dir: Path, stratify: str, seed: int, n: int, sample: list[dict]) -> str:
     """Names the sample, not the moment: writing the same audit again keeps a person's saved progress (the
     page keys its browser storage by this id), while another run, key, seed or size gets a fresh one."""
-    fingerprints = [stage_state(run_dir, name)[1].get("fingerprint") for name in ("score", "final")]
+    fingerprints = list(drawn_from(run_dir).values())
     identity = json.dumps([fingerprints, stratify, seed, n, [r["qa_id"] for r in sample]])
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
@@ -234,8 +235,14 @@ def build_manifest(run_dir: Path, rows: list[dict], sample: list[dict], n: int, 
         "population": len(rows), "sampled": len(sample), "whole_population": len(sample) == len(rows),
         "strata": {s: {"population": size, "sampled": sampled.get(s, 0), "kept": s.startswith("kept/")}
                    for s, size in sorted(population_sizes.items())},
+        "stages": drawn_from(run_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def drawn_from(run_dir: Path) -> dict[str, str | None]:
+    """The fingerprints of the stages an audit rests on: figures computed under others are out of date."""
+    return {name: stage_state(Path(run_dir), name)[1].get("fingerprint") for name in ("score", "final")}
 
 
 def sample_jsonl(sample: list[dict]) -> bytes:
@@ -272,12 +279,21 @@ def check_out_dir(run_dir: Path, out_dir: Path) -> None:
                          "folder for the labelling page")
 
 
+def draw_folder(run_dir: Path, audit_id: str) -> Path:
+    """Where the run keeps the sample and manifest of draw ``audit_id`` (every draw, so labels made on an
+    earlier page are still read against the sample they were made on)."""
+    return Path(run_dir) / AUDIT_DIR / DRAWS_DIR / audit_id
+
+
 def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category", seed: int = 0) -> dict:
     """Write ``out_dir/index.html`` (the labelling page), ``out_dir/sample.jsonl``, and the same sample plus
     its manifest (``audit.json``: ``audit_id, seed, stratify, n, strata: {stratum: {population, sampled,
-    kept}}, created``, ``population``/``sampled``/``whole_population``, and ``no_picture``: the sampled
-    qa_ids the page shows without their image) into ``run_dir/audit/``, where a later audit replaces them.
-    ``out_dir`` must pass ``check_out_dir`` (checked before anything is written). Returns the manifest."""
+    kept}}, created``, ``population``/``sampled``/``whole_population``, ``stages`` (the score and final
+    fingerprints it was drawn from) and ``no_picture``: the sampled qa_ids the page shows without their image)
+    into ``run_dir/audit/`` (the latest draw, read by labels that do not name theirs) and
+    ``run_dir/audit/draws/<audit_id>/`` (kept, for labels that do). ``out_dir`` must pass ``check_out_dir``
+    (checked before anything is written); the run's copy of the sample is written before the page, so a run
+    folder that cannot take it leaves no page to label. Returns the manifest."""
     from processors.quality.audit_page import write_audit_page
     from processors.shared_files import write_atomic
 
@@ -293,17 +309,21 @@ def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category"
     _add_texts(run_dir, picked)
     shown = [{k: v for k, v in row.items() if k not in ("stored_path", "score_row")}
              | {"image": resolve(row["stored_path"])} for row in picked]
+    lines = sample_jsonl(sample)
+    # The run's copies are the ones `audit --labels` reads (the page's folder may be sent to a person): first,
+    # so that a run folder that cannot be written fails before there is a page whose labels nothing could read.
+    folders = (run_dir / AUDIT_DIR, draw_folder(run_dir, manifest["audit_id"]))
+    for folder in folders:
+        write_atomic(folder / SAMPLE_FILE, lambda handle: handle.write(lines))
     no_picture: list[str] = []
     write_audit_page(out_dir, shown, manifest["audit_id"], run_dir, no_picture=no_picture)
     manifest["no_picture"] = no_picture
     if no_picture:
         logger.warning("audit: %d of %d sampled questions have no picture on the page (image missing or "
                        "unreadable), e.g. %s", len(no_picture), len(sample), no_picture[0])
-    lines = sample_jsonl(sample)
     write_atomic(out_dir / SAMPLE_FILE, lambda handle: handle.write(lines))
-    # The run folder's copy is the one `audit --labels` reads: the page's folder may be sent to a person.
-    write_atomic(run_dir / AUDIT_DIR / SAMPLE_FILE, lambda handle: handle.write(lines))
     text = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    write_atomic(run_dir / AUDIT_DIR / MANIFEST_FILE, lambda handle: handle.write(text))
+    for folder in folders:
+        write_atomic(folder / MANIFEST_FILE, lambda handle: handle.write(text))
     logger.info("audit %s: %d of %d scored questions in %s", manifest["audit_id"], len(sample), len(rows), out_dir)
     return manifest

@@ -31,6 +31,19 @@ def _wrong(projected: dict) -> str:
             f"{projected['low']:,}–{projected['high']:,})")
 
 
+def _coverage(figures: dict) -> str | None:
+    """A sentence when the vote's table speaks for fewer questions than the run scored (strata with no labelled
+    sample: their questions are in no table), else None."""
+    covered = figures["vote"]["good"].get("population_covered")
+    strata = figures.get("strata") or {}
+    scored = (sum(s.get("population", 0) for s in strata.values()) if strata
+              else (figures.get("population") or {}).get("scored"))
+    if covered is None or not scored or covered >= scored:
+        return None
+    return (f"The tables speak for {covered} of the run's {scored} scored questions: strata with no labelled "
+            "sample are in none of them.")
+
+
 def _table_rows(figures: dict) -> list[tuple[str, str, dict]]:
     """(who, compared with, table) for every referee, the vote, the answer and blind checks."""
     rows = [(name, "good", t["good"]) for name, t in figures.get("referees", {}).items()]
@@ -61,6 +74,8 @@ def format_figures(figures: dict) -> str:
         lines.append(f"{who[:32]:<32} {against:<15} {t['n']:>5} {_pct(t['precision']):>9} {_pct(t['recall']):>7} "
                      f"{_pct(t['agreement']):>7} {_num(t['kappa']):>6}  "
                      f"no vote {left.get('no_vote', 0)}, unknown {left.get('person_unknown', 0)}")
+    if _coverage(figures):
+        lines.append(f"note: {_coverage(figures)}")
     inter = figures.get("inter_annotator")
     if inter:
         lines += ["", f"between the two people ({inter['common']} samples both labelled):"]
@@ -85,11 +100,27 @@ def card_section(run_dir: Path, md_text) -> list[str]:
         return []
     try:
         figures = json.loads(path.read_text(encoding="utf-8"))
+        if _out_of_date(run_dir, figures):
+            logger.warning("the card leaves out the human audit's figures (%s): the run's score or final stage "
+                           "changed since they were computed; run taskgalaxy audit %s --labels FILE again",
+                           path, run_dir)
+            return ["## Human audit", "", f"The last human audit's figures ({md_text(str(figures.get('created')))}) "
+                    "were computed for an earlier score or final stage of this run and are left out; run "
+                    "`taskgalaxy audit RUN --labels FILE` again to compute them for this one.", ""]
         return _card_lines(figures, md_text)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: the card goes on without it
         logger.warning("the card has no Human audit section: %s is unreadable (%s); run taskgalaxy audit RUN "
                        "--labels FILE again", path, exc)
         return []
+
+
+def _out_of_date(run_dir: Path, figures: dict) -> bool:
+    """Whether the score or final stage changed since the figures were computed (figures written before they
+    recorded the stages cannot tell, and are taken as they are)."""
+    from processors.quality.audit_sample import drawn_from
+
+    stages = figures.get("stages")
+    return isinstance(stages, dict) and stages != drawn_from(run_dir)
 
 
 def _card_lines(figures: dict, md_text) -> list[str]:
@@ -111,7 +142,8 @@ def _card_lines(figures: dict, md_text) -> list[str]:
     for who, against, t in _table_rows(figures):
         lines.append(f"| {md_text(who)} | {against} | {t['n']} | {_pct(t['precision'])} | {_pct(t['recall'])} | "
                      f"{_pct(t['agreement'])} | {_num(t['kappa'])} |")
-    lines += ["", "\"good\": the task type and question fit the image and the answer is correct."
+    lines += [""] + ([_coverage(figures), ""] if _coverage(figures) else [])
+    lines += ["\"good\": the task type and question fit the image and the answer is correct."
               + (" A blind check says \"the question needs the image\" when it could not answer without it."
                  if figures.get("blind_check") else "")]
     inter = figures.get("inter_annotator")
@@ -133,7 +165,9 @@ def sample_instructions(run_dir: Path, out: Path, manifest: dict) -> str:
         f"wrote the audit page of {sampled} samples ({len(strata)} strata, by {manifest.get('stratify')}, "
         f"seed {manifest.get('seed')}) to {Path(out) / 'index.html'}; the sample is listed in "
         f"{Path(run_dir) / 'audit' / 'sample.jsonl'}",
-        f"1. open {Path(out) / 'index.html'} in a web browser (no server needed) and label every sample",
+        f"1. open {Path(out) / 'index.html'} in a web browser (no server needed) and label every sample; to have "
+        "someone else label, send them index.html alone: it holds every picture, and the sample.jsonl beside it "
+        "says which samples the referees kept, which the person labelling should not see",
         "2. press \"download labels\" to save labels.json",
         f"3. taskgalaxy audit {run_dir} --labels labels.json   (a second person's file: add --labels theirs.json)",
     ])

@@ -97,6 +97,14 @@ def test_off_by_default_and_without_a_folder(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("typo", [float("inf"), float("nan"), True, "yes", "4", -1])
+def test_a_limit_that_is_no_finite_number_of_gb_is_a_config_error(typo):
+    """``.inf`` once passed and crashed the first stage (int(inf)); YAML's ``yes`` was read as 1 GB."""
+    with pytest.raises(ValueError, match="image_store_gb"):
+        LLMSettings(image_store_gb=typo)
+    assert LLMSettings(image_store_gb=4).image_store_gb == 4.0  # a YAML integer is a number of GB
+
+
 def test_a_store_at_its_limit_keeps_what_it_has_and_stores_no_more(tmp_path, monkeypatch, caplog):
     ep = _endpoint()
     first, second = _image(tmp_path / "a.jpg"), _image(tmp_path / "b.jpg", colour=(200, 10, 10))
@@ -128,6 +136,7 @@ def test_a_store_that_cannot_be_opened_switches_off_with_one_warning_and_no_fail
     assert all(url.startswith("data:image/jpeg;base64,") for url in urls)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "goes on without it" in warnings[0]
+    assert f"{blocker} is a file, not a folder" in warnings[0]  # the advice names what is in the way
 
 
 def test_a_damaged_store_file_is_a_miss_with_one_warning_not_a_failed_request(tmp_path, caplog):
@@ -142,7 +151,7 @@ def test_a_damaged_store_file_is_a_miss_with_one_warning_not_a_failed_request(tm
         _forget_memory(folder)
         assert _wire_url(picture, ep) == reference
     assert [r.levelno for r in caplog.records].count(logging.WARNING) == 2  # once per process (here: per store)
-    assert all("Delete the file" in r.getMessage() for r in caplog.records)
+    assert all("The file is damaged: delete" in r.getMessage() for r in caplog.records)
 
 
 def test_a_key_that_is_not_a_digest_is_never_stored_or_read(tmp_path):

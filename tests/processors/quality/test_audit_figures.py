@@ -179,9 +179,9 @@ def write(tmp_path, value, name="labels.json"):
 def test_labels_are_read_by_qa_id_and_unlabelled_rows_left_out(tmp_path):
     path = write(tmp_path, [{"qa_id": "a", "fits": True, "answer_correct": None, "needs_image": False, "note": "x"},
                             {"qa_id": "b", "fits": None, "answer_correct": None, "needs_image": None}])
-    labels, data, held = read_labels(path)
+    labels, data, held, page = read_labels(path)
     assert labels == {"a": {"fits": True, "answer_correct": None, "needs_image": False}}
-    assert held == 2 and data == path.read_bytes()
+    assert held == 2 and data == path.read_bytes() and page is None  # not written by an audit page
     wrapped = write(tmp_path, {"labels": [{"qa_id": "a", "fits": False}]}, "wrapped.json")
     assert read_labels(wrapped)[0] == {"a": {"fits": False, "answer_correct": None, "needs_image": None}}
 
@@ -196,12 +196,24 @@ def test_labels_are_read_by_qa_id_and_unlabelled_rows_left_out(tmp_path):
     ('[{"qa_id": "a", "fits": true, "answer_correct": 1}]', "answer_correct must be true, false or null"),
     ('[{"qa_id": "a", "fits": true}, {"qa_id": "a", "fits": false}]', "labelled twice (rows 0 and 1)"),
     (b"\xff\xfe[", "is not JSON"),
+    ('[{"qa_id": "a", "fits": true, "audit_id": "../x"}]', 'audit_id "../x" is not an audit page'),
+    ('[{"qa_id": "a", "fits": true, "audit_id": "p1"}, {"qa_id": "b", "fits": true, "audit_id": "p2"}]',
+     "mixes labels of 2 audit pages (p1, p2)"),
 ])
 def test_bad_labels_files_are_refused_with_the_row_named(tmp_path, content, message):
     path = tmp_path / "labels.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(AuditError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_labels(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_labels_file_saved_by_notepad_or_powershell_is_read(tmp_path, encoding):
+    """A person who opens labels.json in an editor and saves it may add a BOM or write UTF-16."""
+    path = tmp_path / "labels.json"
+    path.write_bytes(json.dumps([{"qa_id": "é", "fits": True, "audit_id": "p1"}]).encode(encoding))
+    labels, _, held, page = read_labels(path)
+    assert labels == {"é": {"fits": True, "answer_correct": None, "needs_image": None}} and page == "p1"
 
 
 def test_a_missing_a_folder_or_a_huge_labels_file_is_refused(tmp_path, monkeypatch):

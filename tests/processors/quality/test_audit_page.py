@@ -109,7 +109,7 @@ def test_a_person_labels_the_sample_with_the_keyboard_in_chromium(tmp_path, caps
                     page.keyboard.press(key)
             if fits is not None:
                 expected.append({"qa_id": qa_id, "fits": fits == "1", "answer_correct": ANSWER[answer],
-                                 "needs_image": NEEDS[needs]})
+                                 "needs_image": NEEDS[needs], "audit_id": manifest["audit_id"]})
             if i == 2:  # back and forth, with the other keys for it
                 page.keyboard.press("k")
                 assert page.text_content("#qa-id") == seen[1]
