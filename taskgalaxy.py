@@ -113,7 +113,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
         return watch(run_dir, interval=args.interval, once=args.once)
     summaries = stage_summaries(run_dir)
-    print(json.dumps(summaries, indent=2) if args.json else format_table(run_dir, summaries))
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    from processors.llm.encoded_store import status_line
+    from processors.quality.audit_text import status_lines
+
+    store = status_line(run_dir / "cache")
+    print("\n".join([format_table(run_dir, summaries), *status_lines(run_dir), *([store] if store else [])]))
     return 0
 
 
@@ -262,7 +269,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except OSError as exc:  # the run folder or the page's folder cannot be written: path, cause, fix
         from builder.runfolder import folder_error
 
-        doing = "write the audit sample and its page" if args.sample is not None else "write the audit's figures"
+        doing = ("read the run or write the audit sample and its page" if args.sample is not None
+                 else "read the run or write the audit's figures")
         hint = (f"Check that this user can write {run_dir / 'audit'}" + (f" and {out}" if out else "")
                 + " (no file where a folder goes, a disk with room), then run the same command again"
                 + (": the same --sample, --stratify and --seed draw the same sample." if out else "."))

@@ -72,7 +72,7 @@ _CAUSES = {
     errno.EPERM: "the operation is not permitted",
     errno.ENOENT: "a folder on the way does not exist (or cannot hold files)",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
-    errno.EEXIST: "a file is where a folder goes",
+    errno.EEXIST: "something is already at that path (a file where a folder goes?)",
     errno.EFBIG: "the file is larger than the file system allows",
     errno.EIO: "the disk reported an I/O error",
 }

@@ -62,6 +62,21 @@ def pillow_version() -> str:
     return f"{__version__}-jpeg{features.version_codec('jpg')}-zlib{features.version_codec('zlib')}"
 
 
+def status_line(cache_dir: Path) -> str | None:
+    """What ``taskgalaxy status`` says of the run's image store (``llm.image_store_gb``): its size on disk;
+    None when the run has none."""
+    folder = Path(cache_dir) / ENCODED_STORE_FOLDER
+    try:
+        files = [p for p in folder.iterdir() if p.name.endswith((".sqlite", ".sqlite-wal"))] if folder.is_dir() else []
+        size = sum(p.stat().st_size for p in files)
+    except OSError as exc:
+        return f"image store: {folder} is unreadable ({exc.strerror or exc})"
+    if not files:
+        return None
+    return (f"image store: {size / 1024**2:,.0f} MB of image encodings in {folder} (llm.image_store_gb; a cache: "
+            "deleting it loses no answer)")
+
+
 class EncodedStore:
     """Encoded images in ``folder``/pillow-<version>.sqlite, at most ``max_bytes`` of them."""
 
@@ -198,8 +213,12 @@ class EncodedStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        try:
+            advice = self._advice(exc)
+        except OSError:  # a folder on the way that cannot even be searched: the store still must not fail a request
+            advice = f"Check that this process can write {self.folder}, or set llm.image_store_gb: 0."
         logger.warning("image store %s: %s it failed (%s); the run goes on without it in this process (images "
-                       "are encoded as they are needed). %s", self.path, doing, exc, self._advice(exc))
+                       "are encoded as they are needed). %s", self.path, doing, exc, advice)
 
     def _advice(self, exc: BaseException) -> str:
         """What to do, by what failed: a damaged file is deleted; a folder that cannot be written is fixed."""

@@ -256,6 +256,14 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
     if len(files) == 2 and files[0][1] == files[1][1]:
         warnings.append(f"{label_paths[0]} and {label_paths[1]} are byte for byte the same file: two people "
                         "rarely agree on every label; is one a copy of the other?")
+    stages = drawn_from(run_dir)
+    if isinstance(manifest.get("stages"), dict) and manifest["stages"] != stages:
+        # the strata and their populations are the earlier stages': figures for the run as it was, so the card
+        # leaves them out (``stages`` recorded as the draw's), the command line shows them with this warning
+        warnings.append(f"the sample (audit {manifest.get('audit_id')}) was drawn before the run's score or final "
+                        "stage changed: these figures are of the run as it was then; draw a new sample (taskgalaxy "
+                        "audit RUN --sample N --out DIR) and label it to audit the run as it is")
+        stages = manifest["stages"]
     kept_population = len(kept)  # what a user trains on: the run's kept samples now
     figures = {
         "audit_id": manifest.get("audit_id"), "stratify": manifest.get("stratify"),
@@ -263,7 +271,7 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
         **({} if drawn else {"note": SRS_NOTE}),
         "labels_files": described, "warnings": warnings,
         "population": {"scored": scored_count, "kept": kept_population},
-        "stages": drawn_from(run_dir),  # the card leaves the figures out once these stages change
+        "stages": stages,  # the card leaves the figures out once these stages change
         **audit_figures(_rows(files[0][0], strata, scored), populations, checks, kept_population=kept_population),
         "inter_annotator": inter_annotator(*[{q: v for q, v in f[0].items() if q in strata} for f in files])
         if len(files) == 2 else None,

@@ -310,11 +310,12 @@ def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category"
     shown = [{k: v for k, v in row.items() if k not in ("stored_path", "score_row")}
              | {"image": resolve(row["stored_path"])} for row in picked]
     lines = sample_jsonl(sample)
-    # The run's copies are the ones `audit --labels` reads (the page's folder may be sent to a person): first,
-    # so that a run folder that cannot be written fails before there is a page whose labels nothing could read.
-    folders = (run_dir / AUDIT_DIR, draw_folder(run_dir, manifest["audit_id"]))
-    for folder in folders:
-        write_atomic(folder / SAMPLE_FILE, lambda handle: handle.write(lines))
+    # The run's copies are the ones `audit --labels` reads (the page's folder may be sent to a person). The draw's
+    # sample first, so that a run folder that cannot be written fails before there is a page whose labels nothing
+    # could read; the latest draw's pair (audit/) only once the page is written, so a page that fails to write
+    # (a full disk) leaves the latest sample and its manifest as they were, one draw's both.
+    drawn = draw_folder(run_dir, manifest["audit_id"])
+    write_atomic(drawn / SAMPLE_FILE, lambda handle: handle.write(lines))
     no_picture: list[str] = []
     write_audit_page(out_dir, shown, manifest["audit_id"], run_dir, no_picture=no_picture)
     manifest["no_picture"] = no_picture
@@ -323,7 +324,8 @@ def write_audit(run_dir: Path, n: int, out_dir: Path, stratify: str = "category"
                        "unreadable), e.g. %s", len(no_picture), len(sample), no_picture[0])
     write_atomic(out_dir / SAMPLE_FILE, lambda handle: handle.write(lines))
     text = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    for folder in folders:
-        write_atomic(folder / MANIFEST_FILE, lambda handle: handle.write(text))
+    write_atomic(drawn / MANIFEST_FILE, lambda handle: handle.write(text))
+    write_atomic(run_dir / AUDIT_DIR / SAMPLE_FILE, lambda handle: handle.write(lines))
+    write_atomic(run_dir / AUDIT_DIR / MANIFEST_FILE, lambda handle: handle.write(text))
     logger.info("audit %s: %d of %d scored questions in %s", manifest["audit_id"], len(sample), len(rows), out_dir)
     return manifest

@@ -105,8 +105,9 @@ def card_section(run_dir: Path, md_text) -> list[str]:
                            "changed since they were computed; run taskgalaxy audit %s --labels FILE again",
                            path, run_dir)
             return ["## Human audit", "", f"The last human audit's figures ({md_text(str(figures.get('created')))}) "
-                    "were computed for an earlier score or final stage of this run and are left out; run "
-                    "`taskgalaxy audit RUN --labels FILE` again to compute them for this one.", ""]
+                    "are of an earlier score or final stage of this run and are left out: run `taskgalaxy audit "
+                    "RUN --labels FILE` again, or, if the sample itself was drawn before the change, draw and "
+                    "label a new one (`taskgalaxy audit RUN --sample N --out DIR`).", ""]
         return _card_lines(figures, md_text)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: the card goes on without it
         logger.warning("the card has no Human audit section: %s is unreadable (%s); run taskgalaxy audit RUN "
@@ -151,6 +152,34 @@ def _card_lines(figures: dict, md_text) -> list[str]:
         kappas = ", ".join(f"{name} {_num(inter[name]['kappa'])}" for name in ("fits", "answer_correct", "needs_image"))
         lines += ["", f"Two people labelled {inter['common']} samples both; Cohen's κ between them: {kappas}."]
     return lines + [""]
+
+
+def status_lines(run_dir: Path) -> list[str]:
+    """What ``taskgalaxy status`` says of the run's human audit: the figures (or that they are out of date),
+    else the sample waiting for labels; [] without an audit."""
+    import json
+
+    from processors.quality.audit_labels import FIGURES_FILE
+    from processors.quality.audit_sample import AUDIT_DIR, MANIFEST_FILE
+
+    folder = Path(run_dir) / AUDIT_DIR
+    try:
+        if (folder / FIGURES_FILE).exists():
+            figures = json.loads((folder / FIGURES_FILE).read_text(encoding="utf-8"))
+            if _out_of_date(run_dir, figures):
+                return [f"audit: the figures of {figures.get('created')} are for an earlier score or final stage; "
+                        f"run taskgalaxy audit {run_dir} --labels FILE again (or draw a new sample, if it was "
+                        "drawn before the change)"]
+            accuracy = figures["kept_accuracy"]["answer_correct"]
+            return [f"audit: kept answers correct {_share(accuracy)}, from {figures['labelled']} labelled samples "
+                    f"({figures.get('created')})"]
+        if (folder / MANIFEST_FILE).exists():
+            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+            return [f"audit: a sample of {manifest.get('sampled', manifest.get('n'))} drawn ({manifest.get('created')}), "
+                    f"no labels read yet: taskgalaxy audit {run_dir} --labels FILE"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"audit: {folder} is unreadable ({exc})"]
+    return []
 
 
 def sample_instructions(run_dir: Path, out: Path, manifest: dict) -> str:

@@ -154,6 +154,37 @@ def test_a_damaged_store_file_is_a_miss_with_one_warning_not_a_failed_request(tm
     assert all("The file is damaged: delete" in r.getMessage() for r in caplog.records)
 
 
+def test_a_folder_that_cannot_even_be_searched_still_fails_no_request(tmp_path, monkeypatch, caplog):
+    """Path.exists() raises PermissionError under a folder the process cannot search (Python 3.11): the
+    advice in the warning must not turn the store's failure into a failed request."""
+    real_exists = Path.exists
+
+    def exists(path, *args, **kwargs):
+        if "locked" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    store = EncodedStore(tmp_path / "locked" / "store", 1024**3)
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with caplog.at_level(logging.WARNING, logger="processors.llm.encoded_store"):
+        assert store.get(("ab" * 16, 512, "jpeg")) is None
+        store.put(("ab" * 16, 512, "jpeg"), b"data")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Check that this process can write" in warnings[0]
+
+
+def test_status_shows_the_stores_size_and_nothing_without_one(tmp_path):
+    from processors.llm.encoded_store import status_line
+
+    assert status_line(tmp_path / "cache") is None
+    store = EncodedStore(tmp_path / "cache" / ENCODED_STORE_FOLDER, 1024**3)
+    store.put(("ab" * 16, 512, "jpeg"), b"x" * 3_000_000)
+    store.close()
+    line = status_line(tmp_path / "cache")
+    assert line is not None and line.startswith("image store: 3 MB of image encodings in ")
+
+
 def test_a_key_that_is_not_a_digest_is_never_stored_or_read(tmp_path):
     store = EncodedStore(tmp_path, 1024**3)
     store.put(("../x", 512, "jpeg"), b"data")

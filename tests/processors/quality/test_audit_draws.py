@@ -76,7 +76,10 @@ def test_the_card_leaves_out_figures_of_an_earlier_final_stage(tmp_path, caplog)
     stale = "\n".join(card_section(run, str))
     assert "## Human audit" in stale and "left out" in stale and "Kept samples" not in stale
     assert any("changed since" in r.getMessage() for r in caplog.records)
-    compute_audit(run, [tmp_path / "l.json"])  # computed again for this final stage: back in the card
+    compute_audit(run, [tmp_path / "l.json"])  # the same labels again: the sample is still the earlier stage's
+    assert "Kept samples" not in "\n".join(card_section(run, str))
+    again = write_audit(run, 6, tmp_path / "page-again")  # a sample of the run as it is, labelled
+    compute_audit(run, [_page_labels(tmp_path / "m.json", tmp_path / "page-again" / SAMPLE_FILE, again["audit_id"])])
     assert "Kept samples whose answer is correct" in "\n".join(card_section(run, str))
 
 
@@ -86,5 +89,59 @@ def test_a_run_folder_that_cannot_take_the_sample_leaves_no_page(tmp_path, capsy
     assert main(["audit", str(run), "--sample", "4", "--out", str(tmp_path / "page")]) != 0
     assert not (tmp_path / "page" / "index.html").exists()  # no page whose labels nothing could read
     err = capsys.readouterr().err
-    assert "could not write the audit sample and its page" in err and "a file is where a folder goes" in err
+    assert "could not read the run or write the audit sample and its page" in err
+    assert "a file where a folder goes" in err or "is a file, not a folder" in err
     assert "draw the same sample" in err
+
+
+def test_status_says_where_the_audit_stands(tmp_path, capsys):
+    run = make_run(tmp_path)
+    assert main(["status", str(run)]) == 0
+    assert "audit:" not in capsys.readouterr().out  # no audit, no line
+    page = write_audit(run, 6, tmp_path / "page")
+    assert main(["status", str(run)]) == 0
+    assert "audit: a sample of 6 drawn" in capsys.readouterr().out
+    compute_audit(run, [_page_labels(tmp_path / "l.json", tmp_path / "page" / SAMPLE_FILE, page["audit_id"])])
+    assert main(["status", str(run)]) == 0
+    assert "audit: kept answers correct 100.0% (95% CI" in capsys.readouterr().out
+    state_file = next(run.glob("*_score/state.json"))
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "fingerprint": "rescored"}))
+    assert main(["status", str(run)]) == 0
+    assert "are for an earlier score or final stage" in capsys.readouterr().out
+
+
+def test_labels_of_a_sample_drawn_before_the_final_stage_changed_are_shown_with_a_warning_not_carded(tmp_path):
+    run = make_run(tmp_path)
+    page = write_audit(run, 6, tmp_path / "page")
+    labels = _page_labels(tmp_path / "l.json", tmp_path / "page" / SAMPLE_FILE, page["audit_id"])
+    state_file = next(run.glob("*_final/state.json"))
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "fingerprint": "final-rerun"}))
+    figures = compute_audit(run, [labels])
+    assert figures["labelled"] == 6 and any("drawn before the run's score or final stage changed" in w
+                                            for w in figures["warnings"])
+    card = "\n".join(card_section(run, str))
+    assert "left out" in card and "draw and label a new one" in card and "Kept samples" not in card
+
+
+def test_a_page_that_fails_to_write_leaves_the_latest_draw_whole(tmp_path, monkeypatch):
+    """A full disk while the page (every picture) is written: the run's latest sample and manifest stay one
+    draw's, so labels of the earlier page still read against the right sample."""
+    import errno
+
+    from processors.quality import audit_page
+
+    run = make_run(tmp_path)
+    first = write_audit(run, 6, tmp_path / "page-a", seed=0)
+    labels = _page_labels(tmp_path / "l.json", tmp_path / "page-a" / SAMPLE_FILE, first["audit_id"])
+    bare = tmp_path / "bare.json"  # no audit_id: read against the latest draw
+    bare.write_text(json.dumps([{k: v for k, v in r.items() if k != "audit_id"} for r in json.loads(labels.read_text())]))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_page, "write_audit_page", full)
+    with pytest.raises(OSError):
+        write_audit(run, 6, tmp_path / "page-b", seed=7)
+    assert json.loads((run / AUDIT_DIR / "audit.json").read_text())["audit_id"] == first["audit_id"]
+    figures = compute_audit(run, [bare])
+    assert figures["audit_id"] == first["audit_id"] and figures["labelled"] == 6 and not figures["warnings"]
