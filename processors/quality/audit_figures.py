@@ -11,10 +11,14 @@ unfinished labelling, or an answer the person left unknown, still gives an unbia
 long as what is missing is missing at random within its stratum. A stratum without any usable row is left out
 of that figure (``population_covered`` says how much of the run the figure speaks for).
 
-**Interval.** Wilson's 95 % score interval, with the Kish effective sample size
-``n_eff = (sum w)^2 / sum w^2`` in place of n (the usual design-effect correction for a weighted share; with
-equal weights n_eff = n and it is the plain Wilson interval). It is an approximation: it ignores that the
-weights are fixed by design, and is somewhat conservative when the strata differ a lot.
+**Interval.** Wilson's 95 % score interval at the effective sample size
+``n_eff = 1 / sum_h W_h^2 (1 - f_h) / n_h`` (``W_h`` the stratum's share of the population covered, ``n_h`` its
+rows entering the figure, ``f_h = n_h / N_h``): without the ``(1 - f_h)`` this is Kish's ``(sum w)^2 / sum w^2``
+(the usual design-effect correction for a weighted share; with equal weights n_eff = n, the plain Wilson
+interval); with it, the finite-population correction: a stratum labelled whole adds no uncertainty, and when
+every stratum is (a census) the share is exact (``exact: true``, low = high = share). It is an approximation:
+it takes the share as equal across strata when it weighs them, and is somewhat conservative when they differ a
+lot.
 
 **Good.** A sample is good for the person when it fits (task type and question suit the image) and its answer is
 correct: false as soon as either is false, unknown when neither is false and one is unknown.
@@ -93,6 +97,22 @@ def kish_n_eff(weights: Sequence[float]) -> float:
     return sum(weights) ** 2 / squares if squares else 0.0
 
 
+def effective_n(strata: Sequence[str], populations: dict[str, int]) -> float:
+    """``1 / sum_h W_h^2 (1 - f_h) / n_h`` over the strata of the rows given (see the module's doc): Kish's
+    effective n with each stratum's finite-population correction; ``math.inf`` when every stratum was labelled
+    whole (a census of them), ``len(strata)`` when they cover no population at all."""
+    counts = Counter(strata)
+    covered = sum(populations[s] for s in counts)
+    if covered <= 0:
+        return float(len(strata))
+    total = 0.0
+    for stratum, n in counts.items():
+        size = populations[stratum]
+        share, fraction = size / covered, min(1.0, n / size) if size > 0 else 1.0
+        total += share * share * (1 - fraction) / n
+    return math.inf if total <= 0 else 1 / total
+
+
 def stratum_weights(strata: Sequence[str], populations: dict[str, int]) -> list[float]:
     """Each row's weight: its stratum's population over the rows of that stratum given here."""
     counts = Counter(strata)
@@ -109,7 +129,10 @@ def weighted_share(values: Sequence[bool], strata: Sequence[str], populations: d
     weights = stratum_weights(strata, populations)
     total = sum(weights)
     share = sum(w for w, v in zip(weights, values) if v) / total if total else 0.0
-    n_eff = kish_n_eff(weights) if total else float(len(values))
+    n_eff = effective_n(strata, populations)
+    if math.isinf(n_eff):  # every question of these strata labelled: the share is counted, not estimated
+        return {"share": _round(share), "low": _round(share), "high": _round(share), "n": len(values),
+                "n_eff": float(len(values)), "exact": True, "population_covered": covered}
     low, high = wilson(share, n_eff)
     return {"share": _round(share), "low": _round(low), "high": _round(high), "n": len(values),
             "n_eff": round(n_eff, 2), "population_covered": covered}
@@ -219,7 +242,7 @@ def kept_accuracy(rows: Sequence[AuditRow], populations: dict[str, int], kept_po
             "estimate": round((1 - accuracy["share"]) * kept_population),
             "low": round((1 - accuracy["high"]) * kept_population),
             "high": round((1 - accuracy["low"]) * kept_population),
-            "kept_population": kept_population}
+            "kept_population": kept_population, **({"exact": True} if accuracy.get("exact") else {})}
     return figures
 
 

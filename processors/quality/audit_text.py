@@ -20,6 +20,8 @@ def _num(value) -> str:
 def _share(figure: dict) -> str:
     if figure.get("share") is None:
         return f"— ({figure.get('reason', 'no data')})"
+    if figure.get("exact"):
+        return f"{_pct(figure['share'])} (exact: every question it speaks for was labelled; n={figure['n']})"
     return (f"{_pct(figure['share'])} (95% CI {_pct(figure['low'])}–{_pct(figure['high'])}; "
             f"n={figure['n']}, n_eff={figure['n_eff']:g})")
 
@@ -27,6 +29,8 @@ def _share(figure: dict) -> str:
 def _wrong(projected: dict) -> str:
     if projected.get("estimate") is None:
         return f"— of {projected['kept_population']:,} kept samples"
+    if projected.get("exact"):
+        return f"{projected['estimate']:,} of {projected['kept_population']:,} kept samples (exact: counted)"
     return (f"{projected['estimate']:,} of {projected['kept_population']:,} kept samples (95% CI "
             f"{projected['low']:,}–{projected['high']:,})")
 

@@ -145,3 +145,14 @@ def test_a_page_that_fails_to_write_leaves_the_latest_draw_whole(tmp_path, monke
     assert json.loads((run / AUDIT_DIR / "audit.json").read_text())["audit_id"] == first["audit_id"]
     figures = compute_audit(run, [bare])
     assert figures["audit_id"] == first["audit_id"] and figures["labelled"] == 6 and not figures["warnings"]
+
+
+def test_a_census_reads_as_exact_in_the_table(tmp_path, capsys):
+    run = make_run(tmp_path)
+    page = write_audit(run, 10_000, tmp_path / "page")  # more than the run has: every scored question
+    assert page["whole_population"]
+    labels = _page_labels(tmp_path / "l.json", tmp_path / "page" / SAMPLE_FILE, page["audit_id"])
+    assert main(["audit", str(run), "--labels", str(labels)]) == 0
+    out = capsys.readouterr().out
+    assert "kept samples, answer correct: 100.0% (exact: every question it speaks for was labelled" in out
+    assert "(exact: counted)" in out and "95% CI" not in out.split("wrong answers in the run:")[1].splitlines()[0]

@@ -31,30 +31,50 @@ def test_wilson_of_8_in_10_is_the_textbook_interval():
     assert low == pytest.approx(0.49016, abs=1e-5) and high == pytest.approx(0.94332, abs=1e-5)
 
 
-def test_equal_weights_reduce_to_the_plain_wilson_interval():
+def test_equal_weights_reduce_to_the_plain_wilson_interval_with_its_finite_population_correction():
     values = [True] * 7 + [False] * 3
-    figure = weighted_share(values, ["kept|A"] * 10, {"kept|A": 5_000})  # every weight 500
-    assert figure["n_eff"] == 10 and figure["share"] == 0.7
-    assert (figure["low"], figure["high"]) == tuple(round(x, 4) for x in wilson(0.7, 10))
+    figure = weighted_share(values, ["kept|A"] * 10, {"kept|A": 5_000})  # every weight 500, f = 10/5000
+    assert figure["n_eff"] == round(10 / (1 - 10 / 5_000), 2) and figure["share"] == 0.7
+    assert (figure["low"], figure["high"]) == tuple(round(x, 4) for x in wilson(0.7, 10 / 0.998))
+    huge = weighted_share(values, ["kept|A"] * 10, {"kept|A": 10**12})  # f -> 0: the plain Wilson interval
+    assert huge["n_eff"] == 10 and (huge["low"], huge["high"]) == tuple(round(x, 4) for x in wilson(0.7, 10))
+
+
+def test_a_census_is_exact():
+    """Every question of the strata labelled (``--sample`` >= the run): the share is counted, not estimated."""
+    values = [True] * 7 + [False] * 3
+    figure = weighted_share(values, ["kept|A"] * 6 + ["kept|B"] * 4, {"kept|A": 6, "kept|B": 4})
+    assert figure["exact"] is True and figure["share"] == figure["low"] == figure["high"] == 0.7
+    partial = weighted_share(values, ["kept|A"] * 6 + ["kept|B"] * 4, {"kept|A": 6, "kept|B": 40})
+    assert "exact" not in partial and partial["low"] < partial["share"] < partial["high"]
+    # kept|A labelled whole adds no uncertainty: only kept|B's term, W_B^2 (1 - f_B) / n_B, is left
+    assert partial["n_eff"] == round(1 / ((40 / 46) ** 2 * (1 - 4 / 40) / 4), 2)
 
 
 def test_a_stratified_share_and_its_interval_by_hand():
     # kept|A: population 90, 4 labelled (T, T, T, F) -> weight 22.5; kept|B: population 10, 2 labelled (T, F) -> 5
-    # share = (3 * 22.5 + 5) / 100 = 0.725; n_eff = 100^2 / (4 * 22.5^2 + 2 * 5^2) = 10000 / 2075 = 4.8193
-    # Wilson at n = 4.8193: centre 1.12355 / 1.79710 = 0.62520, half 1.09063 * sqrt(0.04137 + 0.04135) = 0.31368
+    # share = (3 * 22.5 + 5) / 100 = 0.725
+    # Kish alone: n_eff = 100^2 / (4 * 22.5^2 + 2 * 5^2) = 10000 / 2075 = 4.8193 = 1 / (0.9^2/4 + 0.1^2/2)
+    # with the finite-population correction: 1 / (0.81 * (1 - 4/90) / 4 + 0.01 * (1 - 2/10) / 2)
+    #   = 1 / (0.193500 + 0.004000) = 5.06329
+    # Wilson at n = 5.06329, z^2 = 3.841459: denominator 1 + 3.841459/5.06329 = 1.758688
+    #   centre = (0.725 + 3.841459/10.12658) / 1.758688 = 1.104344 / 1.758688 = 0.627936
+    #   half = 1.959964/1.758688 * sqrt(0.725*0.275/5.06329 + 3.841459/(4*5.06329^2))
+    #        = 1.114447 * sqrt(0.039377 + 0.037460) = 0.308918  -> low 0.319018, high 0.936855
     values = [True, True, True, False, True, False]
     strata = ["kept|A"] * 4 + ["kept|B"] * 2
     assert stratum_weights(strata, {"kept|A": 90, "kept|B": 10}) == [22.5] * 4 + [5.0] * 2
-    assert kish_n_eff([22.5] * 4 + [5.0] * 2) == pytest.approx(10_000 / 2_075)
+    assert kish_n_eff([22.5] * 4 + [5.0] * 2) == pytest.approx(10_000 / 2_075) == pytest.approx(1 / (0.81 / 4 + 0.01 / 2))
     figure = weighted_share(values, strata, {"kept|A": 90, "kept|B": 10})
-    assert figure == {"share": 0.725, "low": 0.3115, "high": 0.9389, "n": 6, "n_eff": 4.82,
+    assert figure == {"share": 0.725, "low": 0.319, "high": 0.9369, "n": 6, "n_eff": 5.06,
                       "population_covered": 100}
 
 
 def test_all_true_gives_a_valid_interval_up_to_one():
     figure = weighted_share([True] * 5, ["kept|A"] * 5, {"kept|A": 50})
     assert figure["share"] == 1.0 and figure["high"] == 1.0
-    assert figure["low"] == round(5 / (5 + Z95 ** 2), 4)  # Wilson's lower bound at p = 1: n / (n + z^2)
+    n = 5 / (1 - 5 / 50)  # the finite-population correction
+    assert figure["low"] == round(n / (n + Z95 ** 2), 4)  # Wilson's lower bound at p = 1: n / (n + z^2)
 
 
 def test_nothing_labelled_is_null_with_a_reason():
@@ -73,7 +93,7 @@ def test_kept_accuracy_projects_the_wrong_answers_and_leaves_unknown_answers_out
     accuracy = kept_accuracy(rows, {"kept|A": 1_000, "dropped|A": 500}, kept_population=1_000)
     assert accuracy["answer_correct"]["share"] == 0.8 and accuracy["answer_correct"]["n"] == 10
     assert accuracy["answer_unknown"] == 1 and accuracy["labelled_kept"] == 11
-    low, high = wilson(0.8, 10)
+    low, high = wilson(0.8, 10 / (1 - 10 / 1_000))
     assert accuracy["projected_wrong_answers"] == {
         "estimate": 200, "low": round((1 - round(high, 4)) * 1_000), "high": round((1 - round(low, 4)) * 1_000),
         "kept_population": 1_000}
@@ -233,13 +253,15 @@ def test_three_strata_kept_and_dropped_by_hand_through_audit_figures():
     #   kept/B    population  50, 4 labelled: (1, T) (0, T) (1, T) (0, F)           weight  50/4 = 12.5
     #   dropped/C population  30, 3 labelled: (0, F) (1, F) (0, T)                 weight  30/3 = 10
     # Kept accuracy (A and B only): yes weight = 50 + 3 * 12.5 = 87.5 of 150 -> share 7/12 = 0.58333
-    #   n_eff = 150^2 / (2 * 50^2 + 4 * 12.5^2) = 22500 / (5000 + 625) = 4.0
-    #   Wilson, z^2 = 3.841459, n = 4: denominator 1 + 3.841459/4 = 1.960365
-    #   centre = (0.583333 + 3.841459/8) / 1.960365 = 1.063516 / 1.960365 = 0.542509
-    #   half = 1.959964/1.960365 * sqrt(0.583333*0.416667/4 + 3.841459/64) = 0.999795 * sqrt(0.060764 + 0.060023)
-    #        = 0.999795 * 0.347545 = 0.347474  -> low 0.195035, high 0.889983
+    #   Kish alone: n_eff = 150^2 / (2 * 50^2 + 4 * 12.5^2) = 22500 / (5000 + 625) = 4.0
+    #   with the finite-population correction: W_A = 2/3, f_A = 2/100; W_B = 1/3, f_B = 4/50
+    #     n_eff = 1 / ((4/9) * 0.98 / 2 + (1/9) * 0.92 / 4) = 1 / (0.217778 + 0.025556) = 1 / 0.243333 = 4.109589
+    #   Wilson, z^2 = 3.841459, n = 4.109589: denominator 1 + 3.841459/4.109589 = 1.934755
+    #   centre = (0.583333 + 3.841459/8.219178) / 1.934755 = 1.050711 / 1.934755 = 0.543072
+    #   half = 1.959964/1.934755 * sqrt(0.583333*0.416667/4.109589 + 3.841459/(4*4.109589^2))
+    #        = 1.013030 * sqrt(0.059144 + 0.056864) = 0.345037  -> low 0.198035, high 0.888109
     #   wrong answers among 150 kept: (1 - 7/12) * 150 = 62.5;
-    #   bounds (1 - 0.889983) * 150 = 16.5 and (1 - 0.195035) * 150 = 120.7
+    #   bounds (1 - 0.888109) * 150 = 16.8 and (1 - 0.198035) * 150 = 120.3
     # Referee r against good, over all 9 rows: tp = 50 (A) + 2 * 12.5 (B) = 75; fp = 50 (A) + 10 (C) = 60;
     #   fn = 12.5 (B) + 10 (C) = 22.5; tn = 12.5 (B) + 10 (C) = 22.5; total 180
     #   precision 75/135 = 0.5556, recall 75/97.5 = 0.7692, agreement 97.5/180 = 0.5417
@@ -254,11 +276,11 @@ def test_three_strata_kept_and_dropped_by_hand_through_audit_figures():
     populations = {"kept/A": 100, "kept/B": 50, "dropped/C": 30}
     figures = audit_figures(rows, populations, Checks(counting=["r"]), kept_population=150)
     accuracy = figures["kept_accuracy"]["answer_correct"]
-    assert accuracy["share"] == round(7 / 12, 4) and accuracy["n_eff"] == 4.0 and accuracy["n"] == 6
-    assert accuracy["low"] == pytest.approx(0.195035, abs=1e-4)
-    assert accuracy["high"] == pytest.approx(0.889983, abs=1e-4)
+    assert accuracy["share"] == round(7 / 12, 4) and accuracy["n_eff"] == 4.11 and accuracy["n"] == 6
+    assert accuracy["low"] == pytest.approx(0.198035, abs=1e-4)
+    assert accuracy["high"] == pytest.approx(0.888109, abs=1e-4)
     wrong = figures["kept_accuracy"]["projected_wrong_answers"]
-    assert abs(wrong["estimate"] - 62.5) <= 1 and abs(wrong["low"] - 16.5) <= 1 and abs(wrong["high"] - 120.7) <= 1
+    assert abs(wrong["estimate"] - 62.5) <= 1 and abs(wrong["low"] - 16.8) <= 1 and abs(wrong["high"] - 120.3) <= 1
     good = figures["referees"]["r"]["good"]
     assert good["counts"] == {"tp": 3, "fp": 2, "fn": 2, "tn": 2}
     assert good["precision"] == round(5 / 9, 4) and good["recall"] == round(75 / 97.5, 4)
