@@ -6,9 +6,12 @@ size. It is built from the ``final`` stage (joined to ``images`` by path for sou
 by ``qa_id`` for the votes, where those stages exist).
 
 Model text is made safe for trainers here, once: control characters are stripped (``printable``), and a
-literal media placeholder (``<image>``, ``<video>``, ``<audio>``) in a question or an answer becomes ``< image>``
-and so on (``neutral``): every trainer below counts or expands those tokens, so a question that merely talks
-about ``<image>`` would otherwise ask for a second image. ``Sample.neutralized`` counts the replacements.
+literal media placeholder or chat-template token in a question or an answer gets a space after its ``<``
+(``neutral``): ``<image>``, ``<video>``, ``<audio>`` (every trainer below counts or expands them, so a question
+that merely talks about ``<image>`` would otherwise ask for a second image), InternVL's ``<img>``, ``</img>``
+and ``<IMG_CONTEXT>``, and ChatML/Qwen's ``<|...|>`` tokens (``<|image_pad|>`` is expanded per image;
+``<|im_end|>`` in an answer would end the turn where the trainer masks the labels). ``Sample.neutralized``
+counts the replacements.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 LLAVA_PREFIX = IMAGE_TOKEN + "\n"  # how the final stage opens every human turn
-_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+# Tokens a trainer's template or processor reads in the text: media placeholders (LLaVA, LLaMA-Factory,
+# ms-swift, InternVL, Qwen's fine-tuning), InternVL's image tags and context token, ChatML/Qwen special tokens.
+_PLACEHOLDER = re.compile(r"<(image|video|audio|/?img|IMG_CONTEXT|\|[A-Za-z0-9_]{1,40}\|)>")
 
 
 def printable(value):
@@ -45,20 +50,23 @@ def printable(value):
 
 
 def neutral(text: str) -> tuple[str, int]:
-    """``text`` with every literal ``<image>``/``<video>``/``<audio>`` written ``< image>`` (a space after
-    ``<``), which no trainer reads as a placeholder; and how many were replaced."""
+    """``text`` with every literal placeholder or special token (``_PLACEHOLDER``) written ``< image>``,
+    ``< |im_end|>`` (a space after ``<``), which no trainer or tokenizer reads as one; and how many were
+    replaced."""
     return _PLACEHOLDER.subn(r"< \1>", text)
 
 
 def neutral_turns(conversations: list[dict]) -> tuple[list[dict], int]:
     """LLaVA turns with placeholders neutralised (``neutral``) everywhere but the one ``<image>\\n`` that opens
-    the first human turn, the sample's own image token."""
+    the first human turn, the sample's own image token — written there when that turn does not open with it
+    (a final stage of another pipeline: "Q1 <image>"), so the record asks for its image exactly once."""
     turns, count = [], 0
     for index, turn in enumerate(conversations):
         value = turn["value"]
-        keep = LLAVA_PREFIX if index == 0 and value.startswith(LLAVA_PREFIX) else ""
+        opens = index == 0 and turn.get("from") == "human"
+        keep = LLAVA_PREFIX if opens and value.startswith(LLAVA_PREFIX) else ""
         rest, n = neutral(value[len(keep):])
-        turns.append({**turn, "value": keep + rest})
+        turns.append({**turn, "value": (LLAVA_PREFIX if opens else "") + rest})
         count += n
     return turns, count
 

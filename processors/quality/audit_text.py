@@ -36,16 +36,17 @@ def _wrong(projected: dict) -> str:
 
 
 def _coverage(figures: dict) -> str | None:
-    """A sentence when the vote's table speaks for fewer questions than the run scored (strata with no labelled
-    sample: their questions are in no table), else None."""
-    covered = figures["vote"]["good"].get("population_covered")
+    """A sentence when a table speaks for fewer questions than the run scored (strata with no labelled sample
+    there: their questions are in no table; a referee with no vote on a stratum's rows), else None."""
+    covers = [t.get("population_covered") for _, _, t in _table_rows(figures)]
+    covered = min((c for c in covers if c is not None), default=None)
     strata = figures.get("strata") or {}
     scored = (sum(s.get("population", 0) for s in strata.values()) if strata
               else (figures.get("population") or {}).get("scored"))
     if covered is None or not scored or covered >= scored:
         return None
-    return (f"The tables speak for {covered} of the run's {scored} scored questions: strata with no labelled "
-            "sample are in none of them.")
+    return (f"The tables speak for as few as {covered} of the run's {scored} scored questions: a stratum with no "
+            "labelled sample (or none its referee voted on) is left out of a table.")
 
 
 def _table_rows(figures: dict) -> list[tuple[str, str, dict]]:

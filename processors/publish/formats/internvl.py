@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from processors.publish.formats.base import Format, OutFile, image_path, json_bytes, jsonl_bytes, user_text
 
-MAX_DYNAMIC_PATCH = 12  # InternVL2.5/3 fine-tuning scripts' default
-
 
 def render(samples, context):
     rows = [{"id": s.id, "image": image_path(s), "width": s.width, "height": s.height,
@@ -16,7 +14,9 @@ def render(samples, context):
             for s in samples]
     yield OutFile(context.main_name, jsonl_bytes(rows), "the InternVL JSONL")
     meta = {context.name: {"root": f"{context.out_dir}/", "annotation": str(context.out_dir / context.main_name),
-                           "data_augment": False, "max_dynamic_patch": MAX_DYNAMIC_PATCH, "repeat_time": 1,
+                           # no max_dynamic_patch: a meta file's would override the launch script's own
+                           # (--max_dynamic_patch: 6 in InternVL2.5's fine-tuning scripts, 12 in InternVL3's)
+                           "data_augment": False, "repeat_time": 1,
                            "length": len(rows)}}
     yield OutFile("meta.json", json_bytes(meta), "InternVL's meta JSON")
 

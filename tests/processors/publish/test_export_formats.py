@@ -382,3 +382,45 @@ def test_push_lays_out_a_trl_config_that_load_dataset_reads(run, expected, tmp_p
     assert "conversations" in final.column_names
     card = (repo / "README.md").read_text()
     assert "config_name: trl" in card and "## Train with TRL" in card and 'load_dataset(REPO, "trl"' in card
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>", "<|vision_start|>", "<IMG_CONTEXT>", "<img>",
+                                   "</img>"])
+def test_chat_template_tokens_in_the_text_are_neutralised_too(tmp_path, token):
+    """Qwen's processor expands each <|image_pad|> per image (one more than the images: an index error), an
+    <|im_end|> in an answer ends the turn where qwen-vl-finetune masks the labels, InternVL places image
+    features at each <IMG_CONTEXT>: none may reach a trainer as the token itself."""
+    from processors.publish.formats import FORMATS as TABLE
+    from processors.publish.formats.base import Context
+    from processors.publish.records import sample_from_row
+
+    row = {"id": "tg-1", "image": "toy/a.png", "task_type": "OCR~Tags",
+           "conversations": [{"from": "human", "value": f"<image>\nWhat does {token} mean?"},
+                             {"from": "gpt", "value": f"It is {token}, a token."}]}
+    sample = sample_from_row(row, {"width": 4, "height": 4})
+    spaced = "< " + token[1:]
+    assert sample.question == f"What does {spaced} mean?" and sample.answer == f"It is {spaced}, a token."
+    assert sample.neutralized == 2
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    sample.file = tmp_path / "a.png"
+    for name, fmt in TABLE.items():
+        if name == "trl":
+            continue  # parquet: its text is the sample's question and answer, checked above
+        files = list(_rendered(fmt, [sample], Context(tmp_path, "taskgalaxy", fmt.main_name)))
+        text = files[0].data.decode()  # the format's records (JSON writes < and | as they are)
+        assert token not in text and spaced in text, name
+
+
+def test_a_first_turn_that_does_not_open_with_the_image_token_gets_it_once_in_llava(tmp_path):
+    """A final stage of another pipeline ("Q1 <image>"): its <image> is neutralised like any other, and the
+    record still asks for its one image, at the start where every other format puts it."""
+    from processors.publish.records import sample_from_row
+
+    row = {"id": "tg-2", "image": "toy/a.png", "task_type": "OCR~Tags",
+           "conversations": [{"from": "human", "value": "Q1 <image>"}, {"from": "gpt", "value": "A1"}]}
+    sample = sample_from_row(row, {"width": 4, "height": 4})
+    (human, gpt) = sample.llava()["conversations"]
+    assert human["value"] == "<image>\nQ1 < image>" and gpt["value"] == "A1" and sample.question == "Q1 < image>"
+    assert json.dumps(sample.llava()).count("<image>") == 1
