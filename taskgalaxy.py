@@ -131,6 +131,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from processors.pipeline import default_stages
 
     config = load_run_config(args.config)
+    from processors.llm.flex import warn_if_unpriced
+
+    for name in config.llm.endpoints:  # a paid model without a price would be estimated at $0
+        warn_if_unpriced(config.llm, name)
     images = args.images
     for dry_run in (False, True):  # a finished images stage, of the real run or of a dry run, knows the count
         if images is None:

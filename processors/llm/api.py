@@ -187,10 +187,11 @@ async def _send_with(todo, ep, connection, transport, breaker, admission, cache,
 
         runner = BatchRunner(ep, connection, online, cache, tally, state_dir)
         # The whole call's worst case at the Batch price is reserved under the spend cap before anything is
-        # uploaded (or SpendCapReached); its replies are billed as they are read back.
+        # uploaded (or SpendCapReached); its replies are billed as they are read back, and the hold is released
+        # then, before the items the batch did not answer reserve their own online worst case.
         hold = admission.reserve(tally.stage, sum(online.worst_usd(p, batch=True) for p in todo))
         try:
-            return await runner.run(todo, call_id)
+            return await runner.run(todo, call_id, on_batches_read=hold.release)
         finally:
             hold.release()
     return await online.run(todo, call_id)

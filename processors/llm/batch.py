@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,13 @@ class BatchRunner:
                                  retry=retry_if_exception_type(transient))
         return await retrying(call, *args, **kwargs)
 
-    async def run(self, todo: list[Prepared], call_id: str) -> dict[str, LLMResult]:
+    async def run(self, todo: list[Prepared], call_id: str,
+                  on_batches_read: Callable[[], None] = lambda: None) -> dict[str, LLMResult]:
         """``call_id`` names the state file: a hash of *all* the call's request keys, cached or not, so a
-        restart after some answers reached the cache still finds the batches it submitted."""
+        restart after some answers reached the cache still finds the batches it submitted.
+        ``on_batches_read``: called once every batch's replies are read back and billed, before the items it
+        did not answer go online (the caller releases the call's spend-cap hold there: kept, it would count the
+        answered items twice and the online retries' items twice, and stop a run far below its cap)."""
         state_path = self.state_dir / f"{call_id}.json"
         state = read_json(state_path) or {"parts": []}
         async with make_sdk_client(self.connection.base_url, self.connection.api_key, self.ep.timeout_s) as client:
@@ -81,6 +86,7 @@ class BatchRunner:
             await asyncio.gather(*(self._wait(part, state, state_path) for part in state["parts"]))
             replies = await self._download(state)
         results, failed = self._map_back(todo, replies, call_id)
+        on_batches_read()
         if failed and self.ep.batch_retry_failed_online:
             logger.info("retrying %d request(s) the batch did not answer online", len(failed))
             results.update(await self.online.run([p for p, _, _ in failed], call_id))

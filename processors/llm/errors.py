@@ -28,6 +28,7 @@ class SpendCapReached(RuntimeError):
     exit_code = 3
 
     def __init__(self, setting: str, cap: float, spent: float, in_flight: float, next_usd: float):
+        in_flight = max(0.0, in_flight)  # a sum of reservations less their releases: -1e-17 is nothing in flight
         self.setting, self.cap, self.spent, self.in_flight, self.next_usd = setting, cap, spent, in_flight, next_usd
         super().__init__(
             f"spend cap reached: {setting} is ${cap:.4f}; ${spent:.4f} is spent in this run folder (earlier runs "

@@ -60,12 +60,24 @@ def billed_tier(completion: dict[str, Any], sent: str | None) -> Tier:
 
 
 def warn_if_unpriced(settings: LLMSettings, endpoint_name: str) -> None:
-    """Warn once per model when a flex endpoint's model has no known flex price: its replies are then counted
-    at the standard price (or not at all without a price), which overstates what flex costs."""
+    """Warn once per model when a paid endpoint's model has no price (its replies are counted at $0 and the
+    spend caps cannot stop them), or a flex endpoint's model has no known flex price (counted at the standard
+    price, which overstates what flex costs). Paid: OpenAI's API, or any server that takes an API key; a
+    self-hosted server without one (the paper's referees) costs nothing per token."""
     ep = settings.endpoint(endpoint_name)
-    if ep.mode != "flex" or ep.model in _UNPRICED_WARNED:
+    if ep.model in _UNPRICED_WARNED:
         return
     price = settings.prices.get(ep.model)
+    if price is None and (ep.is_openai_host or ep.api_key_env is not None) and ep.mode != "flex":
+        _UNPRICED_WARNED.add(ep.model)
+        logger.warning("LLM endpoint %s sends model %s, which has no price in llm.prices: its replies are counted "
+                       "at $0 in status and the estimate, and llm.max_cost_usd cannot stop them. Add "
+                       "llm.prices.%s: {input_per_mtok: ..., output_per_mtok: ...} (USD per million tokens), or "
+                       "check the model's name (priced: %s)", endpoint_name, ep.model, ep.model,
+                       ", ".join(sorted(settings.prices)))
+        return
+    if ep.mode != "flex":
+        return
     if price is not None and price.flex_discount is not None:
         return
     _UNPRICED_WARNED.add(ep.model)

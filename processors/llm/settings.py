@@ -209,7 +209,9 @@ class LLMSettings(_Frozen):
     """The run config's ``llm:`` section."""
 
     endpoints: dict[str, EndpointSettings] = Field(default_factory=lambda: {"gpt4o": EndpointSettings()})
-    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES), description="USD per million tokens by model, added to (and "
+        "overriding) the built-in list prices; a model without a price is counted at $0")
     cache: bool = Field(True, description="persistent request cache under the run's cache folder")
     image_store_gb: float = Field(
         # strict and finite: `yes` read as 1 GB, or .inf crashing the first stage, is a typo caught up front
@@ -230,6 +232,13 @@ class LLMSettings(_Frozen):
     stage_max_cost_usd: dict[str, float] = Field(
         default_factory=dict, description="the same cap per stage name ({filter: 5.0}); not part of any "
         "fingerprint")
+
+    @field_validator("prices")
+    @classmethod
+    def _on_top_of_list_prices(cls, value: dict[str, Price]) -> dict[str, Price]:
+        # A user's entry adds to the list prices: replacing them all made one entry for another model (or a
+        # typo'd one) count every GPT-4o reply at $0, and llm.max_cost_usd stop nothing.
+        return {**DEFAULT_PRICES, **value}
 
     @field_validator("stage_max_cost_usd")
     @classmethod

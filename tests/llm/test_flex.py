@@ -254,3 +254,37 @@ def test_an_estimate_of_flex_requests_is_at_the_flex_price():
         return estimate_requests(settings, "e", json_requests(3)).cost_usd
 
     assert priced("flex") == pytest.approx(priced("online") / 2, rel=1e-12)
+
+
+# --- prices: added to the list prices, and a paid model without one said out loud -----------------------------
+def test_a_price_for_another_model_keeps_the_list_prices():
+    """One entry (another model, or a typo'd name) once replaced the whole list: GPT-4o counted at $0 and
+    llm.max_cost_usd stopped nothing."""
+    from processors.llm.settings import LLMSettings, Price
+
+    mini = Price(input_per_mtok=0.15, output_per_mtok=0.6)
+    settings = LLMSettings(prices={"gpt-4o-2024-08-6": mini})  # a typo of gpt-4o-2024-08-06
+    assert settings.prices["gpt-4o"] == DEFAULT_PRICES["gpt-4o"] and settings.prices["gpt-4o-2024-08-6"] == mini
+    own = LLMSettings(prices={"gpt-4o": mini})  # a user's own rate for a listed model still wins
+    assert own.prices["gpt-4o"] == mini and own.prices["gpt-5"] == DEFAULT_PRICES["gpt-5"]
+    assert LLMSettings.model_validate(own.model_dump()).prices == own.prices  # the written config reads back
+
+
+@pytest.mark.parametrize("base_url, key_env, warned", [
+    ("https://api.openai.com/v1", "OPENAI_API_KEY", True),  # OpenAI: paid
+    ("https://gw.example.com/v1", "GW_KEY", True),  # a keyed gateway: paid
+    ("http://localhost:8001/v1", None, False),  # a self-hosted vLLM without a key (the paper's referees): free
+])
+def test_a_paid_endpoint_whose_model_has_no_price_warns_once(caplog, base_url, key_env, warned):
+    from processors.llm.settings import EndpointSettings, LLMSettings
+
+    fx._UNPRICED_WARNED.discard("my-finetune")
+    settings = LLMSettings(endpoints={"e": EndpointSettings(base_url=base_url, api_key_env=key_env,
+                                                            model="my-finetune")})
+    with caplog.at_level(logging.WARNING, logger="processors.llm.flex"):
+        fx.warn_if_unpriced(settings, "e")
+        fx.warn_if_unpriced(settings, "e")
+    said = [r.getMessage() for r in caplog.records if "has no price in llm.prices" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert "llm.max_cost_usd cannot stop them" in said[0] and "llm.prices.my-finetune" in said[0]

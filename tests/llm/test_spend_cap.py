@@ -153,3 +153,27 @@ def test_the_worst_case_counts_cache_writes_priced_above_the_input():
     assert worst_cost_usd(settings, "w", 1_000_000, 1_000_000) == pytest.approx(1.25 + 2.0)
     assert worst_cost_usd(settings, "r", 1_000_000, 1_000_000) == pytest.approx(1.0 + 2.0)
     assert worst_cost_usd(settings, "r", 1_000_000, 0, tier="batch") == pytest.approx(0.5)
+
+
+def test_a_batch_calls_hold_is_released_before_its_failed_items_go_online(simulator, tmp_path, api_key):
+    """A batch of 12 of which about half fail, retried online, under a cap with room for the batch's worst case
+    plus one online request's worst (with a little to spare): the hold on the whole batch must be gone once its replies are billed
+    (kept, it counted the answered items twice and the retried ones twice, and the run stopped with exit 3
+    at a fraction of its cap, every rerun again)."""
+    sim = simulator(batch_duration_s=0.2, batch_fail_rate=0.5, seed=1)
+    requests = json_requests(12)
+    probe = fast_settings(sim.base_url, mode="batch")
+    endpoint = probe.endpoint("sim")
+    batch_worst = sum(cost_usd(probe, endpoint.model, *request_tokens(r, endpoint), batch=True) for r in requests)
+    online_worst = max(worst_usd(probe, r) for r in requests)
+    cap = batch_worst + 1.05 * online_worst  # the retries go one at a time, each bill before the next
+    ctx = make_ctx(tmp_path / "run", probe.model_copy(update={"max_cost_usd": cap}))
+    results = run_requests(requests, endpoint="sim", ctx=ctx)
+    assert all(r.ok for r in results)
+    assert 0 < sim.stats()["received"] < 12  # some went online after the batch
+    assert 0 < ctx.meter.usage["cost_usd"] <= cap
+
+
+def test_float_dust_in_the_reservations_never_reads_as_negative_money():
+    caught = SpendCapReached("llm.max_cost_usd", 0.2, 0.1959, -1.3e-17, 0.0046)
+    assert caught.in_flight == 0.0 and "$-" not in str(caught) and "may cost up to $0.0000 more" in str(caught)
