@@ -126,13 +126,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from builder.outputs import StageNotReadyError
-    from processors.session import default_run_dir, load_run_config
     from processors.estimate import Assumptions, estimate, format_estimate
+    from processors.llm.flex import warn_if_unpriced
+    from processors.session import default_run_dir, load_run_config
     from processors.pipeline import default_stages
 
     config = load_run_config(args.config)
-    from processors.llm.flex import warn_if_unpriced
-
     for name in config.llm.endpoints:  # a paid model without a price would be estimated at $0
         warn_if_unpriced(config.llm, name)
     images = args.images

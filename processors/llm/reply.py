@@ -82,6 +82,8 @@ PADDING_BY_MODEL = ("OpenAI's API has no switch for it (the model wrote the whit
 def padding_advice(*, openai_host: bool) -> str:
     """What to do about padded structured replies: vLLM's server flag, except on OpenAI's own API."""
     return PADDING_BY_MODEL if openai_host else PADDING_CURE
+
+
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # a JSON string, maybe cut off by max_tokens
 _ODD_SPACE = re.compile(r"\s{2,}|[^\S ]")  # whitespace other than one space
 _TOKEN = re.compile(r"[\[{]|[\]}]|\s{2,}|[^\S ]")  # brackets (for the depth) and that whitespace

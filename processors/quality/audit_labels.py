@@ -1,8 +1,8 @@
 """Reading a human audit's labels and the run they are about, and writing the figures into the run folder.
 
 A labels file is what the audit page downloads: a JSON list (or an object whose ``labels`` is that list) of
-``{"qa_id", "fits", "answer_correct", "needs_image", "audit_id"}``, each label true, false or null (not known); other keys
-are ignored. Refused, with the file and row named (``AuditError``): a missing, unreadable or huge file, one that
+``{"qa_id", "fits", "answer_correct", "needs_image", "audit_id"}``, each label true, false or null (not known);
+other keys are ignored. Refused, with the file and row named (``AuditError``): a missing, unreadable or huge file, one that
 is no regular file (a FIFO, ``/dev/zero``: refused before a byte is read), one that is not JSON (or nested too
 deep to parse) or not a list, one with no labelled row at all (its figures would replace the run's with
 dashes), the same file given twice as two people's, a row that is no object or has no ``qa_id``, a label that
@@ -15,10 +15,9 @@ The page writes its ``audit_id`` into each row: those labels are read against th
 file whose rows name two pages, two files of two pages, or a page the run never drew are refused. Labels
 without one are read against the latest draw (``<run>/audit/sample.jsonl``). A ``qa_id`` that is not in the
 sample is left out with a warning; a file none of whose ``qa_id``s is in it is refused (the labels of another
-run or another sample). Without an
-audit sample the labels are read as a simple random sample of the scored questions within the two strata
-``kept`` and ``dropped``, whose populations are the run's counts (rows of ``final`` and the rest of ``score``),
-and the figures say so.
+run or another sample). Without an audit sample the labels are read as a simple random sample of the scored
+questions within the two strata ``kept`` and ``dropped``, whose populations are the run's counts (rows of
+``final`` and the rest of ``score``), and the figures say so.
 
 ``compute_audit`` writes ``<run>/audit/figures.json`` and a copy of each labels file as
 ``<run>/audit/labels-<sha256[:8]>.json``, so the figures (and the card) can be computed again from the run.
@@ -32,6 +31,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 from pathlib import Path
 
 from loaders.images.paths import FileTooLargeError, NotRegularFileError, read_regular_file
@@ -71,10 +71,15 @@ def _read_labels_file(path: Path) -> bytes:
         raise AuditError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
 
 
-def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int, str | None]:
-    """The labelled rows of one file by ``qa_id`` (rows whose labels are all null left out), the file's bytes,
-    how many rows it held, and the audit page they were made on (``audit_id``, which the page writes into each
-    row; None for labels written by other means)."""
+class LabelsFile(NamedTuple):
+    labels: dict[str, dict]  # the labelled rows by qa_id (rows whose labels are all null left out)
+    data: bytes  # the file as it was read
+    rows: int  # how many rows it held
+    audit_id: str | None  # the page they were made on (the page writes it into each row; None: made otherwise)
+
+
+def read_labels(path: Path) -> LabelsFile:
+    """One labels file, checked (see the module doc)."""
     path = Path(path)
     data = _read_labels_file(path)
     try:
@@ -115,9 +120,9 @@ def read_labels(path: Path) -> tuple[dict[str, dict], bytes, int, str | None]:
         if any(row.get(name) is not None for name in LABEL_FIELDS):
             labels[qa_id] = {name: row.get(name) for name in LABEL_FIELDS}
     if len(drawn_on) > 1:
-        raise AuditError(f"labels file {path} mixes labels of {len(drawn_on)} audit pages ({', '.join(sorted(drawn_on))}"
-                         "): give each page's labels as a file of its own")
-    return labels, data, len(value), next(iter(drawn_on), None)
+        raise AuditError(f"labels file {path} mixes labels of {len(drawn_on)} audit pages "
+                         f"({', '.join(sorted(drawn_on))}): give each page's labels as a file of its own")
+    return LabelsFile(labels, data, len(value), next(iter(drawn_on), None))
 
 
 def _draw(run_dir: Path, audit_id: str | None, named_by: str) -> Path | None:
@@ -230,13 +235,13 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
     if len(files) == 2 and Path(label_paths[0]).resolve() == Path(label_paths[1]).resolve():
         raise AuditError(f"{label_paths[0]} is given twice: the agreement between two people needs each person's "
                          "own labels file")
-    pages = {f[3]: path for path, f in zip(label_paths, files) if f[3] is not None}
+    pages = {f.audit_id: path for path, f in zip(label_paths, files) if f.audit_id is not None}
     if len(pages) > 1:
         raise AuditError(f"{label_paths[0]} and {label_paths[1]} were made on two different audit pages "
                          f"({', '.join(sorted(pages))}): the agreement between two people needs labels of one sample")
     audit_id, named_by = next(iter(pages.items()), (None, None))
     drawn = read_sample(run_dir, audit_id, f"labels file {named_by}")
-    wanted = set(drawn[0]) if drawn else {q for f in files for q in f[0]}
+    wanted = set(drawn[0]) if drawn else {q for f in files for q in f.labels}
     scored, kept, checks, scored_count = read_run(run_dir, wanted)
     strata, populations, manifest, warnings = _design(drawn, scored, kept, scored_count)
     described = []
@@ -253,7 +258,7 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
                             f"left out (e.g. {unknown[0]})")
         described.append({"file": str(path), "copy": f"{AUDIT_DIR}/labels-{hashlib.sha256(data).hexdigest()[:8]}.json",
                           "rows": held, "labelled": len(labels) - len(unknown), "unknown_qa_ids": len(unknown)})
-    if len(files) == 2 and files[0][1] == files[1][1]:
+    if len(files) == 2 and files[0].data == files[1].data:
         warnings.append(f"{label_paths[0]} and {label_paths[1]} are byte for byte the same file: two people "
                         "rarely agree on every label; is one a copy of the other?")
     stages = drawn_from(run_dir)
@@ -272,14 +277,14 @@ def compute_audit(run_dir: Path, label_paths: Sequence[Path]) -> dict:
         "labels_files": described, "warnings": warnings,
         "population": {"scored": scored_count, "kept": kept_population},
         "stages": stages,  # the card leaves the figures out once these stages change
-        **audit_figures(_rows(files[0][0], strata, scored), populations, checks, kept_population=kept_population),
-        "inter_annotator": inter_annotator(*[{q: v for q, v in f[0].items() if q in strata} for f in files])
+        **audit_figures(_rows(files[0].labels, strata, scored), populations, checks, kept_population=kept_population),
+        "inter_annotator": inter_annotator(*[{q: v for q, v in f.labels.items() if q in strata} for f in files])
         if len(files) == 2 else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     json.dumps(figures, allow_nan=False)  # a NaN would be a bug of ours: fail here, not in a reader
-    for entry, (_, data, _, _) in zip(described, files):
-        atomic_write_bytes(run_dir / entry["copy"], data)
+    for entry, file in zip(described, files):
+        atomic_write_bytes(run_dir / entry["copy"], file.data)
     atomic_write_json(run_dir / AUDIT_DIR / FIGURES_FILE, figures)
     for warning in warnings:
         logger.warning("%s", warning)

@@ -79,8 +79,9 @@ def format_figures(figures: dict) -> str:
         lines.append(f"{who[:32]:<32} {against:<15} {t['n']:>5} {_pct(t['precision']):>9} {_pct(t['recall']):>7} "
                      f"{_pct(t['agreement']):>7} {_num(t['kappa']):>6}  "
                      f"no vote {left.get('no_vote', 0)}, unknown {left.get('person_unknown', 0)}")
-    if _coverage(figures):
-        lines.append(f"note: {_coverage(figures)}")
+    coverage = _coverage(figures)
+    if coverage:
+        lines.append(f"note: {coverage}")
     inter = figures.get("inter_annotator")
     if inter:
         lines += ["", f"between the two people ({inter['common']} samples both labelled):"]
@@ -92,41 +93,43 @@ def format_figures(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def card_section(run_dir: Path, md_text) -> list[str]:
-    """The card's "Human audit" section from ``<run>/audit/figures.json``; [] when there is none. ``md_text``:
-    the card's escaping of a text for one line of Markdown (a referee's name goes into a table cell)."""
+def read_figures(run_dir: Path) -> tuple[dict, bool] | None:
+    """The run's audit figures (``<run>/audit/figures.json``) and whether they are out of date: the score or
+    final stage changed since they were computed (figures written before they recorded the stages cannot tell,
+    and are taken as they are). None without figures; ``OSError``/``ValueError`` for a damaged file."""
     import json
 
     from processors.quality.audit_labels import FIGURES_FILE
-    from processors.quality.audit_sample import AUDIT_DIR
+    from processors.quality.audit_sample import AUDIT_DIR, drawn_from
 
     path = Path(run_dir) / AUDIT_DIR / FIGURES_FILE
     if not path.exists():
-        return []
+        return None
+    figures = json.loads(path.read_text(encoding="utf-8"))
+    stages = figures.get("stages")
+    return figures, isinstance(stages, dict) and stages != drawn_from(run_dir)
+
+
+def card_section(run_dir: Path, md_text) -> list[str]:
+    """The card's "Human audit" section from ``<run>/audit/figures.json``; [] when there is none. ``md_text``:
+    the card's escaping of a text for one line of Markdown (a referee's name goes into a table cell)."""
     try:
-        figures = json.loads(path.read_text(encoding="utf-8"))
-        if _out_of_date(run_dir, figures):
-            logger.warning("the card leaves out the human audit's figures (%s): the run's score or final stage "
-                           "changed since they were computed; run taskgalaxy audit %s --labels FILE again",
-                           path, run_dir)
+        read = read_figures(run_dir)
+        if read is None:
+            return []
+        figures, out_of_date = read
+        if out_of_date:
+            logger.warning("the card leaves out the human audit's figures: the run's score or final stage changed "
+                           "since they were computed; run taskgalaxy audit %s --labels FILE again", run_dir)
             return ["## Human audit", "", f"The last human audit's figures ({md_text(str(figures.get('created')))}) "
                     "are of an earlier score or final stage of this run and are left out: run `taskgalaxy audit "
                     "RUN --labels FILE` again, or, if the sample itself was drawn before the change, draw and "
                     "label a new one (`taskgalaxy audit RUN --sample N --out DIR`).", ""]
         return _card_lines(figures, md_text)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: the card goes on without it
-        logger.warning("the card has no Human audit section: %s is unreadable (%s); run taskgalaxy audit RUN "
-                       "--labels FILE again", path, exc)
+        logger.warning("the card has no Human audit section: the run's audit/figures.json is unreadable (%s); run "
+                       "taskgalaxy audit RUN --labels FILE again", exc)
         return []
-
-
-def _out_of_date(run_dir: Path, figures: dict) -> bool:
-    """Whether the score or final stage changed since the figures were computed (figures written before they
-    recorded the stages cannot tell, and are taken as they are)."""
-    from processors.quality.audit_sample import drawn_from
-
-    stages = figures.get("stages")
-    return isinstance(stages, dict) and stages != drawn_from(run_dir)
 
 
 def _card_lines(figures: dict, md_text) -> list[str]:
@@ -148,7 +151,8 @@ def _card_lines(figures: dict, md_text) -> list[str]:
     for who, against, t in _table_rows(figures):
         lines.append(f"| {md_text(who)} | {against} | {t['n']} | {_pct(t['precision'])} | {_pct(t['recall'])} | "
                      f"{_pct(t['agreement'])} | {_num(t['kappa'])} |")
-    lines += [""] + ([_coverage(figures), ""] if _coverage(figures) else [])
+    coverage = _coverage(figures)
+    lines += [""] + ([coverage, ""] if coverage else [])
     lines += ["\"good\": the task type and question fit the image and the answer is correct."
               + (" A blind check says \"the question needs the image\" when it could not answer without it."
                  if figures.get("blind_check") else "")]
@@ -164,14 +168,14 @@ def status_lines(run_dir: Path) -> list[str]:
     else the sample waiting for labels; [] without an audit."""
     import json
 
-    from processors.quality.audit_labels import FIGURES_FILE
     from processors.quality.audit_sample import AUDIT_DIR, MANIFEST_FILE
 
     folder = Path(run_dir) / AUDIT_DIR
     try:
-        if (folder / FIGURES_FILE).exists():
-            figures = json.loads((folder / FIGURES_FILE).read_text(encoding="utf-8"))
-            if _out_of_date(run_dir, figures):
+        read = read_figures(run_dir)
+        if read is not None:
+            figures, out_of_date = read
+            if out_of_date:
                 return [f"audit: the figures of {figures.get('created')} are for an earlier score or final stage; "
                         f"run taskgalaxy audit {run_dir} --labels FILE again (or draw a new sample, if it was "
                         "drawn before the change)"]
@@ -180,8 +184,8 @@ def status_lines(run_dir: Path) -> list[str]:
                     f"({figures.get('created')})"]
         if (folder / MANIFEST_FILE).exists():
             manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-            return [f"audit: a sample of {manifest.get('sampled', manifest.get('n'))} drawn ({manifest.get('created')}), "
-                    f"no labels read yet: taskgalaxy audit {run_dir} --labels FILE"]
+            return [f"audit: a sample of {manifest.get('sampled', manifest.get('n'))} drawn "
+                    f"({manifest.get('created')}), no labels read yet: taskgalaxy audit {run_dir} --labels FILE"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"audit: {folder} is unreadable ({exc})"]
     return []
